@@ -1,0 +1,223 @@
+"""Core models against diffusers (the oracle): same state-dict names and shapes, same outputs, strict loading."""
+
+import os
+
+import pytest
+import torch
+
+import lipsync
+from lipsync.unet import UNet, UNetConfig
+from lipsync.vae import AutoencoderKL, FaceVAE, VAEConfig
+from lipsync.weights import CheckpointError, convert_legacy_vae
+
+diffusers = pytest.importorskip("diffusers")  # dev-only oracle, installed by requirements-dev.txt
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+
+TINY_UNET = dict(
+    in_channels=8, out_channels=4, block_out_channels=(32, 64, 64, 64), layers_per_block=2, attention_head_dim=4,
+    cross_attention_dim=384, norm_num_groups=8, sample_size=16,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+TINY_VAE = dict(
+    block_out_channels=(32, 64, 64), layers_per_block=2, latent_channels=4, norm_num_groups=8, sample_size=32,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+)
+
+
+def reference_shapes(name):
+    shapes = {}
+    with open(os.path.join(SHARED, name)) as f:
+        for line in f:
+            key, shape = line.split(" ", 1)
+            shapes[key] = tuple(int(s) for s in shape.strip("()\n ,").split(",") if s.strip())
+    return shapes
+
+
+def shapes_of(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def randomize(model, seed=0):
+    """diffusers zero-inits some output convs; give every tensor random values so the comparison means something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_unet_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    ref = randomize(diffusers.UNet2DConditionModel(**TINY_UNET)).eval()
+    folder = tmp_path_factory.mktemp("unet")
+    ref.save_pretrained(folder / "st", safe_serialization=True)
+    ref.save_pretrained(folder / "bin", safe_serialization=False)
+    return ref, folder
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    ref = randomize(diffusers.AutoencoderKL(**TINY_VAE), seed=1).eval()
+    folder = tmp_path_factory.mktemp("vae")
+    ref.save_pretrained(folder / "st", safe_serialization=True)
+    ref.save_pretrained(folder / "bin", safe_serialization=False)
+    return ref, folder
+
+
+def test_default_unet_has_musetalk_keys_and_shapes():
+    with torch.device("meta"):
+        ours = UNet(UNetConfig())
+    assert shapes_of(ours) == reference_shapes("unet_keys.txt")
+
+
+def test_default_vae_has_sd_vae_ft_mse_keys_and_shapes():
+    with torch.device("meta"):
+        ours = AutoencoderKL(VAEConfig())
+    assert shapes_of(ours) == reference_shapes("vae_keys.txt")
+
+
+def test_default_configs_match_diffusers_built_on_meta():
+    cfg = dict(TINY_UNET, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, norm_num_groups=32)
+    with torch.device("meta"):
+        ref_unet = diffusers.UNet2DConditionModel(**cfg)
+        ref_vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                          down_block_types=("DownEncoderBlock2D",) * 4,
+                                          up_block_types=("UpDecoderBlock2D",) * 4)
+        ours_unet, ours_vae = UNet(UNetConfig()), AutoencoderKL(VAEConfig())
+    assert shapes_of(ours_unet) == shapes_of(ref_unet)
+    assert shapes_of(ours_vae) == shapes_of(ref_vae)
+
+
+@pytest.mark.parametrize("layout", ["st", "bin"])
+def test_unet_matches_diffusers_outputs(tiny_unet_folder, layout):
+    ref, folder = tiny_unet_folder
+    ours = lipsync.load_unet(str(folder / layout))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 16, 24, generator=g)  # non-square: any H, W divisible by 8
+    ctx = torch.randn(2, 50, 384, generator=g)
+    with torch.no_grad():
+        expected = ref(x, torch.tensor([0]), encoder_hidden_states=ctx).sample
+        got = ours(x, 0, ctx)
+        got_again = ours(x, torch.tensor([0]), ctx)  # served from the cached t = 0 embedding
+        got_t = ours(x, torch.tensor([7, 7]), ctx)
+        expected_t = ref(x, torch.tensor([7, 7]), encoder_hidden_states=ctx).sample
+    assert got.shape == (2, 4, 16, 24)
+    assert (got - expected).abs().max() <= 1e-4
+    assert torch.equal(got, got_again)
+    assert (got_t - expected_t).abs().max() <= 1e-4
+
+
+def test_unet_time_embedding_cache_follows_weight_changes(tiny_unet_folder):
+    _, folder = tiny_unet_folder
+    ours = lipsync.load_unet(str(folder / "st"))
+    x, ctx = torch.randn(1, 8, 16, 16), torch.randn(1, 5, 384)
+    with torch.no_grad():
+        before = ours(x, 0, ctx)
+        ours.time_embedding.linear_2.bias.add_(1.0)
+        after = ours(x, 0, ctx)
+    assert not torch.allclose(before, after)
+
+
+def test_unet_trains_with_gradients_through_time_embedding():
+    model = UNet(UNetConfig.tiny())
+    x, ctx = torch.randn(2, 8, 16, 16), torch.randn(2, 10, 128)
+    model(x, 0, ctx).square().mean().backward()
+    assert model.time_embedding.linear_1.weight.grad is not None
+    assert model.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["st", "bin"])
+def test_vae_matches_diffusers_encode_and_decode(tiny_vae_folder, layout):
+    ref, folder = tiny_vae_folder
+    ours = lipsync.load_vae(str(folder / layout))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with torch.no_grad():
+        ref_post = ref.encode(x).latent_dist
+        post = ours.encode(x)
+        z = post.mean
+        expected = ref.decode(z).sample
+        got = ours.decode(z)
+    assert (post.mean - ref_post.mean).abs().max() <= 1e-4
+    assert (post.std - ref_post.std).abs().max() <= 1e-4
+    assert (got - expected).abs().max() <= 1e-4
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(post.sample(generator=g1), post.sample(generator=g2))
+
+
+def test_vae_loads_legacy_attention_names(tiny_vae_folder, tmp_path):
+    ref, folder = tiny_vae_folder
+    legacy = {}
+    for k, v in ref.state_dict().items():
+        for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            if f".attentions.0.{new}." in k:
+                k = k.replace(f".{new}.", f".{old}.")
+                if v.dim() == 2:
+                    v = v[:, :, None, None]  # the 1x1-conv layout of older conversions
+        legacy[k] = v.clone()
+    assert any(".query." in k for k in legacy)
+    torch.save(legacy, tmp_path / "diffusion_pytorch_model.bin")
+    (tmp_path / "config.json").write_text((folder / "st" / "config.json").read_text())
+    ours = lipsync.load_vae(str(tmp_path))
+    for k, v in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    assert set(convert_legacy_vae(legacy)) == set(ref.state_dict())
+
+
+def test_single_file_checkpoint_with_musetalk_json_beside_it(tiny_unet_folder, tmp_path):
+    ref, folder = tiny_unet_folder
+    torch.save(ref.state_dict(), tmp_path / "unet.pth")
+    (tmp_path / "musetalk.json").write_text((folder / "st" / "config.json").read_text())
+    ours = lipsync.load_unet(str(tmp_path / "unet.pth"), dtype=torch.bfloat16)
+    assert ours.conv_in.weight.dtype == torch.bfloat16
+    assert torch.equal(ours.conv_in.weight.float(), ref.conv_in.weight.bfloat16().float())
+
+
+def test_mismatched_checkpoint_gives_one_clear_error(tiny_unet_folder, tmp_path):
+    ref, folder = tiny_unet_folder
+    sd = dict(ref.state_dict())
+    sd.pop("conv_in.bias")
+    sd["extra.weight"] = torch.zeros(1)
+    sd["conv_out.weight"] = torch.zeros(5, 32, 3, 3)
+    torch.save(sd, tmp_path / "unet.pth")
+    (tmp_path / "config.json").write_text((folder / "st" / "config.json").read_text())
+    with pytest.raises(CheckpointError) as e:
+        lipsync.load_unet(str(tmp_path / "unet.pth"))
+    msg = str(e.value)
+    assert "1 missing" in msg and "conv_in.bias" in msg
+    assert "1 unexpected" in msg and "extra.weight" in msg
+    assert "1 misshaped" in msg and "conv_out.weight" in msg
+
+
+def test_corrupted_checkpoint_gives_one_clear_error(tmp_path):
+    bad = tmp_path / "diffusion_pytorch_model.safetensors"
+    bad.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        lipsync.load_vae(str(tmp_path))
+    with pytest.raises(CheckpointError, match="not found"):
+        lipsync.load_unet(str(tmp_path / "nope.pth"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no weights"):
+        lipsync.load_unet(str(tmp_path / "empty"))
+
+
+def test_face_vae_masks_lower_half_and_orders_masked_first():
+    vae = AutoencoderKL(VAEConfig.tiny()).eval()
+    face = FaceVAE(vae)
+    crops = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    refs = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        x = face.unet_input(crops, refs)
+        imgs = crops.permute(0, 3, 1, 2).float() / 127.5 - 1
+        masked = imgs.clone()
+        masked[:, :, 32:] = -1
+        expected_masked = vae.encode(masked).mean * 0.18215
+        expected_ref = vae.encode(refs.permute(0, 3, 1, 2).float() / 127.5 - 1).mean * 0.18215
+        out = face.decode_uint8(x[:, 4:])
+    assert x.shape == (2, 8, 16, 16)
+    assert torch.allclose(x[:, :4], expected_masked, atol=1e-5)
+    assert torch.allclose(x[:, 4:], expected_ref, atol=1e-5)
+    assert out.shape == (2, 64, 64, 3) and out.dtype.name == "uint8"
