@@ -128,3 +128,14 @@ def test_read_image_converts_rgba_and_grey_to_rgb(tmp_path):
     assert out.shape == (4, 5, 3) and (out == grey[..., None]).all()
     iio.imwrite(tmp_path / "c.jpg", np.full((8, 8, 3), 90, np.uint8))
     assert np.abs(V.read_image(tmp_path / "c.jpg").astype(int) - 90).max() <= 2
+
+
+def test_extract_audio_averages_channels_and_resamples_to_16k(tmp_path):
+    import soundfile as sf
+    t = np.arange(48000) / 48000
+    left, right = 0.6 * np.sin(2 * np.pi * 220 * t), 0.2 * np.sin(2 * np.pi * 220 * t)
+    sf.write(tmp_path / "st.wav", np.stack([left, right], axis=1), 48000, subtype="FLOAT")
+    wave = V.extract_audio(tmp_path / "st.wav").numpy()
+    assert len(wave) == 16000
+    expected = 0.4 * np.sin(2 * np.pi * 220 * np.arange(16000) / 16000)
+    assert np.abs(wave[100:-100] - expected[100:-100]).max() < 0.01
