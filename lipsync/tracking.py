@@ -1,0 +1,233 @@
+"""Face tracking: iBUG-68 landmarks per frame, MuseTalk-v1.5 crop boxes, smoothed over time, and the crops.
+
+Trackers map a frame (H, W, 3) uint8 RGB to (68, 2) float32 landmarks in source pixels, or None for no face:
+- `MeshTracker`: mediapipe 0.10.21's legacy face mesh (468 points, video mode, offline models), reduced to iBUG-68
+  with `MESH_TO_IBUG68`. mediapipe is optional and imported lazily.
+- `BoxTracker`: the `--bbox x1,y1,x2,y2` fallback for a static shot. It needs nothing: every frame gets the same
+  landmarks, a symmetric mean face (`TEMPLATE`, measured with the mesh on a frontal talking head) stretched so its
+  landmark bounding box (brow tops to chin, jaw side to side) fills the given box. Crop geometry, blend masks and
+  reference sampling then work unchanged, but the mouth landmarks do not move.
+
+Crop (../shared/musetalk-notes.md §6.2): nose point (lm 29, + bbox_shift, + = down) on the crop's horizontal midline,
+bottom = chin (lm 8) + margin, square, centred on the jaw. Crops cover the integer pixel square `pixel_box(box)`
+(pixels outside the frame replicate the edge) resized to S x S; `to_crop_coords` uses the same rounding, in
+continuous coordinates where source pixel i spans [i, i + 1).
+"""
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+INSTALL_HINT = 'face tracking needs mediapipe: pip install mediapipe==0.10.21 "numpy<2"   (or pass --bbox x1,y1,x2,y2)'
+
+# iBUG-68 point -> face-mesh vertices (averaged when two). Picked on the mesh's own contours (FACEMESH_FACE_OVAL,
+# _LIPS, _EYES, _EYEBROWS, _NOSE): jaw points evenly spaced in arc length from the ear-level oval vertex (234/454) to
+# the chin (152); lips/eyelids at 1/3, 1/2, 2/3 of the corner-to-centre distance; mirror points are mirror vertices.
+MESH_TO_IBUG68 = (
+    (234,), (93,), (132,), (58,), (172,), (136, 150), (149,), (148,), (152,),  # jaw 0-8, subject's right -> chin
+    (377,), (378,), (365, 379), (397,), (288,), (361,), (323,), (454,),  # jaw 9-16
+    (70,), (63,), (105,), (66,), (107,),  # right brow 17-21, outer -> inner
+    (336,), (296,), (334,), (293,), (300,),  # left brow 22-26, inner -> outer
+    (168,), (6, 197), (195, 5), (4,),  # nose bridge 27-30, top -> tip (29 = nose point)
+    (98,), (97,), (2,), (326,), (327,),  # nostril base 31-35
+    (33,), (160,), (158,), (133,), (153,), (144,),  # right eye 36-41
+    (362,), (385,), (387,), (263,), (373,), (380,),  # left eye 42-47
+    (61,), (39,), (37,), (0,), (267,), (269,), (291,), (405,), (314,), (17,), (84,), (181,),  # outer lips 48-59
+    (78,), (81,), (13,), (311,), (308,), (402,), (14,), (178,),  # inner lips 60-67
+)
+
+# Symmetric mean face in the landmarks' own bounding box (x: jaw side to side, y: brow tops to chin), our measurement:
+# MESH_TO_IBUG68 on three faces (yongen.mp4 averaged over its frames, video1.png, sit.jpeg), mirrored and averaged.
+TEMPLATE = np.array([
+    (0.000, 0.266), (0.013, 0.375), (0.035, 0.491), (0.073, 0.613), (0.121, 0.718), (0.209, 0.832),
+    (0.297, 0.913), (0.417, 0.988), (0.500, 1.000), (0.583, 0.988), (0.703, 0.913), (0.791, 0.832),
+    (0.879, 0.718), (0.927, 0.613), (0.965, 0.491), (0.987, 0.375), (1.000, 0.266), (0.066, 0.055),
+    (0.110, 0.015), (0.179, 0.000), (0.271, 0.013), (0.381, 0.033), (0.619, 0.033), (0.729, 0.013),
+    (0.821, 0.000), (0.890, 0.015), (0.934, 0.055), (0.500, 0.185), (0.500, 0.296), (0.500, 0.413),
+    (0.500, 0.509), (0.382, 0.564), (0.449, 0.588), (0.500, 0.590), (0.551, 0.588), (0.618, 0.564),
+    (0.155, 0.197), (0.205, 0.173), (0.289, 0.171), (0.369, 0.223), (0.304, 0.238), (0.224, 0.237),
+    (0.631, 0.223), (0.711, 0.171), (0.795, 0.173), (0.845, 0.197), (0.776, 0.237), (0.696, 0.238),
+    (0.328, 0.718), (0.396, 0.690), (0.448, 0.681), (0.500, 0.689), (0.552, 0.681), (0.604, 0.690),
+    (0.672, 0.718), (0.597, 0.788), (0.552, 0.807), (0.500, 0.813), (0.448, 0.807), (0.403, 0.788),
+    (0.353, 0.715), (0.428, 0.724), (0.500, 0.731), (0.572, 0.724), (0.647, 0.715), (0.578, 0.734),
+    (0.500, 0.742), (0.422, 0.734),
+], np.float32)
+
+
+class MediapipeMissing(ImportError):
+    pass
+
+
+def _face_mesh_module():
+    os.environ.setdefault("GLOG_minloglevel", "2")  # mediapipe's C++ start-up chatter
+    try:
+        from mediapipe.python.solutions import face_mesh
+    except ImportError as err:
+        raise MediapipeMissing(f"{INSTALL_HINT}  [import failed: {err}]") from err
+    return face_mesh
+
+
+class MeshTracker:
+    """mediapipe face mesh in video mode (static_image_mode=False, refine off), one face, reduced to iBUG-68."""
+
+    name = "mediapipe"
+
+    def __init__(self, min_detection_confidence=0.5, min_tracking_confidence=0.5):
+        face_mesh = _face_mesh_module()
+        self.mesh = face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=False,
+                                       min_detection_confidence=min_detection_confidence,
+                                       min_tracking_confidence=min_tracking_confidence)
+        self.first = np.array([ids[0] for ids in MESH_TO_IBUG68])
+        self.last = np.array([ids[-1] for ids in MESH_TO_IBUG68])
+
+    def __call__(self, frame):
+        h, w = frame.shape[:2]
+        result = self.mesh.process(np.ascontiguousarray(frame))
+        if not result.multi_face_landmarks:
+            return None
+        mesh = np.array([(p.x * w, p.y * h) for p in result.multi_face_landmarks[0].landmark], np.float32)
+        return 0.5 * (mesh[self.first] + mesh[self.last])  # (468, 2) -> (68, 2)
+
+    def close(self):
+        self.mesh.close()
+
+
+class BoxTracker:
+    """Fixed face box for every frame: the template face stretched to (x1, y1, x2, y2)."""
+
+    name = "bbox"
+
+    def __init__(self, box):
+        self.landmarks = template_landmarks(box)
+
+    def __call__(self, frame):
+        return self.landmarks.copy()
+
+    def close(self):
+        pass
+
+
+def parse_bbox(text):
+    """'x1,y1,x2,y2' -> (x1, y1, x2, y2) floats, with x2 > x1 and y2 > y1."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--bbox wants x1,y1,x2,y2 (four numbers), got {text!r}") from None
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"--bbox wants x2 > x1 and y2 > y1, got {text!r}")
+    return x1, y1, x2, y2
+
+
+def template_landmarks(box):
+    x1, y1, x2, y2 = box
+    return (TEMPLATE * np.array([x2 - x1, y2 - y1], np.float32) + np.array([x1, y1], np.float32)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- per-frame tracking
+
+
+def track_landmarks(frames, tracker, progress=None):
+    """Run a tracker over frames -> (landmarks (N, 68, 2) float32 with NaN where no face, face (N,) bool)."""
+    out = []
+    for frame in frames:
+        lm = tracker(frame)
+        out.append(np.full((68, 2), np.nan, np.float32) if lm is None else lm)
+        if progress is not None:
+            progress.update(1)
+    landmarks = np.stack(out) if out else np.zeros((0, 68, 2), np.float32)
+    return landmarks, ~np.isnan(landmarks).any(axis=(1, 2))
+
+
+def fill_missing(landmarks, face):
+    """No-face frames take the landmarks of the nearest frame with a face (earlier one on ties)."""
+    good = np.flatnonzero(face)
+    if len(good) == 0:
+        raise ValueError("no face found in any frame (pass --bbox x1,y1,x2,y2 for a fixed face box)")
+    idx = np.arange(len(face))
+    pos = np.searchsorted(good, idx)  # first good frame at or after each frame
+    after, before = good[np.minimum(pos, len(good) - 1)], good[np.maximum(pos - 1, 0)]
+    nearest = np.where(np.abs(idx - before) <= np.abs(after - idx), before, after)
+    return landmarks[nearest].astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- crop boxes
+
+
+def crop_box(landmarks, bbox_shift=0, margin=10):
+    """(..., 68, 2) -> (..., 4) square (x1, y1, x2, y2): nose point + bbox_shift on the midline, chin + margin at
+    the bottom, centred on the jaw's x-range."""
+    nose_y = landmarks[..., 29, 1] + bbox_shift
+    bottom = landmarks[..., 8, 1] + margin
+    half = np.maximum(bottom - nose_y, 1.0)
+    jaw_x = landmarks[..., 0:17, 0]
+    cx = 0.5 * (jaw_x.min(-1) + jaw_x.max(-1))
+    return np.stack([cx - half, bottom - 2 * half, cx + half, bottom], axis=-1).astype(np.float32)
+
+
+def _gaussian_smooth(x, sigma):
+    """Zero-phase Gaussian smoothing along axis 0 with edge replication; (N, C) -> (N, C)."""
+    if sigma <= 0 or len(x) < 2:
+        return x
+    r = int(np.ceil(3 * sigma))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    padded = np.pad(x, ((r, r), (0, 0)), mode="edge")
+    return np.stack([np.convolve(padded[:, c], k, mode="valid") for c in range(x.shape[1])], axis=1)
+
+
+def smooth_boxes(boxes, sigma=2.0):
+    """Remove landmark jitter without lag: Gaussian (sigma frames) over box centres, 2*sigma over the side length
+    (zoom flicker is the more visible artefact). Square boxes stay square."""
+    boxes = np.asarray(boxes, np.float64)
+    centre = 0.5 * (boxes[:, :2] + boxes[:, 2:])
+    size = boxes[:, 2:] - boxes[:, :2]
+    centre, size = _gaussian_smooth(centre, sigma), _gaussian_smooth(size, 2 * sigma)
+    return np.concatenate([centre - size / 2, centre + size / 2], axis=1).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- crops and coordinates
+
+
+def pixel_box(box):
+    """The integer pixel rectangle a crop covers: (x0, y0, w, h), x0/y0 rounded, w/h rounded and >= 1."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    x0, y0 = int(np.floor(x1 + 0.5)), int(np.floor(y1 + 0.5))
+    return x0, y0, max(1, int(np.floor(x2 - x1 + 0.5))), max(1, int(np.floor(y2 - y1 + 0.5)))
+
+
+def crop_face(frame, box, size):
+    """(H, W, 3) uint8 + box -> (size, size, 3) uint8; outside the frame the edge pixels are replicated."""
+    h_img, w_img = frame.shape[:2]
+    x0, y0, w, h = pixel_box(box)
+    if x0 >= 0 and y0 >= 0 and x0 + w <= w_img and y0 + h <= h_img:
+        patch = frame[y0:y0 + h, x0:x0 + w]
+    else:
+        rows = np.clip(np.arange(y0, y0 + h), 0, h_img - 1)
+        cols = np.clip(np.arange(x0, x0 + w), 0, w_img - 1)
+        patch = frame[rows[:, None], cols[None, :]]
+    x = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)[None]  # uint8, channels-last memory
+    # (1, 3, h, w) -> (1, 3, size, size); torch's uint8 antialiased path is ~10x faster than float here
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return np.ascontiguousarray(x[0].permute(1, 2, 0).numpy())
+
+
+def crop_faces(frames, boxes, size):
+    """(N, H, W, 3) (or any iterable of frames) + (N, 4) boxes -> (N, size, size, 3) uint8."""
+    crops = [crop_face(frame, box, size) for frame, box in zip(frames, boxes)]
+    return np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+
+
+def to_crop_coords(landmarks, boxes, size):
+    """Source-pixel points (N, K, 2) with boxes (N, 4) (or (K, 2) with (4,)) -> crop pixel coords, same shape."""
+    landmarks, boxes = np.asarray(landmarks, np.float32), np.asarray(boxes, np.float32)
+    pb = np.array([pixel_box(b) for b in boxes.reshape(-1, 4)], np.float32).reshape(*boxes.shape[:-1], 1, 4)
+    return ((landmarks - pb[..., :2]) * size / pb[..., 2:]).astype(np.float32)
+
+
+def from_crop_coords(points, boxes, size):
+    """Inverse of to_crop_coords: crop pixel coords -> source pixels."""
+    points, boxes = np.asarray(points, np.float32), np.asarray(boxes, np.float32)
+    pb = np.array([pixel_box(b) for b in boxes.reshape(-1, 4)], np.float32).reshape(*boxes.shape[:-1], 1, 4)
+    return (points * pb[..., 2:] / size + pb[..., :2]).astype(np.float32)
