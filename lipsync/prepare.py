@@ -1,0 +1,175 @@
+"""Clip preparation: a talking-head video (+ audio) -> DIR/<clip>/ with crops, track, audio and meta (spec layout).
+
+    python -m lipsync.prepare VIDEO [VIDEO ...] --out DIR [--audio WAV] [--fps 25] [--bbox x1,y1,x2,y2]
+                              [--bbox-shift N] [--crop-size 256]
+
+Two streaming passes over the video (memory stays at one frame + the crops): pass 1 tracks every source frame,
+then the track is mapped to the target fps (nearest frame in time), gaps without a face are filled from the nearest
+face, crop boxes are smoothed; pass 2 crops. Everything is written to DIR/.<clip>.partial/ (meta.json last, via
+meta.json.tmp) and renamed to DIR/<clip> at the end, so a clip is complete iff DIR/<clip>/meta.json exists; reruns
+skip complete clips and redo everything else. Facts: ../shared/musetalk-notes.md §4.5, §6.2.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from .audio import load_audio
+from .tracking import BoxTracker, MediapipeMissing, MeshTracker, crop_box, crop_face, fill_missing, parse_bbox
+from .tracking import smooth_boxes, track_landmarks
+from .video import SAMPLE_RATE, extract_audio, fit_length, iter_frames, resample_indices, select_frames, video_info
+
+
+@dataclass
+class Prepared:
+    path: Path
+    frames: int  # frames written (at the target fps)
+    no_face: int  # of those, frames where the tracker found no face
+    skipped: bool  # True when the clip was already complete
+    seconds: float = 0.0  # wall time
+    track_ms: float = 0.0  # tracker time per source frame
+
+
+def _write_meta(folder, meta):
+    tmp = folder / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, folder / "meta.json")
+
+
+def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=0, crop_size=256, margin=10,
+                 smooth_sigma=2.0, name=None, progress=True):
+    """Prepare one clip into out_dir/<name> (name defaults to the video's stem); see the module docstring.
+
+    audio: audio file to use instead of the video's own track. fps: target rate (None or 0 keeps the source rate).
+    bbox: (x1, y1, x2, y2) fixed face box instead of mediapipe. Returns a Prepared record.
+    """
+    start = time.perf_counter()
+    video, out_dir = Path(video), Path(out_dir)
+    name = name or video.stem
+    final = out_dir / name
+    if (final / "meta.json").is_file():
+        meta = json.loads((final / "meta.json").read_text())
+        return Prepared(final, meta["frames"], 0, skipped=True)
+
+    info = video_info(video)
+    if info.fps <= 0:
+        raise ValueError(f"{video}: no video stream")
+    dst_fps = float(fps) if fps else info.fps
+    wave = load_audio(audio) if audio is not None else extract_audio(video)  # fail fast, before tracking
+    tracker = BoxTracker(bbox) if bbox is not None else MeshTracker()
+
+    partial = out_dir / f".{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+
+    # pass 1: landmarks for every source frame
+    spent = 0.0
+
+    def timed(frame):
+        nonlocal spent
+        t0 = time.perf_counter()
+        out = tracker(frame)
+        spent += time.perf_counter() - t0
+        return out
+
+    expected = round(info.duration * info.fps) or None
+    with tqdm(total=expected, desc=f"{name}: track", unit="frame", disable=not progress, leave=False) as bar:
+        try:
+            raw, face_src = track_landmarks(iter_frames(video), timed, bar)
+        finally:
+            tracker.close()
+    if len(face_src) == 0:
+        raise ValueError(f"{video}: no frames decoded")
+    landmarks_src = fill_missing(raw, face_src)
+
+    # source fps -> target fps, then boxes
+    idx = resample_indices(len(face_src), info.fps, dst_fps)
+    landmarks, face = landmarks_src[idx], face_src[idx]
+    boxes = smooth_boxes(crop_box(landmarks, bbox_shift, margin), smooth_sigma)
+    n = len(idx)
+
+    # pass 2: crops, straight into the .npy on disk
+    crops = np.lib.format.open_memmap(partial / "crops.npy", mode="w+", dtype=np.uint8,
+                                      shape=(n, crop_size, crop_size, 3))
+    frames = select_frames(iter_frames(video), idx)
+    for j, frame in enumerate(tqdm(frames, total=n, desc=f"{name}: crop", unit="frame", disable=not progress,
+                                   leave=False)):
+        crops[j] = crop_face(frame, boxes[j], crop_size)
+    crops.flush()
+    del crops
+
+    np.savez(partial / "track.npz", boxes=boxes, face=face, landmarks=landmarks.astype(np.float32))
+    wave = fit_length(wave, round(n / dst_fps * SAMPLE_RATE)).clamp(-1, 1)
+    sf.write(partial / "audio.wav", wave.numpy(), SAMPLE_RATE, subtype="PCM_16")
+    _write_meta(partial, {
+        "version": 1, "fps": dst_fps, "frames": n, "size": [int(info.size[0]), int(info.size[1])],
+        "crop_size": crop_size, "source": str(video.resolve()), "tracker": tracker.name, "audio": "audio.wav",
+        "sr": SAMPLE_RATE, "source_fps": info.fps, "bbox_shift": bbox_shift, "margin": margin,
+    })
+    if final.exists():  # an incomplete clip from an older run (no meta.json)
+        shutil.rmtree(final)
+    os.rename(partial, final)
+    return Prepared(final, n, int((~face).sum()), skipped=False, seconds=time.perf_counter() - start,
+                    track_ms=1000 * spent / len(face_src))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _bbox_arg(text):
+    try:
+        return parse_bbox(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m lipsync.prepare", description=__doc__.split("\n")[0])
+    p.add_argument("videos", nargs="+", metavar="VIDEO")
+    p.add_argument("--out", required=True, help="output folder, one sub-folder per clip")
+    p.add_argument("--audio", help="audio file to use instead of the video's own track (one VIDEO only)")
+    p.add_argument("--fps", type=float, default=25.0, help="target frame rate (0 keeps the source rate)")
+    p.add_argument("--bbox", type=_bbox_arg, help="fixed face box x1,y1,x2,y2 (brows to chin, jaw side to side) "
+                   "for every frame instead of mediapipe tracking")
+    p.add_argument("--bbox-shift", type=float, default=0, help="move the crop's midline from the nose point, "
+                   "in source pixels (+ = down: the mask hides less, the mouth opens more)")
+    p.add_argument("--crop-size", type=int, default=256)
+    p.add_argument("--margin", type=float, default=10, help="pixels below the chin (source scale)")
+    args = p.parse_args(argv)
+    if args.audio and len(args.videos) > 1:
+        p.error("--audio goes with a single VIDEO")
+    stems = [Path(v).stem for v in args.videos]
+    if len(set(stems)) < len(stems):
+        p.error("two VIDEOs share a file name; clips are named by it")
+
+    failed = 0
+    for video in args.videos:
+        try:
+            r = prepare_clip(video, args.out, audio=args.audio, fps=args.fps, bbox=args.bbox,
+                             bbox_shift=args.bbox_shift, crop_size=args.crop_size, margin=args.margin)
+        except MediapipeMissing as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except (ValueError, RuntimeError, OSError) as err:
+            print(f"error: {video}: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        if r.skipped:
+            print(f"{r.path.name}: already prepared, skipped")
+        else:
+            print(f"{r.path.name}: {r.frames} frames ({r.no_face} without a face) in {r.seconds:.1f} s, "
+                  f"tracker {r.track_ms:.1f} ms/frame -> {r.path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
