@@ -192,9 +192,7 @@ def smooth_boxes(boxes, sigma=2.0):
 
 def pixel_box(box):
     """The integer pixel rectangle a crop covers: (x0, y0, w, h), x0/y0 rounded, w/h rounded and >= 1."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    x0, y0 = int(np.floor(x1 + 0.5)), int(np.floor(y1 + 0.5))
-    return x0, y0, max(1, int(np.floor(x2 - x1 + 0.5))), max(1, int(np.floor(y2 - y1 + 0.5)))
+    return tuple(int(v) for v in _pixel_boxes(box)[0])
 
 
 def crop_face(frame, box, size):
@@ -219,15 +217,21 @@ def crop_faces(frames, boxes, size):
     return np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
 
 
+def _pixel_boxes(boxes):
+    """Vectorised pixel_box: (..., 4) float boxes -> (..., 1, 4) float (x0, y0, w, h), broadcastable over points."""
+    boxes = np.asarray(boxes, np.float64)
+    origin = np.floor(boxes[..., :2] + 0.5)
+    size = np.maximum(1.0, np.floor(boxes[..., 2:] - boxes[..., :2] + 0.5))
+    return np.concatenate([origin, size], axis=-1)[..., None, :]
+
+
 def to_crop_coords(landmarks, boxes, size):
     """Source-pixel points (N, K, 2) with boxes (N, 4) (or (K, 2) with (4,)) -> crop pixel coords, same shape."""
-    landmarks, boxes = np.asarray(landmarks, np.float32), np.asarray(boxes, np.float32)
-    pb = np.array([pixel_box(b) for b in boxes.reshape(-1, 4)], np.float32).reshape(*boxes.shape[:-1], 1, 4)
-    return ((landmarks - pb[..., :2]) * size / pb[..., 2:]).astype(np.float32)
+    pb = _pixel_boxes(boxes)
+    return ((np.asarray(landmarks, np.float64) - pb[..., :2]) * size / pb[..., 2:]).astype(np.float32)
 
 
 def from_crop_coords(points, boxes, size):
     """Inverse of to_crop_coords: crop pixel coords -> source pixels."""
-    points, boxes = np.asarray(points, np.float32), np.asarray(boxes, np.float32)
-    pb = np.array([pixel_box(b) for b in boxes.reshape(-1, 4)], np.float32).reshape(*boxes.shape[:-1], 1, 4)
-    return (points * pb[..., 2:] / size + pb[..., :2]).astype(np.float32)
+    pb = _pixel_boxes(boxes)
+    return (np.asarray(points, np.float64) * pb[..., 2:] / size + pb[..., :2]).astype(np.float32)
