@@ -1,0 +1,181 @@
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lipsync import synthetic
+from lipsync.audio import log_mel
+from lipsync.data import Stage1Dataset, Stage2Dataset, clip_split, list_clips, load_clip
+from lipsync.tracking import to_crop_coords
+
+NO_FACE = np.arange(20, 40)  # frames of train_0000 marked as "no face found"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clips")
+    synthetic.main(["--out", str(root), "--clips", "5", "--seconds", "3", "--heldout", "0.4", "--workers", "1"])
+    track = dict(np.load(root / "train_0000" / "track.npz"))
+    track["face"][NO_FACE] = False
+    np.savez(root / "train_0000" / "track.npz", **track)
+    return root
+
+
+def test_load_clip_reads_the_prepared_layout(root):
+    clip = load_clip(root / "train_0001")
+    assert clip.crops.shape == (75, 64, 64, 3) and clip.fps == 25.0 and len(clip) == 75
+    assert clip.wave.dtype == torch.float32 and clip.wave.shape == (3 * 16000,)
+    assert clip.truth["opening"].shape == (75,) and clip.name == "train_0001"
+
+
+def test_list_clips_skips_incomplete_and_splits_by_meta(root, tmp_path):
+    for name in ("train_0000", "heldout_0000"):
+        shutil.copytree(root / name, tmp_path / name)
+    shutil.copytree(root / "train_0001", tmp_path / "half_done")
+    (tmp_path / "half_done" / "meta.json").unlink()
+    (tmp_path / ".x.partial").mkdir()
+    assert [p.name for p in list_clips(tmp_path)] == ["heldout_0000", "train_0000"]
+    assert [p.name for p in list_clips(tmp_path, "train")] == ["train_0000"]
+    assert [p.name for p in list_clips(tmp_path, "val")] == ["heldout_0000"]
+
+
+def test_split_without_meta_split_is_a_stable_hash_of_the_name():
+    names = [f"video_{i}" for i in range(400)]
+    splits = [clip_split(n, {}) for n in names]
+    assert splits == [clip_split(n, {}) for n in names]
+    assert 0.05 < splits.count("val") / len(names) < 0.15
+
+
+def test_train_and_val_datasets_hold_different_clips(root):
+    train, val = Stage1Dataset(root, "train"), Stage1Dataset(root, "val")
+    assert {c.name for c in train.clips} == {"train_0000", "train_0001", "train_0002"}
+    assert {c.name for c in val.clips} == {"heldout_0000", "heldout_0001"}
+
+
+def test_stage1_item_shapes_and_ranges(root):
+    ds = Stage1Dataset(root, "train", seed=0)
+    item = ds[0]
+    assert item["target"].shape == item["masked"].shape == item["reference"].shape == (3, 64, 64)
+    assert item["mel"].shape == (80, 2 * (10 + 2 * 4))
+    for key in ("target", "reference"):
+        assert item[key].min() >= -1 and item[key].max() <= 1 and item[key].std() > 0.1
+    assert (item["masked"][:, 32:] == -1).all() and torch.equal(item["masked"][:, :32], item["target"][:, :32])
+    assert len(ds) == sum(len(s) for s in ds.starts)
+
+
+def test_same_seed_same_sample_other_seed_other_sample(root):
+    a, b, c = (Stage1Dataset(root, "train", seed=s) for s in (0, 0, 1))
+    later = [b[i] for i in (7, 3, 5)]  # access order must not matter
+    for i, item in zip((7, 3, 5), later):
+        assert all(torch.equal(a[i][k], item[k]) for k in item)
+    pairs = [(int(a[i]["clip"]), int(a[i]["frame"])) != (int(c[i]["clip"]), int(c[i]["frame"])) for i in range(10)]
+    assert sum(pairs) >= 8
+    a.set_epoch(1)
+    assert sum((int(a[i]["frame"]) != int(b[i]["frame"])) for i in range(10)) >= 8
+
+
+def test_dataloader_workers_give_the_same_batches(root):
+    ds = Stage1Dataset(root, "train", seed=3, length=16)
+    one = next(iter(DataLoader(ds, batch_size=16)))
+    two = next(iter(DataLoader(ds, batch_size=16, num_workers=2)))
+    assert torch.equal(one["reference"], two["reference"]) and torch.equal(one["mel"], two["mel"])
+
+
+@pytest.mark.parametrize("sample", ["pose_mouth", "random"])
+def test_reference_is_far_inside_clip_and_never_a_no_face_frame(root, sample):
+    ds = Stage1Dataset(root, "train", seed=0, sample=sample, length=600)
+    seen_no_face_clip = False
+    for i in range(600):
+        item = ds[i]
+        clip = ds.clips[int(item["clip"])]
+        f, r = int(item["frame"]), int(item["ref_frame"])
+        assert abs(r - f) >= 5 and 0 <= r < len(clip)
+        assert clip.face[f] and clip.face[r]
+        if clip.name == "train_0000":
+            seen_no_face_clip = True
+            assert r not in NO_FACE and f not in NO_FACE
+    assert seen_no_face_clip
+
+
+def test_pose_mouth_references_have_a_different_mouth_than_random_ones(root):
+    gaps = {}
+    for sample in ("pose_mouth", "random"):
+        ds = Stage1Dataset(root, "train", seed=0, sample=sample, length=400)
+        items = [ds[i] for i in range(400)]
+        gaps[sample] = np.mean([abs(ds.clips[int(x["clip"])].truth["opening"][int(x["frame"])]
+                                    - ds.clips[int(x["clip"])].truth["opening"][int(x["ref_frame"])]) for x in items])
+    assert gaps["pose_mouth"] > 1.15 * gaps["random"]
+
+
+def test_mel_is_the_frame_window_plus_context_and_floor_outside(root):
+    ds = Stage1Dataset(root, "train", seed=0, mel_context=4)
+    ci = [c.name for c in ds.clips].index("train_0001")
+    mel = log_mel(ds.clips[ci].wave, dynamic_floor=False)
+    for f in (0, 1, 30, 74):
+        span = ds.audio(ci, f)  # steps [2f - 4 - 4, 2f + 6 + 4) -> mel frames [4f - 16, 4f + 20)
+        lo = 4 * f - 16
+        for j in range(36):
+            expect = mel[:, lo + j] if 0 <= lo + j < mel.shape[1] else torch.full((80,), float(mel.min()))
+            assert torch.allclose(span[:, j], expect)
+
+
+def test_stage2_shapes_sync_span_and_mouth_box_contains_the_lips(root):
+    ds = Stage2Dataset(root, "train", T=8, seed=0)
+    assert len(ds) == sum(len(s) for s in ds.starts) // 8
+    for i in range(20):
+        item = ds[i]
+        assert item["target"].shape == item["reference"].shape == item["masked"].shape == (8, 3, 64, 64)
+        assert item["mel"].shape == (8, 80, 36) and item["sync_mel"].shape == (80, 32)
+        ci, frames = int(item["clip"]), item["frame"].numpy()
+        assert np.array_equal(frames, np.arange(frames[0], frames[0] + 8))
+        clip = ds.clips[ci]
+        assert clip.face[frames].all()
+        assert torch.allclose(item["sync_mel"], ds.mel_span(ci, 4 * frames[0], 4 * frames[0] + 32))
+        lips = to_crop_coords(clip.landmarks[frames, 48:68], clip.boxes[frames], 64)
+        box = item["mouth_box"].numpy()
+        assert (lips[..., 0] >= box[:, None, 0]).all() and (lips[..., 0] <= box[:, None, 2]).all()
+        assert (lips[..., 1] >= box[:, None, 1]).all() and (lips[..., 1] <= box[:, None, 3]).all()
+        assert ((box[:, 2] - box[:, 0]) < 40).all()  # a mouth box, not the whole crop
+
+
+def test_crop_size_resizes_images_and_mouth_box(root):
+    ds = Stage2Dataset(root, "val", T=4, crop_size=32, seed=0)
+    item = ds[0]
+    assert item["target"].shape == (4, 3, 32, 32) and (item["masked"][:, :, 16:] == -1).all()
+    assert item["mouth_box"].max() <= 32 and item["mouth_box"][:, 2].min() > 16
+
+
+def test_whisper_features_give_time_major_then_layer_tokens(root):
+    L = 5
+    for name in ("heldout_0000", "heldout_0001"):
+        steps = 150  # 3 s at 50 steps/s
+        t = np.arange(steps)[:, None, None] + np.zeros((1, L, 384))
+        layer = np.arange(L)[None, :, None] + np.zeros((steps, 1, 384))
+        np.save(root / name / "whisper.npy", (1000 * (t + 1) + layer).astype(np.float32))
+    ds = Stage1Dataset(root, "val", seed=0, features="whisper")
+    for f in (0, 40):
+        tokens = ds.audio(0, f)
+        assert tokens.shape == (10 * L, 384)
+        for row in range(10 * L):
+            step, layer = 2 * f - 4 + row // L, row % L
+            expect = 0.0 if step < 0 else 1000.0 * (step + 1) + layer
+            assert (tokens[row] == expect).all()
+    assert "audio" in ds[0] and "mel" not in ds[0]
+
+
+def test_fps_other_than_25_uses_time_not_frame_counts(root, tmp_path):
+    shutil.copytree(root / "heldout_0001", tmp_path / "clip30")
+    meta = json.loads((tmp_path / "clip30" / "meta.json").read_text())
+    meta["fps"] = 30.0
+    (tmp_path / "clip30" / "meta.json").write_text(json.dumps(meta))
+    ds = Stage2Dataset([tmp_path / "clip30"], None, T=6, seed=0, mel_context=0)
+    item = ds[0]
+    f0 = int(item["frame"][0])
+    assert item["sync_mel"].shape == (80, 20)  # 6 frames at 30 fps = 0.2 s = 20 mel frames
+    assert torch.allclose(item["sync_mel"], ds.mel_span(0, round(f0 * 100 / 30), round(f0 * 100 / 30) + 20))
+    n = math.ceil(50 / 30) * 5  # steps per window
+    assert item["mel"].shape == (6, 80, 2 * n)
