@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .blocks import Downsample, ResnetBlock, Transformer2D, Upsample
 
@@ -120,8 +121,8 @@ class UNetBlock(nn.Module):
     def forward(self, x, temb, context, skips=None):
         outputs = []
         for j, resnet in enumerate(self.resnets):
-            if skips is not None:
-                x = torch.cat([x, skips.pop()], dim=1)
+            if skips is not None:  # the last skip pushed on the way down is the first one read on the way up
+                x = torch.cat([x, skips[-1 - j]], dim=1)
             x = resnet(x, temb)
             if self.attentions is not None:
                 x = self.attentions[j](x, context)
@@ -182,6 +183,7 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         self._temb_cache = None
+        self.gradient_checkpointing = False  # recompute each block in backward (saves memory when training)
 
     def time_embed(self, timestep, batch: int, device) -> torch.Tensor:
         """Timestep(s) -> (B or 1, 4*C0). MuseTalk always uses t = 0, so outside training that vector is cached."""
@@ -200,6 +202,11 @@ class UNet(nn.Module):
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         return self.time_embedding(emb.to(self.conv_in.weight.dtype))
 
+    def _run(self, block, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         # sample (B, 8, H, W), encoder_hidden_states (B, T, 384) -> (B, 4, H, W); H, W divisible by 2**(levels-1)
         temb = self.time_embed(timestep, sample.shape[0], sample.device)
@@ -207,9 +214,11 @@ class UNet(nn.Module):
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, outs = block(x, temb, context)
+            x, outs = self._run(block, x, temb, context)
             skips += outs
-        x = self.mid_block(x, temb, context)  # (B, C3, H/8, W/8)
+        x = self._run(self.mid_block, x, temb, context)  # (B, C3, H/8, W/8)
         for block in self.up_blocks:
-            x, _ = block(x, temb, context, skips)
+            n = len(block.resnets)
+            x, _ = self._run(block, x, temb, context, skips[-n:])
+            del skips[-n:]
         return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -221,3 +221,16 @@ def test_face_vae_masks_lower_half_and_orders_masked_first():
     assert torch.allclose(x[:, :4], expected_masked, atol=1e-5)
     assert torch.allclose(x[:, 4:], expected_ref, atol=1e-5)
     assert out.shape == (2, 64, 64, 3) and out.dtype.name == "uint8"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig.tiny()).train()
+    x, ctx = torch.randn(2, 8, 16, 16), torch.randn(2, 10, 128)
+    model(x, 0, ctx).square().mean().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    model(x, 0, ctx).square().mean().backward()
+    for a, p in zip(plain, model.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-6)

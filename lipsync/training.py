@@ -1,0 +1,159 @@
+"""One optimisation step's worth of maths for each training stage, kept out of train.py's bookkeeping.
+
+Stages (musetalk-notes §4): `vae` (our own small AutoencoderKL, since sd-vae-ft-mse cannot be downloaded here),
+`syncnet` (BCE on in-sync vs shifted audio), `stage1` (single frames: L1 + perceptual pyramid) and `stage2`
+(T consecutive frames: + LSGAN on face and mouth crops with feature matching, + SyncNet loss from the frozen SyncNet).
+Every function takes a batch dict from lipsync.data and returns (loss, {name: float}) for logging.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .losses import feature_matching, lsgan_d_loss, lsgan_g_loss, mouth_crops
+from .syncnet import lower_half, sync_loss, sync_pairs, syncnet_bce
+from .vae import mask_lower_half
+
+
+def lr_lambda(warmup: int, total: int, floor: float = 0.0):
+    """Linear warm-up, then linear decay to `floor` x the base lr at `total` (diffusers' 'linear' when floor=0)."""
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(floor, 1.0 - (1.0 - floor) * (step - warmup) / max(1, total - warmup))
+    return f
+
+
+def weighted_l1(pred: torch.Tensor, target: torch.Tensor, lower_weight: float) -> torch.Tensor:
+    """Mean |pred - target| with the lower half (the inpainted rows) weighted `lower_weight`x, normalised."""
+    S = pred.shape[-2]
+    w = torch.ones(S, 1, device=pred.device, dtype=pred.dtype)
+    w[S // 2:] = lower_weight
+    return ((pred - target).abs() * w).mean() / w.mean()
+
+
+PER_FRAME = ("target", "masked", "reference", "mel", "audio", "mouth_box")
+
+
+def frames_of(batch: dict) -> dict:
+    """Stage-2 batches hold (B, T, ...) per-frame tensors: flatten them to (B T, ...). Stage-1 batches pass."""
+    if batch["target"].dim() == 4:
+        return batch
+    return {k: v.flatten(0, 1) if k in PER_FRAME else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- vae
+
+
+def vae_step(vae, batch, perceptual, kl_weight=1e-6, perceptual_weight=0.1):
+    x = torch.cat([batch["target"], batch["reference"]])  # (2B, 3, S, S)
+    post = vae.encode(x)
+    rec = vae.decode(post.sample())
+    rec_l1 = F.l1_loss(rec, x)
+    p = perceptual(rec, x)
+    kl = post.kl().mean()
+    loss = rec_l1 + perceptual_weight * p + kl_weight * kl
+    return loss, {"l1": rec_l1.item(), "perceptual": p.item(), "kl": kl.item()}
+
+
+@torch.no_grad()
+def latent_scale(vae, batches) -> float:
+    """1 / std of posterior means over a few batches: the scaling factor that gives unit-variance latents
+    (sd-vae-ft-mse's 0.18215 was found the same way)."""
+    z = torch.cat([vae.encode(b["target"]).mean.flatten() for b in batches])
+    return float(1.0 / z.std())
+
+
+# ----------------------------------------------------------------------------- syncnet
+
+
+def syncnet_step(syncnet, batch, n_frames: int, context: int, generator=None):
+    """batch from Stage2Dataset(T = n_frames + 2 context): the middle n_frames are the video, the whole mel span
+    gives positives (centre) and same-clip shifted negatives."""
+    frames = lower_half(batch["target"][:, context:context + n_frames])  # (B, T, 3, S/2, S)
+    frames, mel, labels = sync_pairs(frames, batch["sync_mel"], n_frames, generator=generator)
+    loss = syncnet_bce(syncnet, frames, mel, labels)
+    with torch.no_grad():
+        cos = syncnet(frames.repeat(2, 1, 1, 1, 1), mel)
+        acc = ((cos > 0.5).float() == labels).float().mean()
+    return loss, {"bce": loss.item(), "acc": acc.item()}
+
+
+# ----------------------------------------------------------------------------- generator
+
+
+def unet_inputs(model, batch):
+    """Frozen VAE: masked targets and references -> (N, 8, s, s) scaled latents, and flattened targets."""
+    target, reference = batch["target"], batch["reference"]
+    with torch.no_grad():
+        latents = model.face.encode(torch.cat([mask_lower_half(target), reference]))
+    masked, ref = latents.chunk(2)
+    return torch.cat([masked, ref], dim=1), target
+
+
+def generate(model, batch, mel_context: int):
+    """Flattened batch -> (generated (N, 3, S, S), target (N, 3, S, S)). Audio tokens come from mel spans
+    (N, 80, 2 (n + 2c)) through the trainable MelEncoder, or from precomputed whisper tokens (N, n L, 384)."""
+    unet_in, target = unet_inputs(model, batch)
+    if "mel" in batch:
+        n = batch["mel"].shape[-1] // 2 - 2 * mel_context
+        tokens = model.tokens_from_spans(batch["mel"], mel_context, n)
+    else:
+        tokens = model.pe(batch["audio"])
+    return model(unet_in, tokens), target
+
+
+def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=None):
+    """Stage 1 (discs/syncnet None) or stage 2 generator loss. Returns (loss, logs, generated, target)."""
+    B, T = batch["target"].shape[:2] if batch["target"].dim() == 5 else (batch["target"].shape[0], 1)
+    batch = frames_of(batch)
+    pred, target = generate(model, batch, cfg.mel_context)
+    l1 = weighted_l1(pred, target, cfg.lower_weight)
+    p = perceptual(pred, target)
+    loss = cfg.l1_weight * l1 + cfg.perceptual_weight * p
+    logs = {"l1": l1.item(), "perceptual": p.item()}
+    if discs is not None:
+        gate = 1.0 if step >= cfg.start_gan else 0.0
+        S = target.shape[-1]
+        boxes = batch["mouth_box"]
+        pairs = {"face": (pred, target),
+                 "mouth": (mouth_crops(pred, boxes, S // 2), mouth_crops(target, boxes, S // 2))}
+        for name, (fake, real) in pairs.items():
+            fake_feats, fake_logits = discs[name](fake)
+            with torch.no_grad():
+                real_feats, _ = discs[name](real)
+            g = lsgan_g_loss(fake_logits)
+            fm = feature_matching(real_feats, fake_feats)
+            weight = cfg.gan_weight if name == "face" else cfg.mouth_gan_weight
+            loss = loss + gate * (weight * g + cfg.fm_weight * fm)
+            logs[f"g_{name}"], logs[f"fm_{name}"] = g.item(), fm.item()
+    if syncnet is not None and cfg.sync_weight > 0:
+        s = sync_loss(syncnet, lower_half(pred.view(B, T, *pred.shape[1:])), batch["sync_mel"])
+        loss = loss + cfg.sync_weight * s
+        logs["sync"] = s.item()
+    return loss, logs, pred, target
+
+
+def discriminator_loss(discs, pred, target, boxes):
+    """LSGAN discriminator loss on (target, generated) faces and mouth crops; boxes (N, 4) in crop pixels."""
+    S = target.shape[-1]
+    pairs = {"face": (pred.detach(), target),
+             "mouth": (mouth_crops(pred.detach(), boxes, S // 2), mouth_crops(target, boxes, S // 2))}
+    loss, logs = 0.0, {}
+    for name, (fake, real) in pairs.items():
+        d = lsgan_d_loss(discs[name](real)[1], discs[name](fake)[1])
+        loss = loss + d
+        logs[f"d_{name}"] = d.item()
+    return loss, logs
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def sample_grid(batch, pred, rows: int = 4) -> np.ndarray:
+    """uint8 (rows S, 4 S, 3) image: masked input | reference | generated | target."""
+    b = frames_of(batch)
+    cols = [b["masked"], b["reference"], pred, b["target"]]
+    k = min(rows, pred.shape[0])
+    grid = torch.cat([torch.cat([c[i].detach().float().cpu() for c in cols], dim=-1) for i in range(k)], dim=-2)
+    return ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
