@@ -58,7 +58,7 @@ def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=
     final = out_dir / name
     if (final / "meta.json").is_file():
         meta = json.loads((final / "meta.json").read_text())
-        return Prepared(final, meta["frames"], 0, skipped=True)
+        return Prepared(final, meta["frames"], int((~np.load(final / "track.npz")["face"]).sum()), skipped=True)
 
     info = video_info(video)
     if info.fps <= 0:
@@ -160,7 +160,8 @@ def main(argv=None):
             print(f"error: {err}", file=sys.stderr)
             return 2
         except (ValueError, RuntimeError, OSError) as err:
-            print(f"error: {video}: {err}", file=sys.stderr)
+            where = "" if str(Path(video)) in str(err) else f"{video}: "
+            print(f"error: {where}{err}", file=sys.stderr)
             failed += 1
             continue
         if r.skipped:
