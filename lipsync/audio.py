@@ -85,7 +85,7 @@ class MelStream:
     `push(chunk)` returns (k, n * L, dim) for the next k frames (k may be 0); `finish()` returns the remaining frames,
     padded at the end exactly as offline encoding pads. Concatenated, they equal
     frame_windows(encoder.encode(whole_wave), floor(seconds * fps), fps, left, right). A frame is ready once the
-    mel frames of its window plus the encoder's context have arrived: about (right + 1) / fps + context / 50 s of lag.
+    mel frames of its window plus the encoder's context have arrived: about 0.2 s after the frame's time at 25 fps.
     Only a few hundred ms of audio, mel and features are kept.
     """
 

@@ -56,6 +56,8 @@ class MelEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
 
     def forward(self, mel):
+        if mel.shape[-1] < 2:  # under 20 ms of audio: no complete step
+            return mel.new_zeros(mel.shape[0], self.n_states, 0, self.dim)
         x = self.stem(mel).transpose(1, 2)  # (B, 80, 2T) -> (B, T, dim)
         states = [x]
         for block in self.blocks:

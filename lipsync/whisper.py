@@ -84,6 +84,7 @@ class WhisperEncoder(nn.Module):
 
     def forward(self, mel):
         x = F.gelu(self.conv2(F.gelu(self.conv1(mel)))).transpose(1, 2)  # (B, 80, 2T) -> (B, T, d)
+        assert x.shape[1] <= self.cfg.positions, f"{x.shape[1]} steps > {self.cfg.positions}: use encode() for long audio"
         x = x + self.embed_positions.weight[: x.shape[1]]
         states = [x]
         for layer in self.layers:
