@@ -282,7 +282,9 @@ def main(argv=None):
             results.append(_job(args.out, name, i, split, *common))
             bar.update(1)
     else:
-        with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
+        # fork where available: workers inherit the imports instead of re-importing torch (no torch op ran yet)
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
             futures = [pool.submit(_job, args.out, name, i, split, *common) for name, i, split in todo]
             for f in futures:
                 f.add_done_callback(lambda _: bar.update(1))

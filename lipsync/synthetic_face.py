@@ -115,13 +115,16 @@ class _Canvas:
         ramp = np.linspace(0, 1, frame, dtype=np.float32)[:, None, None]
         self.img = np.repeat(((1 - ramp) * top + ramp * bottom)[None, :, :, :].repeat(frame, 2), self.n, 0)
 
-    def window(self, x0, y0, r):
-        """Pixel window holding a local disc of radius r at (x0, y0) in every frame -> (rows, cols), u, v."""
+    def window(self, x0, y0, hx, hy=None):
+        """Pixel window holding the local rectangle (x0 +- hx, y0 +- hy) in every frame -> (rows, cols), u, v."""
         x0, y0 = (np.broadcast_to(np.asarray(a, np.float32).reshape(-1, 1, 1), (self.n, 1, 1)) for a in (x0, y0))
+        hx = float(np.max(hx))
+        hy = hx if hy is None else float(np.max(hy))
         fx, fy = self.cx + self.c * x0 - self.s * y0, self.cy + self.s * x0 + self.c * y0
-        r = float(np.max(r)) + 1.5
-        x1, x2 = (int(np.clip(f, 0, self.size)) for f in (np.floor(fx.min() - r), np.ceil(fx.max() + r)))
-        y1, y2 = (int(np.clip(f, 0, self.size)) for f in (np.floor(fy.min() - r), np.ceil(fy.max() + r)))
+        ex = float(np.max(np.abs(self.c) * hx + np.abs(self.s) * hy)) + 1.5
+        ey = float(np.max(np.abs(self.s) * hx + np.abs(self.c) * hy)) + 1.5
+        x1, x2 = (int(np.clip(f, 0, self.size)) for f in (np.floor(fx.min() - ex), np.ceil(fx.max() + ex)))
+        y1, y2 = (int(np.clip(f, 0, self.size)) for f in (np.floor(fy.min() - ey), np.ceil(fy.max() + ey)))
         dx = np.arange(x1, x2, dtype=np.float32)[None, None, :] + 0.5 - self.cx
         dy = np.arange(y1, y2, dtype=np.float32)[None, :, None] + 0.5 - self.cy
         return (slice(y1, y2), slice(x1, x2)), self.c * dx + self.s * dy, self.c * dy - self.s * dx
@@ -174,15 +177,16 @@ def _render_chunk(face, motion, opening, width, frame):
     lm, mo = face_landmarks(face, motion["yaw"], motion["blink"], opening, width)
     skin, sh = face.skin, col(motion["yaw"])
 
-    win, u, v = cv.window(0.0, 1.1 * R, 1.1 * R)  # neck
+    win, u, v = cv.window(0.0, 1.3 * R, 0.42 * rx, R)  # neck, down to the frame's edge
     cv.fill(win, np.clip(0.42 * rx + 0.5 - np.abs(u), 0, 1) * np.clip(v - 0.3 * R + 0.5, 0, 1), 0.82 * skin)
     for side in (-1, 1):  # ears
-        win, u, v = cv.window(side * 0.97 * rx, -0.02 * R, 0.2 * R)
+        win, u, v = cv.window(side * 0.97 * rx, -0.02 * R, 0.12 * R, 0.2 * R)
         cv.fill(win, _ellipse(u, v, side * 0.97 * rx, -0.02 * R, 0.12 * R, 0.2 * R), 0.88 * skin)
-    win, u, v = cv.window(0.0, 0.0, 1.06 * R)  # head, shaded towards the rim, and hair
+    win, u, v = cv.window(0.0, 0.0, rx, R)  # head, shaded towards the rim
     shade = 1 - 0.12 * np.minimum((u / rx) ** 2 + (v / R) ** 2, 1)
     cv.fill(win, _ellipse(u, v, 0.0, 0.0, rx, R), shade[..., None] * skin)
-    if face.hair_on:
+    if face.hair_on:  # above a hairline that curves down to the temples
+        win, u, v = cv.window(0.0, -0.58 * R, 1.05 * rx, 0.5 * R)
         hairline = (-0.55 + 0.4 * (u / rx) ** 2) * R
         cv.fill(win, _ellipse(u, v, 0.0, -0.02 * R, 1.05 * rx, 1.05 * R) * np.clip(hairline - v + 0.5, 0, 1), face.hair)
 
@@ -191,23 +195,23 @@ def _render_chunk(face, motion, opening, width, frame):
     eh = col(eh0 * (1 - motion["blink"]))
     for side in (-1, 1):
         x0, y0 = side * face.eye_x * R + sh, face.eye_y * R
-        win, u, v = cv.window(x0, face.brow_y * R, 0.17 * R)
+        win, u, v = cv.window(x0, face.brow_y * R, 0.16 * R, 0.035 * R)
         cv.fill(win, _ellipse(u, v, x0, face.brow_y * R, 0.16 * R, 0.035 * R), brow)
-        win, u, v = cv.window(x0, y0, 1.3 * ew)
+        win, u, v = cv.window(x0, y0, 1.25 * ew, 1.7 * eh0)
         cv.fill(win, _ellipse(u, v, x0, y0, 1.25 * ew, 1.7 * eh0), 0.88 * skin)
         white = _ellipse(u, v, x0, y0, ew, eh)
         cv.fill(win, white, np.array([236.0, 232, 226], np.float32))
         cv.fill(win, white * _ellipse(u, v, x0, y0, 0.95 * eh0, 0.95 * eh0), face.iris)
         cv.fill(win, white * _ellipse(u, v, x0, y0, 0.45 * eh0, 0.45 * eh0), np.array([15.0, 12, 12], np.float32))
 
-    win, u, v = cv.window(1.2 * sh, 0.12 * R, 0.26 * R)  # nose: ridge, tip, nostrils
+    win, u, v = cv.window(1.2 * sh, 0.13 * R, 0.12 * R, 0.25 * R)  # nose: ridge, tip, nostrils
     cv.fill(win, _ellipse(u, v, 1.15 * sh, 0.08 * R, 0.05 * R, 0.2 * R), 0.93 * skin)
     cv.fill(win, _ellipse(u, v, 1.3 * sh, 0.27 * R, 0.1 * R, 0.065 * R), 0.97 * skin)
     for side in (-1, 1):
         cv.fill(win, _ellipse(u, v, 1.3 * sh + side * 0.065 * R, 0.33 * R, 0.035 * R, 0.02 * R), 0.75 * skin)
 
     x0, y0 = col(mo["x"]), col(mo["y"])  # lips (upper one darker) around the dark mouth interior
-    win, u, v = cv.window(x0, y0, max(mo["w"].max(), mo["out_b"].max()))
+    win, u, v = cv.window(x0, y0, mo["w"], np.maximum(mo["out_t"], mo["out_b"]))
     cv.fill(win, _span(u, v, x0, y0, col(mo["w"]), col(mo["out_t"]), col(mo["out_b"])),
             np.where((v < y0)[..., None], 0.9 * face.lips, face.lips))
     cv.fill(win, _span(u, v, x0, y0, col(mo["in_w"]), col(mo["in_t"]), col(mo["in_b"])), MOUTH_RGB)
