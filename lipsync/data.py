@@ -137,8 +137,9 @@ class _ClipFrames(Dataset):
         self.floors = [np.float32(m.min()) for m in self.mels]
         # landmarks in a 256 px face box, for the pose/mouth reference rule
         self.norm_lm = [to_crop_coords(c.landmarks, c.boxes, 256) for c in self.clips]
-        self.whisper = [np.load(c.path / "whisper.npy", mmap_mode="r") for c in self.clips] if features == "whisper" \
-            else None
+        self.whisper = None
+        if features == "whisper":
+            self.whisper = [np.load(c.path / "whisper.npy", mmap_mode="r") for c in self.clips]  # (T50, L, D) each
         self.length = length or max(1, int(self.cum[-1]) // self.T)
 
     def _valid_starts(self, clip):
@@ -169,6 +170,7 @@ class _ClipFrames(Dataset):
         return ci, int(self.starts[ci][k - (self.cum[ci - 1] if ci else 0)])
 
     def reference(self, ci, d, rng):
+        """Reference frame for target d of clip ci (rule in the module doc)."""
         clip, lm = self.clips[ci], self.norm_lm[ci]
         n = len(clip)
         far = (np.abs(np.arange(n) - d) >= MIN_GAP) & clip.face
