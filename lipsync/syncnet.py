@@ -177,15 +177,19 @@ def sync_loss(syncnet: SyncNet, frames_lower: torch.Tensor, mel: torch.Tensor) -
     return _bce(cos, torch.ones_like(cos))
 
 
-def syncnet_bce(syncnet: SyncNet, frames: torch.Tensor, mel: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def syncnet_bce(syncnet: SyncNet, frames: torch.Tensor, mel: torch.Tensor, labels: torch.Tensor,
+                return_cos: bool = False):
     """SyncNet training objective (LatentSync): BCE between cos and labels (kB,), 1 = in sync, 0 = shifted.
     frames (B, T, 3, S/2, S) are embedded once; mel (kB, 80, 4T) may hold k windows per clip: row j pairs with
-    frames[j % B] (the layout `sync_pairs` returns)."""
+    frames[j % B] (the layout `sync_pairs` returns). return_cos=True also returns the detached cosines (kB,),
+    e.g. for accuracy = ((cos > 0.5) == labels).mean(), without a second forward pass."""
     v, a = syncnet.embed_visual(frames), syncnet.embed_audio(mel)
     k, rem = divmod(a.shape[0], v.shape[0])
     if rem:
         raise ValueError(f"mel batch {a.shape[0]} is not a multiple of frames batch {v.shape[0]}")
-    return _bce((v.repeat(k, 1) * a).sum(-1), labels)
+    cos = (v.repeat(k, 1) * a).sum(-1)
+    loss = _bce(cos, labels)
+    return (loss, cos.detach()) if return_cos else loss
 
 
 def sync_pairs(frames: torch.Tensor, mel: torch.Tensor, n_frames: int, mel_per_frame: int = 4,

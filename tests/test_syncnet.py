@@ -116,6 +116,10 @@ def test_syncnet_bce_drops_on_a_fixed_toy_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+    loss, cos = syncnet_bce(net, *batch, return_cos=True)
+    assert loss.item() < 0.5 * losses[0]
+    torch.testing.assert_close(cos, net(batch[0].repeat(2, 1, 1, 1, 1), batch[1]))
+    assert ((cos > 0.5).float() == batch[2]).float().mean() > 0.9
 
 
 class HandSync(nn.Module):
