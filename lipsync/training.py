@@ -42,6 +42,17 @@ def frames_of(batch: dict) -> dict:
     return {k: v.flatten(0, 1) if k in PER_FRAME else v for k, v in batch.items()}
 
 
+class Objective(torch.nn.Module):
+    """`fn(module, *args)` as a module's forward, so DistributedDataParallel sees every parameter use in forward."""
+
+    def __init__(self, module: torch.nn.Module, fn):
+        super().__init__()
+        self.module, self.fn = module, fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(self.module, *args, **kwargs)
+
+
 # ----------------------------------------------------------------------------- vae
 
 
@@ -117,7 +128,7 @@ def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=No
         S = target.shape[-1]
         boxes = batch["mouth_box"]
         pairs = {"face": (pred, target),
-                 "mouth": (mouth_crops(pred, boxes, S // 2), mouth_crops(target, boxes, S // 2))}
+                 "mouth": (mouth_crops(pred, boxes, S), mouth_crops(target, boxes, S))}
         for name, (fake, real) in pairs.items():
             fake_feats, fake_logits = discs[name](fake)
             with torch.no_grad():
@@ -138,7 +149,7 @@ def discriminator_loss(discs, pred, target, boxes):
     """LSGAN discriminator loss on (target, generated) faces and mouth crops; boxes (N, 4) in crop pixels."""
     S = target.shape[-1]
     pairs = {"face": (pred.detach(), target),
-             "mouth": (mouth_crops(pred.detach(), boxes, S // 2), mouth_crops(target, boxes, S // 2))}
+             "mouth": (mouth_crops(pred.detach(), boxes, S), mouth_crops(target, boxes, S))}
     loss, logs = 0.0, {}
     for name, (fake, real) in pairs.items():
         d = lsgan_d_loss(discs[name](real)[1], discs[name](fake)[1])
