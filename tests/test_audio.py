@@ -311,7 +311,8 @@ def test_load_audio_reads_flac_ogg_int_and_float_formats(eng, tmp_path):
     pcm = (x * 32768).astype(np.int16)
     assert torch.allclose(load_audio(pcm), torch.from_numpy(x), atol=1e-7)
     assert torch.allclose(load_audio(torch.from_numpy(np.stack([x, -x]))), torch.zeros(len(x)))  # (channels, n)
-    assert load_audio((x, 8000)).shape == (2 * len(x),)
+    up = load_audio((x, 8000))  # the upsampling path
+    assert up.shape == (2 * len(x),) and corr(up, resample_poly(x, 2, 1)) >= 0.9999
 
 
 def test_load_audio_decodes_m4a_and_mp4_with_bundled_ffmpeg(eng, tmp_path):
