@@ -393,7 +393,7 @@ def stage_generator(run: Run, root, stage: str):
         if not os.path.exists(init):
             raise SystemExit(f"stage2 starts from stage 1: expected {init}")
         state = torch.load(init, map_location="cpu", weights_only=True)["modules"]["generator"]
-        model.load_state_dict(state, strict=False)
+        model.load_state_dict(state)
     perceptual = PerceptualLoss(cfg.vgg or None, size=None if cfg.preset == "tiny" else 224).to(run.device)
     run.say(f"[{stage}] perceptual loss: {perceptual.name}; audio: {'whisper (frozen)' if cfg.whisper else 'MelEncoder'}")
     net = wrap(maybe_compile(model, cfg), generator_losses, run)
@@ -437,9 +437,9 @@ def stage_generator(run: Run, root, stage: str):
 
     train_loop(run, stage, modules, optims, steps, step_fn)
     if run.main:
-        syncnet_state = {"syncnet": load_syncnet(run).state_dict()} if os.path.exists(
-            run.path("syncnet.final")) else {}
-        export(model, os.path.join(cfg.out, "lipsync.pt"), extra=syncnet_state)
+        sync = run.path("syncnet.final")
+        extra = {"syncnet": torch.load(sync, map_location="cpu", weights_only=True)} if os.path.exists(sync) else {}
+        export(model, os.path.join(cfg.out, "lipsync.pt"), extra=extra)
         run.say(f"[{stage}] generator written to {os.path.join(cfg.out, 'lipsync.pt')}")
     return model
 
