@@ -34,7 +34,7 @@ def _windows(feats, first, frames, fps, left, right, total):
     n, lead = window_layout(fps, left, right)
     L, S, D = feats.shape
     starts = torch.floor(frames.double() * STEPS_PER_SECOND / fps).long() - lead
-    idx = starts[:, None] + torch.arange(n)  # (F, n) absolute steps
+    idx = (starts[:, None] + torch.arange(n)).to(feats.device)  # (F, n) absolute steps
     if S == 0:
         return feats.new_zeros(len(frames), n * L, D)
     rows = feats[:, (idx - first).clamp(0, S - 1)]  # (L, F, n, D)
