@@ -39,6 +39,30 @@ class Prepared:
     track_ms: float = 0.0  # tracker time per source frame
 
 
+def track_frames(frames, tracker, bar=None):
+    """Track every frame, then give frames without a face the nearest face's landmarks; closes the tracker.
+
+    Returns (landmarks (N, 68, 2) float32, face (N,) bool, tracker milliseconds per frame). Shared by prepare_clip
+    and inference (lipsync.pipeline).
+    """
+    spent = 0.0
+
+    def timed(frame):
+        nonlocal spent
+        t0 = time.perf_counter()
+        out = tracker(frame)
+        spent += time.perf_counter() - t0
+        return out
+
+    try:
+        raw, face = track_landmarks(frames, timed, bar)
+    finally:
+        tracker.close()
+    if len(face) == 0:
+        raise ValueError("no frames decoded")
+    return fill_missing(raw, face), face, 1000 * spent / len(face)
+
+
 def _write_meta(folder, meta):
     tmp = folder / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
@@ -72,24 +96,9 @@ def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=
     partial.mkdir(parents=True)
 
     # pass 1: landmarks for every source frame
-    spent = 0.0
-
-    def timed(frame):
-        nonlocal spent
-        t0 = time.perf_counter()
-        out = tracker(frame)
-        spent += time.perf_counter() - t0
-        return out
-
     expected = round(info.duration * info.fps) or None
     with tqdm(total=expected, desc=f"{name}: track", unit="frame", disable=not progress, leave=False) as bar:
-        try:
-            raw, face_src = track_landmarks(iter_frames(video), timed, bar)
-        finally:
-            tracker.close()
-    if len(face_src) == 0:
-        raise ValueError(f"{video}: no frames decoded")
-    landmarks_src = fill_missing(raw, face_src)
+        landmarks_src, face_src, track_ms = track_frames(iter_frames(video), tracker, bar)
 
     # source fps -> target fps, then boxes
     idx = resample_indices(len(face_src), info.fps, dst_fps)
@@ -119,7 +128,7 @@ def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=
         shutil.rmtree(final)
     os.rename(partial, final)
     return Prepared(final, n, int((~face).sum()), skipped=False, seconds=time.perf_counter() - start,
-                    track_ms=1000 * spent / len(face_src))
+                    track_ms=track_ms)
 
 
 # ----------------------------------------------------------------------------- CLI
