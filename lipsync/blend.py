@@ -1,0 +1,168 @@
+"""Paste a generated face crop back into its frame: a feathered lower-face mask from the landmarks + colour matching.
+
+MuseTalk blends through a BiSeNet face-parsing mask (skin + lips, below the midline of an expanded square, blurred;
+../shared/musetalk-notes.md §6.3). We build the mask from the 68 tracked landmarks instead, no network:
+- the area inside the jaw line (points 0-16), pulled in a little at the cheeks (the background behind the jaw stays
+  the source's) and let down below the chin (an opening mouth lowers the generated chin);
+- minus the nose, from the midline down to the nostrils;
+- only below the crop's horizontal midline (the nose point), the part the UNet saw masked;
+- feathered by a separable Gaussian truncated at radius r. The hard mask keeps r pixels away from the midline and the
+  crop's edges, so the soft mask is exactly 0 above the midline and outside the crop: there the output is the source
+  frame bit for bit.
+Colour: before blending, the generated pixels are shifted and scaled per channel so that their mean and standard
+deviation over the skin part of the mask (the mask minus a box around the mouth, whose content legitimately differs)
+match the source frame's. This removes the VAE's colour drift, so no seam shows where the mask fades out.
+
+`make_blend` precomputes a `Blend` per frame (avatars cache them); `paste` is the per-frame cost of the realtime loop:
+one resize of the crop and a few passes over the mask's rectangle.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .tracking import pixel_box
+
+JAW = slice(0, 17)
+NOSTRILS = slice(31, 36)
+LIPS = slice(48, 60)
+NOSE_POINT = 29
+
+
+@dataclass
+class Blend:
+    """Where and how one generated crop goes back into its frame."""
+
+    box: tuple  # (x0, y0, w, h): the integer pixel square the crop covers (tracking.pixel_box); may exceed the frame
+    rect: tuple  # (top, left, bottom, right) frame pixels: the mask's support, clipped to the frame
+    mask: np.ndarray  # float16 (bottom - top, right - left) in [0, 1]
+    mouth: tuple  # (top, left, bottom, right) within `mask`: left out of the colour statistics
+
+
+def gaussian_kernel(radius: int) -> torch.Tensor:
+    """Normalised 1-D Gaussian with sigma = radius / 3, truncated at +-radius: (2 radius + 1,)."""
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (3 * x / max(radius, 1)) ** 2)
+    return (k / k.sum()).float()
+
+
+def _band(n: int, kernel: torch.Tensor) -> torch.Tensor:
+    """(n, n) banded matrix that convolves a length-n signal with `kernel` (odd length), zero outside the signal."""
+    r = len(kernel) // 2
+    d = torch.arange(n)[None, :] - torch.arange(n)[:, None]
+    return torch.where(d.abs() <= r, kernel[(d + r).clamp(0, 2 * r)], 0.0)
+
+
+def feather(hard: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable Gaussian blur of a (h, w) mask, zero outside it: support grows by exactly `radius` pixels.
+
+    Two matrix products with banded matrices: on CPU far faster than a single-channel conv2d with a long kernel.
+    """
+    if radius < 1:
+        return hard
+    k = gaussian_kernel(radius)
+    h, w = hard.shape
+    return (_band(h, k) @ hard @ _band(w, k)).clamp(0, 1)
+
+
+def inside_polygon(poly: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Even-odd rule for the grid of pixel centres xs (w,) x ys (h,): polygon (K, 2) -> bool (h, w)."""
+    a, b = poly, np.roll(poly, -1, axis=0)  # edges a -> b
+    y = ys[:, None]  # (h, 1) against (K,) edges
+    crosses = (a[:, 1] <= y) != (b[:, 1] <= y)
+    t = (y - a[:, 1]) / np.where(a[:, 1] == b[:, 1], 1.0, b[:, 1] - a[:, 1])
+    x_cross = np.where(crosses, a[:, 0] + t * (b[:, 0] - a[:, 0]), np.inf)  # (h, K)
+    return (x_cross[:, None, :] < xs[None, :, None]).sum(-1) % 2 == 1
+
+
+def make_blend(landmarks, box, frame_size, feather_frac=0.06, cheek_inset=0.06, chin_drop=0.15) -> Blend:
+    """Landmarks (68, 2) and crop box (4,) in source pixels, frame (H, W) -> the frame's Blend.
+
+    feather_frac: blur radius as a fraction of the crop side. cheek_inset: the jaw line is pulled towards the face's
+    centre by this fraction of its half-width. chin_drop: points below the midline move down by this fraction of
+    their distance to it.
+    """
+    lm = np.asarray(landmarks, np.float64)
+    x0, y0, w, h = pixel_box(box)
+    r = max(1, round(feather_frac * h))
+    mid = h / 2  # the crop's midline in box coordinates (source pixel i spans [i, i + 1))
+    pts = lm - (x0, y0)
+
+    jaw = pts[JAW].copy()
+    cx = 0.5 * (jaw[:, 0].min() + jaw[:, 0].max())
+    jaw[:, 0] = cx + (jaw[:, 0] - cx) * (1 - cheek_inset)
+    below = jaw[:, 1] > mid
+    jaw[below, 1] = mid + (jaw[below, 1] - mid) * (1 + chin_drop)
+
+    # hard mask on the lower half of the box, r pixels clear of the midline and the box edges
+    top = int(np.ceil(mid))
+    xs, ys = np.arange(w) + 0.5, np.arange(top, h) + 0.5
+    hard = inside_polygon(jaw, xs, ys)
+    hard &= (ys[:, None] >= mid + r) & (ys[:, None] < h - r) & (xs >= r) & (xs < w - r)
+    nose = pts[NOSTRILS]
+    n_left, n_right = nose[:, 0].min() - r / 2, nose[:, 0].max() + r / 2
+    hard &= ~((ys[:, None] < nose[:, 1].max()) & (xs >= n_left) & (xs < n_right))
+    soft = feather(torch.from_numpy(hard.astype(np.float32)), r).numpy()  # (h - top, w)
+
+    # clip to the frame
+    H, W = frame_size
+    t, b = max(y0 + top, 0), min(y0 + h, H)
+    left, right = max(x0, 0), min(x0 + w, W)
+    if b <= t or right <= left:
+        return Blend((x0, y0, w, h), (0, 0, 0, 0), np.zeros((0, 0), np.float16), (0, 0, 0, 0))
+    mask = soft[t - y0 - top: b - y0 - top, left - x0: right - x0].astype(np.float16)
+
+    lips = lm[LIPS]
+    mw = lips[:, 0].max() - lips[:, 0].min()
+    mouth = (lips[:, 1].min() - 0.1 * mw - t, lips[:, 0].min() - 0.15 * mw - left,
+             lips[:, 1].max() + 0.6 * mw - t, lips[:, 0].max() + 0.15 * mw - left)
+    mouth = tuple(int(np.clip(round(v), 0, lim)) for v, lim in zip(mouth, mask.shape * 2))
+    return Blend((x0, y0, w, h), (t, left, b, right), mask, mouth)
+
+
+def match_colour(gen: torch.Tensor, src: torch.Tensor, weights: torch.Tensor, max_gain: float = 1.25,
+                 step: int = 2):
+    """Per-channel affine map of gen (h, w, 3) so that its weighted mean/std equal src's; weights (h, w) >= 0.
+
+    The statistics are taken on every `step`-th row and column (4x cheaper, same values to a fraction of a level).
+    """
+    g, s, wt = gen[::step, ::step], src[::step, ::step], weights[::step, ::step]
+    total = wt.sum()
+    if total < 1:
+        return gen
+    w = (wt / total)[..., None]
+    mg, ms = (w * g).sum((0, 1)), (w * s).sum((0, 1))  # (3,)
+    sg = (w * (g - mg) ** 2).sum((0, 1)).sqrt()
+    ss = (w * (s - ms) ** 2).sum((0, 1)).sqrt()
+    gain = (ss / sg.clamp_min(1.0)).clamp(1 / max_gain, max_gain)
+    return (gen - mg) * gain + ms
+
+
+def resize_crop(crop: np.ndarray, h: int, w: int) -> torch.Tensor:
+    """uint8 (S, S, 3) -> uint8 tensor (h, w, 3), antialiased bilinear (the inverse of tracking.crop_face)."""
+    x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None]
+    x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return x[0].permute(1, 2, 0)
+
+
+def paste(frame: np.ndarray, crop: np.ndarray, blend: Blend, colour: bool = True) -> np.ndarray:
+    """Source frame (H, W, 3) uint8 + generated crop (S, S, 3) uint8 -> new frame; pixels where the mask is 0 are
+    the source's exactly."""
+    out = np.array(frame)  # a copy, also of a read-only memmap
+    t, left, b, right = blend.rect
+    if b <= t:
+        return out
+    x0, y0, w, h = blend.box
+    gen = resize_crop(crop, h, w)[t - y0: b - y0, left - x0: right - x0].float()  # (b - t, right - left, 3)
+    src = torch.from_numpy(out[t:b, left:right]).float()
+    m = torch.from_numpy(blend.mask).float()
+    if colour:
+        skin = m.clone()
+        mt, ml, mb, mr = blend.mouth
+        skin[mt:mb, ml:mr] = 0
+        gen = match_colour(gen, src, skin)
+    mixed = src + m[..., None] * (gen - src)
+    out[t:b, left:right] = mixed.round_().clamp_(0, 255).to(torch.uint8).numpy()
+    return out
