@@ -1,0 +1,139 @@
+"""Evaluation metrics (lipsync.eval) on uint8 crops, mouth regions, audio activity and SyncNet offsets.
+
+- `psnr`: 10 log10(R^2 / MSE) over all elements, R = 255; +inf for identical inputs.
+- `mouth_metrics`: per-frame PSNR, SSIM and L1 inside each frame's mouth box (`lipsync.data.mouth_box` from lip
+  landmarks, snapped outwards to whole pixels). L1 is the mean |difference| / 255 (0..1). SSIM is
+  `lipsync.losses.ssim` on the box grown by half a window on each side, so the 'valid' SSIM map holds exactly one
+  value per window centre inside the box: the mean SSIM over the mouth region, even for boxes smaller than the
+  11 px window (mouths in 64 px crops are ~10 px wide).
+- `silence_masks`: per video frame, silent = audio RMS (40 ms around the frame) more than `threshold_db` below the
+  clip's 95th-percentile frame RMS, kept only in runs of >= `min_frames`; speech = at or above the threshold.
+- `lip_gap`: mouth opening from iBUG-68 inner-lip landmarks, as a fraction of the crop height.
+- `sync_score`: `lipsync.syncnet.sync_offsets` on a crop sequence: LSE-D/LSE-C-style numbers on OUR SyncNet's
+  scale (distances between unit embeddings, 0..2), comparable only between videos scored by the same SyncNet.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import mouth_box
+from .losses import ssim
+from .synthetic import frame_envelope
+from .syncnet import lower_half, sync_offsets
+
+SSIM_WINDOW = 11
+
+
+def pearson(x, y) -> float:
+    """Pearson r; 0 when either input is constant."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.std() == 0 or y.std() == 0:
+        return 0.0
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def psnr(x, y, data_range: float = 255.0) -> float:
+    """PSNR in dB of two same-shape arrays; +inf when they are identical."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"psnr needs equal shapes, got {x.shape} and {y.shape}")
+    mse = float(((x - y) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(data_range ** 2 / mse)
+
+
+def pixel_boxes(boxes, size: int) -> np.ndarray:
+    """Float boxes (N, 4) x1, y1, x2, y2 (pixel i spans [i, i+1)) -> the int boxes covering them, >= 1 px, clipped
+    to the crop."""
+    b = np.asarray(boxes, np.float64)
+    lo = np.clip(np.floor(b[:, :2]), 0, size - 1)
+    hi = np.clip(np.ceil(b[:, 2:]), lo + 1, size)
+    return np.concatenate([lo, hi], 1).astype(np.int64)
+
+
+def mouth_boxes(lips, size: int) -> np.ndarray:
+    """Lip landmarks (N, K, 2) in crop pixels -> int mouth boxes (N, 4) (data.mouth_box, snapped outwards)."""
+    return pixel_boxes(mouth_box(np.asarray(lips, np.float32), size), size)
+
+
+def region_ssim(x: np.ndarray, y: np.ndarray, box) -> float:
+    """Mean SSIM over window centres inside box (x1, y1, x2, y2) of two uint8 images (S, S, 3)."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    h = SSIM_WINDOW // 2
+    H, W = x.shape[:2]
+    # the window needs h pixels of context around each centre: replicate the edge where the crop ends
+    pad = ((h, h), (h, h), (0, 0))
+    xs, ys = np.pad(x, pad, mode="edge"), np.pad(y, pad, mode="edge")
+    sl = (slice(y1, y2 + 2 * h), slice(x1, x2 + 2 * h))
+    a, b = (torch.from_numpy(np.ascontiguousarray(v[sl])).permute(2, 0, 1)[None].float() for v in (xs, ys))
+    return float(ssim(a, b, data_range=255.0, window=SSIM_WINDOW))
+
+
+def mouth_metrics(pred, truth, boxes) -> dict:
+    """uint8 crops pred, truth (N, S, S, 3), int mouth boxes (N, 4) -> per-frame arrays psnr, ssim, l1 (N,)."""
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in shape")
+    out = {"psnr": [], "ssim": [], "l1": []}
+    for p, t, (x1, y1, x2, y2) in zip(pred, truth, boxes):
+        a, b = p[y1:y2, x1:x2].astype(np.float64), t[y1:y2, x1:x2].astype(np.float64)
+        out["psnr"].append(psnr(a, b))
+        out["l1"].append(float(np.abs(a - b).mean() / 255))
+        out["ssim"].append(region_ssim(p, t, (x1, y1, x2, y2)))
+    return {k: np.array(v, np.float64) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- audio activity and mouth opening
+
+
+def _runs_at_least(mask: np.ndarray, n: int) -> np.ndarray:
+    """Keep only the runs of True that are at least n long."""
+    out = np.zeros_like(mask)
+    start = None
+    for i, m in enumerate(np.append(mask, False)):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            if i - start >= n:
+                out[start:i] = True
+            start = None
+    return out
+
+
+def silence_masks(wave, n_frames: int, fps: float, threshold_db: float = -30.0, min_frames: int = 3):
+    """Per-frame (silent, speech) bool masks (n_frames,) and the frame RMS (module doc)."""
+    rms = frame_envelope(np.asarray(wave, np.float32), n_frames, fps).astype(np.float64)
+    ref = np.percentile(rms, 95) if len(rms) else 0.0
+    if ref <= 0:
+        return np.ones(n_frames, bool), np.zeros(n_frames, bool), rms
+    quiet = rms < ref * 10 ** (threshold_db / 20)
+    return _runs_at_least(quiet, min_frames), ~quiet, rms
+
+
+def lip_gap(landmarks, size: int) -> np.ndarray:
+    """iBUG-68 landmarks (N, 68, 2) in crop pixels -> inner-lip gap (mean of 61-67, 62-66, 63-65) / size, (N,)."""
+    lm = np.asarray(landmarks, np.float64)
+    gap = (lm[:, [67, 66, 65], 1] - lm[:, [61, 62, 63], 1]).mean(1)
+    return (np.clip(gap, 0, None) / size).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- SyncNet offsets
+
+
+def to_syncnet_frames(crops, size: int) -> torch.Tensor:
+    """uint8 crops (N, S, S, 3) -> lower halves (N, 3, size/2, size) in [-1, 1], resized when S != size."""
+    x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return lower_half(x)
+
+
+def sync_score(syncnet, crops, mel: torch.Tensor, max_offset: int = 15) -> dict:
+    """Crops (N, S, S, 3) uint8 and their log-mel (80, >= m N) -> {'offset', 'dist' (LSE-D-like), 'conf'
+    (LSE-C-like), 'dists' per offset}; on our SyncNet's scale (module doc)."""
+    frames = to_syncnet_frames(crops, syncnet.config.crop_size)
+    res = sync_offsets(syncnet, frames, mel, max_offset=max_offset)
+    return {"offset": res.best_offset, "dist": res.min_dist, "conf": res.confidence,
+            "dists": [round(float(d), 5) for d in res.dists]}
