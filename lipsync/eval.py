@@ -1,21 +1,51 @@
-"""Evaluation: does the generated mouth follow the audio?
+"""Evaluation: does the generated mouth follow the audio, and how close is it to the real frames?
 
-(a) synthetic held-out clips: Pearson r between the mouth opening measured in generated frames and the ground truth,
-next to the copy-the-reference baseline.
+Every evaluated clip is regenerated once, frame by frame, from its own audio: the model sees the frame's upper half
+(the lower half masked, as always) and a reference frame drawn (seeded) from the clip's first 80 %, at least
+MIN_GAP frames from the target. The last 20 % of frames are thus held out: neither their lower halves nor any
+reference comes from them. Four groups, each next to baselines:
+
+(a) synthetic held-out clips (ground-truth opening known): Pearson r between the mouth opening measured in the
+    generated frames and the true opening; the same for the copy-reference baseline (the reference frame as the
+    prediction) and for the real frames (the measurement's ceiling). A constant mean-mouth predictor has no r, so
+    L1 to the opening measured on the real frames is also given, with the mean-mouth predictor = the clip's mean
+    measured opening over its first 80 %.
+(b) the held-out last 20 %: mouth-region PSNR / SSIM / L1 against the real frames (lipsync.metrics), generated vs.
+    copy-reference. Real prepared clips come from --clip; without them the synthetic held-out clips are used.
+(c) sync: best audio offset in +-15 frames, distance there (LSE-D-like) and median minus minimum (LSE-C-like) from
+    OUR SyncNet (the one in the checkpoint), for generated, real and copy-reference video. The scale is our SyncNet's
+    only: not comparable with published LSE-C / LSE-D numbers.
+(d) silence: mean mouth opening on silent stretches (audio RMS below a threshold) vs. speech, generated, real and
+    copy-reference. Opening = dark-interior height on synthetic faces; mediapipe inner-lip gap on real clips.
+
+    python -m lipsync.eval --ckpt runs/tiny/lipsync.pt --data data/synthetic [--clip CLIP ...] --out results/eval
+
+Writes OUT/eval.json and OUT/heldout_strip.png (rows per clip: real, generated, copy-reference); pooling and printing
+live in lipsync/eval_report.py, the metric maths in lipsync/metrics.py. `synthetic_sync` is the quick check train.py
+runs at the end of training (references from anywhere in the clip).
 """
+
+import argparse
+import json
+import os
+import zlib
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
-from .data import MIN_GAP, load_clip
+from . import metrics
+from .eval_report import SCALE_NOTE, clip_record, print_report, strip_image, summarise, to_json
+from .data import MIN_GAP, list_clips, load_clip
+from .melspec import log_mel
+from .metrics import pearson
 from .synthetic import measure_opening
+from .syncnet import SyncNet, SyncNetConfig
+from .tracking import to_crop_coords
 
-
-def pearson(x, y) -> float:
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if x.std() == 0 or y.std() == 0:
-        return 0.0
-    return float(np.corrcoef(x, y)[0, 1])
+STRIP_FRAMES = 8  # held-out frames per clip in the PNG strip
 
 
 def far_references(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -24,18 +54,39 @@ def far_references(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.array([rng.choice(frames[np.abs(frames - f) >= MIN_GAP]) for f in frames])
 
 
+def holdout_references(n: int, cut: int, face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """For each of n frames, a frame drawn uniformly from the face frames in [0, cut), at least MIN_GAP away
+    (the farthest such frame when none is far enough)."""
+    pool = np.flatnonzero(face[:cut])
+    if len(pool) == 0:
+        raise ValueError(f"no frame with a face in the first {cut} frames to use as reference")
+    refs = np.empty(n, np.int64)
+    for f in range(n):
+        far = pool[np.abs(pool - f) >= MIN_GAP]
+        refs[f] = rng.choice(far) if len(far) else pool[np.argmax(np.abs(pool - f))]
+    return refs
+
+
 @torch.no_grad()
+def generate(model, crops, targets, refs, tokens, batch_size: int = 32, bar=None) -> np.ndarray:
+    """crops (N, S, S, 3) uint8; targets, refs (K,) frame indices; tokens (K, n L, D) -> generated uint8 (K, S, S, 3).
+    Only the targets' upper halves reach the model."""
+    p = next(model.unet.parameters())
+    out = []
+    for i in range(0, len(targets), batch_size):
+        sl = slice(i, min(len(targets), i + batch_size))
+        unet_in = model.face.unet_input(np.asarray(crops[targets[sl]]), np.asarray(crops[refs[sl]]))
+        out.append(model.face.decode_uint8(model.predict_latents(unet_in, tokens[sl].to(p.device, p.dtype))))
+        if bar is not None:
+            bar.update(sl.stop - sl.start)
+    return np.concatenate(out)
+
+
 def generate_clip(model, clip, refs: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Regenerate every frame of a prepared clip from its own audio -> uint8 crops (N, S, S, 3)."""
     n = len(clip)
     tokens = model.tokens_from_wave(clip.wave, n, clip.fps)
-    p = next(model.unet.parameters())
-    out = []
-    for i in range(0, n, batch_size):
-        sl = slice(i, min(n, i + batch_size))
-        unet_in = model.face.unet_input(np.asarray(clip.crops[sl]), np.asarray(clip.crops[refs[sl]]))
-        out.append(model.face.decode_uint8(model.predict_latents(unet_in, tokens[sl].to(p.device, p.dtype))))
-    return np.concatenate(out)
+    return generate(model, clip.crops, np.arange(n), refs, tokens, batch_size)
 
 
 def synthetic_sync(model, clip_dirs, seed: int = 0, max_frames: int | None = None):
@@ -47,12 +98,238 @@ def synthetic_sync(model, clip_dirs, seed: int = 0, max_frames: int | None = Non
             continue
         n = len(clip) if max_frames is None else min(len(clip), max_frames)
         rng = np.random.default_rng([seed, len(truth)])
-        refs = far_references(len(clip), rng)
-        frames = generate_clip(model, clip, refs)[:n]
-        gen.append(measure_opening(frames))
-        ref.append(measure_opening(np.asarray(clip.crops[refs[:n]])))
+        refs = far_references(len(clip), rng)[:n]
+        tokens = model.tokens_from_wave(clip.wave, len(clip), clip.fps)[:n]
+        gen.append(measure_opening(generate(model, clip.crops, np.arange(n), refs, tokens)))
+        ref.append(measure_opening(np.asarray(clip.crops[refs])))
         truth.append(clip.truth["opening"][:n])
     if not truth:
         return None
     g, r, t = np.concatenate(gen), np.concatenate(ref), np.concatenate(truth)
     return {"r": pearson(g, t), "r_reference": pearson(r, t), "clips": len(truth), "frames": int(len(t))}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _tuples(v):
+    return tuple(_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def syncnet_from_entry(entry, where: str) -> SyncNet:
+    """A checkpoint's SyncNet: {"config": dict, "state": state dict} (train.py's layout) or a bare state dict
+    (then the tiny or default preset whose shapes fit)."""
+    if isinstance(entry, dict) and "state" in entry and "config" in entry:
+        net = SyncNet(SyncNetConfig(**{k: _tuples(v) for k, v in entry["config"].items()}))
+        net.load_state_dict(entry["state"])
+        return net.eval().requires_grad_(False)
+    for cfg in (SyncNetConfig.tiny(), SyncNetConfig()):
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in SyncNet(cfg).state_dict().items()}
+        if shapes.keys() == entry.keys() and all(shapes[k] == entry[k].shape for k in shapes):
+            net = SyncNet(cfg)
+            net.load_state_dict(entry)
+            return net.eval().requires_grad_(False)
+    raise ValueError(f"{where}: SyncNet weights fit neither the tiny nor the default config and carry no config")
+
+
+def load_syncnet(path: str) -> SyncNet | None:
+    """SyncNet from a lipsync.pt (its "syncnet" entry) or a syncnet.final.pt; None when the file holds none."""
+    if not os.path.isfile(path):
+        raise ValueError(f"SyncNet file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot read {path}: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not a checkpoint dict")
+    entry = obj.get("syncnet") if "format" in obj else obj
+    return None if entry is None else syncnet_from_entry(entry, path)
+
+
+def eval_clip_dirs(data, clips, split="val") -> list[Path]:
+    """Clip dirs to evaluate: the `split` clips of `data` (all with split='all') followed by each --clip."""
+    out = []
+    if data:
+        if not os.path.isdir(data):
+            raise SystemExit(f"--data {data}: no such directory")
+        out = list_clips(data, None if split == "all" else split)
+        if not out:
+            raise SystemExit(f"no complete {split!r} clips in {data} (prepared clips have a meta.json; "
+                             f"--split all evaluates every clip)")
+    for c in clips or []:
+        if not (Path(c) / "meta.json").exists():
+            raise SystemExit(f"--clip {c}: not a complete prepared clip (no meta.json; see python -m lipsync.prepare)")
+        out.append(Path(c))
+    return out
+
+
+# ----------------------------------------------------------------------------- one clip
+
+
+def model_crops(clip, n: int, size: int) -> np.ndarray:
+    """The clip's first n crops at the model's crop size, uint8 (n, size, size, 3)."""
+    crops = np.array(clip.crops[:n])
+    if crops.shape[1] == size:
+        return crops
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+def mouth_opening(crops, synthetic: bool):
+    """Opening per frame (fraction of crop height; NaN where unmeasurable) or None when no measure is available."""
+    if synthetic:
+        return measure_opening(crops)
+    from .tracking import MediapipeMissing, MeshTracker, track_landmarks
+    try:
+        tracker = MeshTracker()
+    except MediapipeMissing:
+        return None
+    try:
+        lm, face = track_landmarks(crops, tracker)
+    finally:
+        tracker.close()
+    out = np.full(len(crops), np.nan, np.float32)
+    out[face] = metrics.lip_gap(lm[face], crops.shape[1])
+    return out
+
+
+def evaluate_clip(model, syncnet, clip, *, seed=0, holdout=0.2, max_frames=0, batch_size=32, silence_db=-30.0,
+                  bar=None) -> dict:
+    """Regenerate one clip and measure it -> dict of per-clip results and the per-frame arrays for pooling."""
+    S = model.crop_size
+    n = len(clip) if not max_frames else min(len(clip), max_frames)
+    cut = n - max(1, round(holdout * n))
+    if cut < 1:
+        raise ValueError(f"{clip.name}: {n} frames are too few to hold out {holdout:.0%}")
+    synthetic = clip.meta.get("tracker") == "synthetic"
+    rng = np.random.default_rng([seed, zlib.crc32(clip.name.encode())])
+    refs = holdout_references(n, cut, clip.face[:n], rng)
+    crops = model_crops(clip, n, S)
+    tokens = model.tokens_from_wave(clip.wave, len(clip), clip.fps)[:n]
+    gen = generate(model, crops, np.arange(n), refs, tokens, batch_size, bar)
+    videos = {"generated": gen, "ground_truth": crops, "copy_reference": crops[refs]}
+    res = {"name": clip.name, "path": str(clip.path), "kind": "synthetic" if synthetic else "real", "frames": n,
+           "heldout_from": cut, "fps": clip.fps}
+
+    # (a) opening vs. the true opening
+    opening = {k: mouth_opening(v, synthetic) for k, v in videos.items()}
+    if clip.truth is not None and synthetic:
+        res["a"] = {"truth": clip.truth["opening"][:n].astype(np.float64), **opening,
+                    "mean_mouth": np.full(n, float(np.mean(opening["ground_truth"][:cut])))}
+
+    # (b) held-out tail, mouth region, frames with a face
+    tail = np.arange(cut, n)[clip.face[cut:n]]
+    lips = to_crop_coords(clip.landmarks[tail, 48:68], clip.boxes[tail], S)
+    boxes = metrics.mouth_boxes(lips, S)
+    res["b"] = {k: metrics.mouth_metrics(videos[k][tail], crops[tail], boxes) for k in ("generated", "copy_reference")}
+    pick = cut + np.unique(np.linspace(0, n - cut - 1, STRIP_FRAMES).round().astype(int))
+    res["strip"] = {k: v[pick] for k, v in videos.items()}
+
+    # (c) sync offsets
+    res["c"] = None
+    if syncnet is not None:
+        c = syncnet.config
+        if abs(clip.fps * c.mel_per_frame - 100) > 1e-3:
+            rate = 100 / c.mel_per_frame
+            res["c_skipped"] = (f"our SyncNet reads {rate:g} fps video ({c.mel_per_frame} mel frames per frame); this "
+                                f"clip is {clip.fps:g} fps (re-prepare it with --fps {rate:g})")
+        elif n < c.n_frames + 1:
+            res["c_skipped"] = f"{n} frames: too short for {c.n_frames}-frame SyncNet windows"
+        else:
+            mel = log_mel(clip.wave, dynamic_floor=False)
+            need = c.mel_per_frame * n
+            if mel.shape[1] < need:
+                mel = F.pad(mel, (0, need - mel.shape[1]), value=float(mel.min()))
+            res["c"] = {k: metrics.sync_score(syncnet, v, mel[:, :need]) for k, v in videos.items()}
+
+    # (d) silence vs. speech
+    silent, speech, _ = metrics.silence_masks(clip.wave.numpy(), n, clip.fps, silence_db)
+    res["d"] = None if opening["generated"] is None else {"silent": silent, "speech": speech, **opening}
+    return res
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m lipsync.eval", description=__doc__.split("\n\n")[0],
+                                epilog="Groups (a)-(d) are described in the module docstring.")
+    p.add_argument("--ckpt", required=True, help="our checkpoint (lipsync.pt from train.py)")
+    p.add_argument("--data", help="folder of prepared clips; its held-out ('val') clips are evaluated")
+    p.add_argument("--clip", action="append", default=[], help="a prepared (real) clip folder; repeatable")
+    p.add_argument("--out", default="results/eval")
+    p.add_argument("--split", default="val", choices=("val", "train", "all"), help="which clips of --data")
+    p.add_argument("--syncnet", help="SyncNet file (default: the checkpoint's 'syncnet' entry)")
+    p.add_argument("--whisper", help="whisper-tiny folder, for checkpoints trained on whisper features")
+    p.add_argument("--holdout", type=float, default=0.2, help="fraction of each clip's frames held out at its end")
+    p.add_argument("--max-frames", type=int, default=1500, help="evaluate at most this many frames per clip (0 = all)")
+    p.add_argument("--max-clips", type=int, default=0, help="at most this many clips (0 = all)")
+    p.add_argument("--silence-db", type=float, default=-30.0, help="silent: frame RMS this far below the clip's p95")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    args = p.parse_args(argv)
+    if not 0 < args.holdout < 1:
+        p.error("--holdout must be in (0, 1)")
+
+    data = args.data
+    if data is None and not args.clip:
+        if not os.path.isdir("data/synthetic"):
+            p.error("give --data (prepared clips, e.g. data/synthetic) and/or --clip")
+        data = "data/synthetic"
+    dirs = eval_clip_dirs(data, args.clip, args.split)
+    if args.max_clips:
+        dirs = dirs[:args.max_clips]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+
+    from .model import load_lipsync
+    from .weights import CheckpointError
+    try:
+        model = load_lipsync(args.ckpt, device, whisper=args.whisper)
+        syncnet = load_syncnet(args.syncnet or args.ckpt)
+    except (CheckpointError, ValueError, KeyError) as e:
+        raise SystemExit(f"cannot load: {e}") from None
+    if syncnet is None:
+        print(f"note: {args.syncnet or args.ckpt} holds no SyncNet: group (c) is skipped (pass --syncnet FILE)")
+    else:
+        syncnet = syncnet.to(device)
+
+    clips = [load_clip(d) for d in dirs]
+    total = sum(len(c) if not args.max_frames else min(len(c), args.max_frames) for c in clips)
+    print(f"evaluating {len(clips)} clips ({total} frames) with {args.ckpt} on {device}")
+    results = []
+    with tqdm(total=total, desc="regenerating", unit="frame") as bar:
+        for clip in clips:
+            try:
+                results.append(evaluate_clip(model, syncnet, clip, seed=args.seed, holdout=args.holdout,
+                                             max_frames=args.max_frames, batch_size=args.batch_size,
+                                             silence_db=args.silence_db, bar=bar))
+            except ValueError as e:
+                tqdm.write(f"skipping {clip.path}: {e}")
+    if not results:
+        raise SystemExit("no clip could be evaluated")
+
+    summary = summarise(results)
+    print_report(summary, args.holdout)
+    os.makedirs(args.out, exist_ok=True)
+    report = {"checkpoint": args.ckpt, "data": data, "clips_given": args.clip, "seed": args.seed,
+              "holdout": args.holdout, "silence_db": args.silence_db, "device": device,
+              "units": {"opening": "fraction of crop height", "psnr": "dB, uint8 range", "l1": "mean |diff| / 255",
+                        "ssim": "mean over window centres in the mouth box", "sync": SCALE_NOTE},
+              "summary": summary, "per_clip": [clip_record(r) for r in results]}
+    json_path, png_path = os.path.join(args.out, "eval.json"), os.path.join(args.out, "heldout_strip.png")
+    with open(json_path, "w") as f:
+        json.dump(to_json(report), f, indent=1)
+    import imageio.v3 as iio
+    iio.imwrite(png_path, strip_image(results))
+    print(f"\nwrote {json_path} and {png_path} (rows per clip: real, generated, copy-reference)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
