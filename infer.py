@@ -1,0 +1,258 @@
+"""Lip-sync a video or a still image to speech and write an mp4 with the sound.
+
+    python infer.py                                   # the bundled demo -> results/demo.mp4
+    python infer.py --video talk.mp4 --audio speech.wav [--ckpt model.pt] [--out out.mp4]
+    python infer.py --image face.png --audio speech.mp3 --fps 25
+    python infer.py --video talk.mp4 --audio speech.wav --unet musetalkV15/unet.pth --vae sd-vae --whisper whisper
+    python infer.py --prepare-avatar talk.mp4 --avatar avatars/talk   # cache everything audio-independent, once
+    python infer.py --avatar avatars/talk --audio speech.wav          # then only audio + UNet + decode + blend
+
+The output has the input's resolution and frame rate and the audio's length (floor(seconds * fps) frames; the source
+plays forward and backward when the audio is longer), h264 + aac, written to a temp file and renamed when complete.
+Faces are tracked with mediapipe, or the fixed --bbox box; a precomputed track `<video>.track.npz` (or
+`<stem>.track.npz`) beside the input, as written by lipsync.prepare (landmarks, face, boxes), is used instead of
+tracking when present. Frames without a face pass through unchanged. Bad inputs stop with one line on stderr and a
+non-zero exit code before anything is written.
+"""
+
+import argparse
+import itertools
+import math
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lipsync.audio import load_audio
+from lipsync.model import from_published, load_lipsync
+from lipsync.pipeline import generate, load_avatar, prepare_avatar, read_track, save_avatar, track_file, track_frames
+from lipsync.tracking import BoxTracker, MeshTracker, parse_bbox
+from lipsync.video import SAMPLE_RATE, iter_frames, read_image, resample_indices, video_info, write_video
+
+DEMO = {"video": "assets/demo.mp4", "audio": "assets/demo.wav", "ckpt": "assets/demo.pt", "out": "results/demo.mp4"}
+MIN_AUDIO_SECONDS = 0.5
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+
+
+class InputError(ValueError):
+    """A bad input or option: reported as one line, exit code 1."""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--video", help=f"talking-head video (default {DEMO['video']})")
+    src.add_argument("--image", help="still image (jpg/png, RGBA or grey too); becomes a video at --fps")
+    p.add_argument("--audio", help=f"speech: wav/mp3/flac/... or a video with sound (default {DEMO['audio']})")
+    p.add_argument("--out", help="output .mp4 (default results/<video>_<audio>.mp4)")
+    p.add_argument("--ckpt", help=f"our checkpoint from train.py (default {DEMO['ckpt']})")
+    p.add_argument("--unet", help="official MuseTalk UNet (unet.pth / pytorch_model.bin or its folder)")
+    p.add_argument("--vae", help="sd-vae-ft-mse folder or file")
+    p.add_argument("--whisper", help="whisper-tiny folder (with --unet/--vae, or a checkpoint trained on whisper)")
+    p.add_argument("--bbox-shift", type=float, default=0.0, help="move the crop's midline from the nose point, "
+                   "in source pixels (+ = down: the mouth opens more, - = up: more appearance detail)")
+    p.add_argument("--bbox", help="fixed face box x1,y1,x2,y2 (brows to chin, jaw side to side) for every frame "
+                   "instead of mediapipe tracking")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--fps", type=float, help="frame rate for --image (default 25); with a video, resample to it")
+    p.add_argument("--crf", type=int, default=15, help="x264 quality (lower = better, bigger file)")
+    p.add_argument("--prepare-avatar", metavar="VIDEO", help="prepare (and save to --avatar) a reusable avatar")
+    p.add_argument("--avatar", metavar="DIR", help="prepared avatar folder: with --audio, generate from it")
+    return p.parse_args(argv)
+
+
+def _need_file(path, what, default=False):
+    if not Path(path).is_file():
+        hint = " (the bundled demo file; pass your own inputs or see the README)" if default else ""
+        raise InputError(f"{what} not found: {path}{hint}")
+
+
+def _check_writable(folder):
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise InputError(f"cannot write to {folder}/: {err.strerror or err}") from None
+
+
+def resolve(args):
+    """Fill in defaults and check that every input exists and the output can be written (cheap checks first)."""
+    args.media = args.prepare_avatar or args.video or args.image
+    args.generating = not args.prepare_avatar or args.audio is not None
+    if args.prepare_avatar and not args.avatar:
+        raise InputError("--prepare-avatar needs --avatar DIR (where to save it)")
+    if args.avatar and not args.prepare_avatar and (args.video or args.image):
+        raise InputError("--avatar DIR already holds the video: drop --video/--image (or re-prepare with "
+                         "--prepare-avatar)")
+    demo = not (args.media or args.avatar)
+    if demo:
+        args.video = args.media = DEMO["video"]
+    args.is_image = bool(args.image) or (args.prepare_avatar is not None
+                                         and Path(args.prepare_avatar).suffix.lower() in IMAGE_SUFFIXES)
+    published = [args.unet, args.vae]
+    if any(published) and not (all(published) and args.whisper):
+        raise InputError("official weights need all three: --unet, --vae and --whisper")
+    if any(published) and args.ckpt:
+        raise InputError("use either --ckpt or --unet/--vae/--whisper")
+    if not any(published):
+        args.ckpt = args.ckpt or DEMO["ckpt"]
+        _need_file(args.ckpt, "checkpoint", default=args.ckpt == DEMO["ckpt"])
+    if args.generating:
+        args.audio = args.audio or DEMO["audio"]
+        _need_file(args.audio, "audio file", default=args.audio == DEMO["audio"])
+    if args.media:
+        _need_file(args.media, "image" if args.is_image else "video", default=args.media == DEMO["video"])
+    if args.avatar and not args.prepare_avatar and not (Path(args.avatar) / "avatar_info.json").is_file():
+        raise InputError(f"{args.avatar} is not a prepared avatar (make it with --prepare-avatar VIDEO --avatar DIR)")
+    if args.bbox:
+        args.bbox = parse_bbox(args.bbox)
+    if args.batch_size < 1:
+        raise InputError("--batch-size must be >= 1")
+    if args.generating:
+        if args.out is None:
+            name = Path(args.avatar).name if args.avatar else Path(args.media).stem
+            args.out = DEMO["out"] if demo and args.audio == DEMO["audio"] else \
+                f"results/{name}_{Path(args.audio).stem}.mp4"
+        if Path(args.out).suffix.lower() != ".mp4":
+            raise InputError(f"--out must end in .mp4: {args.out}")
+        _check_writable(Path(args.out).parent)
+    if args.prepare_avatar:
+        _check_writable(Path(args.avatar).parent)
+    return args
+
+
+def pick_device(args):
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    name = args.dtype if args.dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def read_audio(path):
+    wave = load_audio(path)
+    seconds = len(wave) / SAMPLE_RATE
+    if seconds < MIN_AUDIO_SECONDS:
+        raise InputError(f"{path} is {seconds:.2f} s long; need at least {MIN_AUDIO_SECONDS} s of audio")
+    return wave, seconds
+
+
+def read_media(args, limit=None):
+    """(frames (N, H, W, 3) uint8, fps, source indices into the file's frames, frames read, read to the end)."""
+    if args.is_image:
+        return read_image(args.media)[None], args.fps or 25.0, np.zeros(1, np.int64), 1, True
+    info = video_info(args.media)
+    if info.fps <= 0:
+        raise InputError(f"{args.media} has no video stream")
+    fps = args.fps or info.fps
+    need = None if limit is None else math.floor((limit - 1) * info.fps / fps + 0.5) + 2
+    src = list(itertools.islice(iter_frames(args.media), need))
+    if len(src) < 2:
+        raise InputError(f"{args.media} has {len(src)} frame(s); pass a still picture as --image (with --fps)")
+    idx = resample_indices(len(src), info.fps, fps) if args.fps else np.arange(len(src))
+    idx = idx[:limit]
+    return np.stack(src)[idx], fps, idx, len(src), need is None or len(src) < need
+
+
+def face_track(args, frames, idx, n_read, complete):
+    """--bbox, else a track file beside the input, else mediapipe."""
+    if args.bbox:
+        return track_frames(frames, BoxTracker(args.bbox), args.bbox_shift)
+    path = track_file(args.media)
+    if path is not None:
+        track = read_track(path, args.bbox_shift)
+        if len(track) < n_read or (complete and len(track) != n_read):
+            raise InputError(f"{path} has {len(track)} frames but {args.media} has {n_read}"
+                             f"{'' if complete else ' or more'}")
+        return track.select(idx)
+    with native_stderr_silenced() as stderr:
+        tracker = MeshTracker()
+        with tqdm(total=len(frames), desc="track faces", unit="frame", disable=None, leave=False, file=stderr) as bar:
+            return track_frames(frames, tracker, args.bbox_shift, bar=bar)
+
+
+@contextmanager
+def native_stderr_silenced():
+    """Point fd 2 at /dev/null (mediapipe's C++ start-up logs) and yield a stream to the real stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    stream = os.fdopen(os.dup(saved), "w")
+    try:
+        yield stream
+    finally:
+        stream.close()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def load_model(args, device, dtype):
+    if args.unet:
+        return from_published(args.unet, args.vae, args.whisper, device, dtype)
+    return load_lipsync(args.ckpt, device, dtype, whisper=args.whisper)
+
+
+def build_avatar(args, model, limit=None):
+    frames, fps, idx, n_read, complete = read_media(args, limit)
+    track = face_track(args, frames, idx, n_read, complete)
+    with tqdm(total=int(track.face.sum()), desc="prepare", unit="frame", disable=None, leave=False) as bar:
+        return prepare_avatar(frames, fps, track, model, args.batch_size, source=args.media, bar=bar)
+
+
+def run(args):
+    args = resolve(args)
+    device, dtype = pick_device(args)
+    wave = seconds = None
+    if args.generating:
+        wave, seconds = read_audio(args.audio)
+    fps = None
+    if args.media:
+        fps = args.fps or (25.0 if args.is_image else video_info(args.media).fps)
+        if fps <= 0:
+            raise InputError(f"{args.media} has no video stream")
+        if seconds is not None and math.floor(seconds * fps) < 2:
+            raise InputError(f"{args.audio} lasts under two frames at {fps:g} fps")
+    model = load_model(args, device, dtype)
+    start = time.perf_counter()
+    if args.prepare_avatar:
+        avatar = build_avatar(args, model)
+        save_avatar(avatar, args.avatar)
+        print(f"avatar: {len(avatar)} frames -> {args.avatar}")
+    elif args.avatar:
+        avatar = load_avatar(args.avatar, model)
+    else:
+        avatar = build_avatar(args, model, limit=math.floor(seconds * fps))
+    if not args.generating:
+        return
+    n = math.floor(seconds * avatar.fps)
+    tokens = model.tokens_from_wave(wave, n, avatar.fps)
+    frames = tqdm(generate(model, avatar, tokens, args.batch_size), total=n, desc="lip-sync", unit="frame",
+                  disable=None, leave=False)
+    write_video(args.out, frames, avatar.fps, audio=args.audio, crf=args.crf)
+    took = time.perf_counter() - start
+    print(f"wrote {args.out}: {n} frames at {avatar.fps:g} fps ({seconds:.2f} s) in {took:.1f} s")
+
+
+def main(argv=None):
+    try:
+        run(parse_args(argv))
+    except (OSError, ValueError, RuntimeError, ImportError) as err:  # ImportError: mediapipe's install hint
+        print(f"error: {' '.join(str(err).split())[:600]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+import itertools
+import re
+import subprocess
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+import infer
+from lipsync import pipeline as P
+from lipsync.mel_encoder import MelEncoderConfig
+from lipsync.model import build, export
+from lipsync.tracking import INSTALL_HINT, BoxTracker, MediapipeMissing, crop_box, parse_bbox, pixel_box
+from lipsync.tracking import template_landmarks
+from lipsync.unet import UNetConfig
+from lipsync.vae import VAEConfig
+from lipsync.video import ffmpeg_exe, iter_frames, read_video, write_video
+
+MEDIA = "/work/shared/media"
+BBOX = "55,78,115,131"  # brows-to-chin box of the face in yongen.mp4 scaled to 176 x 304
+FPS = 25.0
+PING_PONG = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0]  # 25 frames from 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The test box is shared; a single thread avoids oversubscription stalls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(seed):
+    torch.manual_seed(seed)
+    return build(UNetConfig.tiny(), VAEConfig.tiny(), MelEncoderConfig.tiny(), 64).eval()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A random tiny checkpoint, a 12-frame talking-head clip (silent) and 1 s of speech."""
+    d = tmp_path_factory.mktemp("infer")
+    model = tiny_model(0)
+    export(model, d / "tiny.pt")
+    frames = np.stack(list(itertools.islice(iter_frames(f"{MEDIA}/yongen.mp4"), 12)))
+    x = F.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2), size=(304, 176), mode="bilinear",
+                      antialias=True)
+    write_video(d / "clip.mp4", x.permute(0, 2, 3, 1).contiguous().numpy(), FPS)
+    wave, sr = sf.read(f"{MEDIA}/eng.wav", dtype="float32")
+    sf.write(d / "speech.wav", wave[3 * sr: 4 * sr], sr)  # 1.0 s -> 25 frames: the 12 frames ping-pong
+    sf.write(d / "short.wav", wave[3 * sr: 3 * sr + sr // 5], sr)  # 0.2 s
+    clip, _ = read_video(d / "clip.mp4")
+    return {"dir": d, "model": model, "ckpt": d / "tiny.pt", "video": d / "clip.mp4", "audio": d / "speech.wav",
+            "short": d / "short.wav", "frames": clip, "wave": torch.from_numpy(wave[3 * sr: 4 * sr])}
+
+
+@pytest.fixture(scope="module")
+def avatar(files):
+    track = P.track_frames(files["frames"], BoxTracker(parse_bbox(BBOX)))
+    return P.prepare_avatar(files["frames"], FPS, track, files["model"], batch_size=8)
+
+
+def run_cli(argv, capsys):
+    code = infer.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def probe(path):
+    return subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True).stderr
+
+
+def psnr(a, b):
+    return 10 * np.log10(255.0 ** 2 / np.mean((a.astype(np.float64) - b) ** 2))
+
+
+def whole_mask(avatar, i):
+    m = np.zeros(avatar.frames.shape[1:3], np.float32)
+    t, left, b, r = avatar.blends[i].rect
+    m[t:b, left:r] = avatar.blends[i].mask
+    return m
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_cli_writes_h264_aac_at_source_size_and_fps_with_the_audio_length_and_ping_pong(files, capsys):
+    out = files["dir"] / "out" / "dubbed.mp4"
+    code, err = run_cli(["--video", files["video"], "--audio", files["audio"], "--ckpt", files["ckpt"],
+                         "--bbox", BBOX, "--out", out], capsys)
+    assert code == 0, err
+    text = probe(out)
+    streams = [s for s in text.splitlines() if "Stream #" in s]
+    assert len(streams) == 2
+    assert sum(" Video: h264" in s for s in streams) == 1 and sum(" Audio: aac" in s for s in streams) == 1
+    assert " 176x304" in text and " 25 fps" in text
+    h, m, s = re.search(r"Duration: (\d+):(\d+):([0-9.]+)", text).groups()
+    assert abs(float(s) - 1.0) <= 1 / FPS
+
+    frames, fps = read_video(out)
+    assert fps == FPS and frames.shape == (25, 304, 176, 3)  # floor(1.0 s * 25 fps)
+    src = files["frames"]
+    lm = template_landmarks(parse_bbox(BBOX))
+    x0, y0, w, h = pixel_box(crop_box(lm))
+    keep = np.ones(frames.shape[1:3], bool)
+    keep[y0 + h // 2: y0 + h, x0: x0 + w] = False  # everything but the lower half of the face box
+    for i, j in enumerate(PING_PONG):  # h264 both ways: >= 40 dB in every frame, not only on average
+        assert psnr(frames[i][keep], src[j][keep]) >= 40.0, i
+
+
+def test_still_image_becomes_a_video_at_the_requested_fps(files, capsys, tmp_path):
+    import imageio.v3 as iio
+    rgba = np.concatenate([files["frames"][0], np.full((304, 176, 1), 255, np.uint8)], axis=2)
+    iio.imwrite(tmp_path / "face.png", rgba)
+    out = tmp_path / "still.mp4"
+    code, err = run_cli(["--image", tmp_path / "face.png", "--audio", files["audio"], "--ckpt", files["ckpt"],
+                         "--bbox", BBOX, "--fps", 10, "--out", out], capsys)
+    assert code == 0, err
+    frames, fps = read_video(out)
+    assert fps == 10 and frames.shape == (10, 304, 176, 3)
+
+
+def test_avatar_mode_prepares_once_then_dubs_from_the_cache(files, capsys, tmp_path):
+    avatar_dir = tmp_path / "avatars" / "clip"
+    code, err = run_cli(["--prepare-avatar", files["video"], "--avatar", avatar_dir, "--ckpt", files["ckpt"],
+                         "--bbox", BBOX], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in avatar_dir.parent.iterdir()) == ["clip"]  # no .partial left
+    out = tmp_path / "from_avatar.mp4"
+    code, err = run_cli(["--avatar", avatar_dir, "--audio", files["audio"], "--ckpt", files["ckpt"], "--out", out],
+                        capsys)
+    assert code == 0, err
+    assert read_video(out)[0].shape == (25, 304, 176, 3)
+
+
+def test_a_track_file_beside_the_video_replaces_face_tracking(files, capsys, tmp_path, monkeypatch):
+    video = tmp_path / "tracked.mp4"
+    video.write_bytes(files["video"].read_bytes())
+    lm = np.repeat(template_landmarks(parse_bbox(BBOX))[None], 12, axis=0)
+    np.savez(tmp_path / "tracked.mp4.track.npz", landmarks=lm, face=np.ones(12, bool), boxes=crop_box(lm))
+
+    def no_mediapipe():
+        raise AssertionError("tracker must not run when a track file is present")
+    monkeypatch.setattr(infer, "MeshTracker", no_mediapipe)
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["--video", video, "--audio", files["audio"], "--ckpt", files["ckpt"]], capsys)
+    assert code == 0, err
+    assert read_video(tmp_path / "results" / "tracked_speech.mp4")[0].shape == (25, 304, 176, 3)  # default --out
+
+
+# ----------------------------------------------------------------------------- the generator API
+
+
+def test_generated_frames_equal_their_ping_pong_source_exactly_outside_the_blend_mask(files, avatar):
+    model = files["model"]
+    tokens = model.tokens_from_wave(files["wave"], 25, FPS)
+    frames = list(P.generate(model, avatar, tokens, batch_size=5))
+    assert len(frames) == 25
+    for frame, j in zip(frames, PING_PONG):
+        outside = whole_mask(avatar, j) == 0
+        assert np.array_equal(frame[outside], files["frames"][j][outside])
+        assert not np.array_equal(frame, files["frames"][j])  # the lower face was regenerated
+
+
+def test_frames_without_a_face_pass_through_unchanged(files):
+    model = files["model"]
+    track = P.track_frames(files["frames"], BoxTracker(parse_bbox(BBOX)))
+    track.face[[2, 3, 7]] = False
+    av = P.prepare_avatar(files["frames"], FPS, track, model)
+    frames = list(P.generate(model, av, model.tokens_from_wave(files["wave"], 10, FPS), batch_size=4))
+    for i in range(10):
+        same = np.array_equal(frames[i], files["frames"][i])
+        assert same == (i in (2, 3, 7))
+
+
+def test_saved_avatar_gives_the_same_frames_as_the_in_memory_one(files, avatar, tmp_path):
+    model = files["model"]
+    P.save_avatar(avatar, tmp_path / "av")
+    loaded = P.load_avatar(tmp_path / "av", model)
+    tokens = model.tokens_from_wave(files["wave"], 25, FPS)
+    for a, b in zip(P.generate(model, avatar, tokens), P.generate(model, loaded, tokens), strict=True):
+        assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="different model"):
+        P.load_avatar(tmp_path / "av", tiny_model(1))
+
+
+def test_streaming_audio_chunks_give_the_frames_of_the_whole_file(files, avatar):
+    model = files["model"]
+    wave = files["wave"]
+    whole = list(P.generate(model, avatar, model.tokens_from_wave(wave, 25, FPS), batch_size=4))
+    rng = np.random.default_rng(0)
+    cuts = np.sort(rng.choice(np.arange(1, len(wave)), 30, replace=False))
+    chunks = np.split(wave.numpy(), cuts)  # 31 chunks of random sizes
+    tokens = torch.cat(list(P.stream_tokens(model, chunks, FPS)))
+    torch.testing.assert_close(tokens, model.tokens_from_wave(wave, 25, FPS), atol=1e-5, rtol=0)
+    streamed = list(P.stream(model, avatar, chunks, batch_size=4))
+    assert len(streamed) == len(whole) == 25
+    diff = np.abs(np.stack(whole).astype(int) - np.stack(streamed))
+    assert diff.max() <= 2 and (diff > 0).mean() < 1e-3  # float rounding of the tokens, nothing more
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def one_frame_video(d):
+    write_video(d / "one.mp4", np.zeros((1, 64, 64, 3), np.uint8), FPS)
+    return d / "one.mp4"
+
+
+def blank_with_track(d):
+    video = d / "blank.mp4"
+    write_video(video, np.full((6, 64, 64, 3), 128, np.uint8), FPS)
+    lm = np.zeros((6, 68, 2), np.float32)
+    np.savez(d / "blank.mp4.track.npz", landmarks=lm, face=np.zeros(6, bool), boxes=crop_box(lm))
+    return video
+
+
+def blank_video(d):
+    pytest.importorskip("mediapipe")
+    write_video(d / "grey.mp4", np.full((4, 96, 96, 3), 128, np.uint8), FPS)
+    return d / "grey.mp4"
+
+
+def corrupt_ckpt(d):
+    (d / "bad.pt").write_bytes(b"\x80\x02not a checkpoint" * 100)
+    return d / "bad.pt"
+
+
+def unwritable(d):
+    (d / "file").write_text("a file, not a folder")
+    return d / "file" / "out.mp4"
+
+
+BAD = {  # name -> (what to override, expected words in the error)
+    "missing video": (lambda f, d: {"--video": d / "nope.mp4"}, "not found"),
+    "missing audio": (lambda f, d: {"--audio": d / "nope.wav"}, "not found"),
+    "missing checkpoint": (lambda f, d: {"--ckpt": d / "nope.pt"}, "not found"),
+    "audio file without audio": (lambda f, d: {"--audio": f["video"]}, "no audio stream"),
+    "0.2 s audio": (lambda f, d: {"--audio": f["short"]}, "at least 0.5 s"),
+    "1-frame video": (lambda f, d: {"--video": one_frame_video(d)}, "--image"),
+    "no face in any frame": (lambda f, d: {"--video": blank_with_track(d), "--bbox": None}, "no face"),
+    "no face found by mediapipe": (lambda f, d: {"--video": blank_video(d), "--bbox": None}, "no face"),
+    "corrupt checkpoint": (lambda f, d: {"--ckpt": corrupt_ckpt(d)}, "cannot read checkpoint"),
+    "unwritable output folder": (lambda f, d: {"--out": unwritable(d)}, "cannot write"),
+    "mediapipe missing": (lambda f, d: {"--bbox": None}, "pip install mediapipe"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gives_one_error_line_nonzero_exit_and_no_output(case, files, capfd, tmp_path, monkeypatch):
+    def missing():
+        raise MediapipeMissing(INSTALL_HINT)
+    if case != "no face found by mediapipe":
+        monkeypatch.setattr(infer, "MeshTracker", missing)
+    make, words = BAD[case]
+    args = {"--video": files["video"], "--audio": files["audio"], "--ckpt": files["ckpt"], "--bbox": BBOX,
+            "--out": tmp_path / "out" / "x.mp4"}
+    args.update(make(files, tmp_path))
+    argv = [str(v) for k, val in args.items() if val is not None for v in (k, val)]
+    code, err = run_cli(argv, capfd)  # capfd: also what native libraries write to fd 2
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
+    out_dir = tmp_path / "out"
+    assert not out_dir.exists() or list(out_dir.iterdir()) == []
+
+
+def test_no_arguments_runs_the_bundled_demo_or_names_the_missing_file(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a checkout without assets/
+    code, err = run_cli([], capsys)
+    assert code != 0 and err.count("\n") == 1 and "assets/demo.pt" in err and "bundled demo" in err
+    assert not (tmp_path / "results" / "demo.mp4").exists()
