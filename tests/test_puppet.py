@@ -1,0 +1,138 @@
+import itertools
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+from lipsync import puppet as P
+from lipsync.data import load_clip
+from lipsync.synthetic import SR, frame_envelope
+from lipsync.tracking import crop_faces, to_crop_coords
+from lipsync.video import iter_frames
+
+N_SOURCE = 40
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A prepared real clip (256 px crops) from the first frames of the bundled demo and its mediapipe track."""
+    path = tmp_path_factory.mktemp("src") / "demo"
+    path.mkdir()
+    frames = np.stack(list(itertools.islice(iter_frames("assets/demo.mp4"), N_SOURCE)))
+    with np.load("assets/demo.track.npz") as t:
+        track = {k: t[k][:N_SOURCE] for k in t.files}
+    np.save(path / "crops.npy", crop_faces(frames, track["boxes"], 256))
+    np.savez(path / "track.npz", **track)
+    sf.write(path / "audio.wav", np.zeros(N_SOURCE * SR // 25, np.float32), SR)
+    (path / "meta.json").write_text(json.dumps({"version": 1, "fps": 25.0, "frames": N_SOURCE, "size": [608, 352],
+                                                "crop_size": 256, "source": "demo.mp4", "tracker": "mediapipe",
+                                                "audio": "audio.wav", "sr": SR}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip(source):
+    return P.make_clip(source, 0, "train", seconds=4.0, size=64, seed=0)
+
+
+def _source_crops(source, frames, size):
+    crops = torch.from_numpy(np.load(source / "crops.npy")[frames]).permute(0, 3, 1, 2)
+    crops = F.interpolate(crops, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return crops.permute(0, 2, 3, 1).numpy()
+
+
+def test_cli_writes_loadable_clips_with_disjoint_speakers(source, tmp_path):
+    P.main([str(source), "--out", str(tmp_path), "--clips", "3", "--seconds", "1.2", "--heldout", "0.34",
+            "--workers", "1"])
+    names = sorted(d.name for d in tmp_path.iterdir())
+    assert names == ["demo_heldout_0000", "demo_train_0000", "demo_train_0001"]
+    speakers = {}
+    for name in names:
+        c = load_clip(tmp_path / name)
+        n = c.meta["frames"]
+        assert c.meta["tracker"] == "puppet" and c.meta["split"] == name.split("_")[1] and c.meta["size"] == [608, 352]
+        assert c.crops.shape == (n, 64, 64, 3) == (30, 64, 64, 3) and len(c.wave) == round(n / c.fps * SR)
+        assert c.truth["opening"].shape == c.truth["width"].shape == (n,) and c.face.all()
+        assert np.isfinite(c.landmarks).all() and c.landmarks.shape == (n, 68, 2)
+        with np.load(source / "track.npz") as t:  # boxes are the source's, frame by frame
+            assert np.array_equal(c.boxes, t["boxes"][c.meta["source_frames"]])
+        speakers[name] = c.meta["speaker"]
+    assert speakers["demo_heldout_0000"] not in {speakers["demo_train_0000"], speakers["demo_train_0001"]}
+    assert len(set(speakers.values())) == 3
+
+
+def test_landmark_and_darkness_openings_follow_the_truth(clip):
+    lm = to_crop_coords(clip["landmarks"], clip["boxes"], 64)
+    truth = clip["opening"]
+    r_lm = np.corrcoef(P.opening_from_landmarks(lm), truth)[0, 1]
+    r_dark = np.corrcoef(P.dark_opening(clip["crops"], lm), truth)[0, 1]
+    print(f"r(truth, landmark opening) {r_lm:.4f}, r(truth, dark opening) {r_dark:.3f}")
+    assert r_lm > 0.99 and r_dark > 0.8
+    assert truth.min() < 0.02 and truth.max() > 0.8
+
+
+def test_upper_half_is_the_source_crop_unchanged_and_the_lower_half_moves(source, clip):
+    ref = _source_crops(source, clip["frames"], 64)
+    assert np.array_equal(clip["crops"][:, :32], ref[:, :32])
+    diff = np.abs(clip["crops"][:, 32:].astype(int) - ref[:, 32:]).mean((1, 2, 3))
+    assert np.corrcoef(diff, clip["opening"])[0, 1] > 0.8 and diff[clip["opening"] > 0.8].min() > 3
+
+
+def test_closed_unrounded_mouth_is_the_source_and_opening_moves_lips_and_chin(source):
+    crops, track = np.load(source / "crops.npy"), np.load(source / "track.npz")
+    frames = np.array([3, 3, 3])
+    lm = to_crop_coords(track["landmarks"][frames], track["boxes"][frames], 256)
+    out, dst = P.puppet_crops(crops[frames], lm, np.array([0.0, 1.0, 1.0], np.float32),
+                              np.array([0.0, 0.0, 1.0], np.float32))
+    assert np.abs(out[0].astype(int) - crops[3]).max() <= 1  # no opening, no rounding: identity warp
+    assert np.abs(dst[0] - lm[0]).max() < 1e-4
+    down = dst[1] - lm[1]
+    assert down[66, 1] > 10 and down[8, 1] > 4 and -8 < down[62, 1] < 0  # lower lip and chin down, upper lip up
+    assert np.abs(down[:2]).max() == 0 and np.abs(down[17:48]).max() == 0  # ears, brows, nose, eyes stay
+    width = lambda l: l[54, 0] - l[48, 0]
+    assert width(dst[2]) < 0.8 * width(dst[1])  # rounded lips are narrower
+    mouth = out[1, 185:215, 85:125].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    assert (mouth < 60).mean() > 0.2  # a dark interior where the lips parted
+
+
+def test_audio_envelope_follows_the_opening(clip):
+    env = frame_envelope(clip["wave"], len(clip["opening"]), clip["fps"])
+    assert np.corrcoef(env, clip["opening"])[0, 1] > 0.6
+
+
+def test_opening_from_landmarks_ignores_scale_roll_and_translation(source):
+    with np.load(source / "track.npz") as t:
+        lm = t["landmarks"][:5].astype(np.float64)
+    a = np.radians(20)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    moved = 2.5 * lm @ rot.T + np.array([100.0, -40.0])
+    np.testing.assert_allclose(P.opening_from_landmarks(moved), P.opening_from_landmarks(lm), atol=1e-5)
+    closed = lm.copy()
+    closed[:, P.LOWER] = closed[:, P.UPPER]
+    assert np.abs(P.opening_from_landmarks(closed)).max() < 1e-6
+
+
+def test_pingpong_walks_back_and_forth():
+    assert P.pingpong(4, 10).tolist() == [0, 1, 2, 3, 2, 1, 0, 1, 2, 3]
+    assert P.pingpong(4, 4, start=5).tolist() == [1, 0, 1, 2]
+    assert P.pingpong(1, 3).tolist() == [0, 0, 0]
+
+
+def test_mediapipe_sees_the_puppeted_mouth_open_and_close(source):
+    pytest.importorskip("mediapipe")
+    from lipsync.tracking import MeshTracker, track_landmarks
+
+    clip = P.make_clip(source, 1, "train", seconds=3.0, size=256, seed=0)
+    tracker = MeshTracker()
+    try:
+        lm, found = track_landmarks(clip["crops"], tracker)
+    finally:
+        tracker.close()
+    assert found.mean() > 0.95
+    measured = P.opening_from_landmarks(lm[found])
+    r = np.corrcoef(measured, clip["opening"][found])[0, 1]
+    print(f"r(truth, mediapipe opening on 256 px puppet crops) {r:.3f}")
+    assert r > 0.8
