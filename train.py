@@ -57,7 +57,7 @@ class TrainConfig:
     lr: float = 5e-4  # stage 1 generator
     stage2_lr: float = 2e-4
     vae_lr: float = 1e-3
-    syncnet_lr: float = 1e-3
+    syncnet_lr: float = 3e-4  # 1e-3 collapses the tiny SyncNet to a constant cos 0.5
     d_lr: float = 2e-4
     lr_floor: float = 0.1  # final lr as a fraction of the base lr
     betas: tuple = (0.5, 0.999)
@@ -65,9 +65,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     warmup: int = 50
     batch_size: int = 16
+    vae_batch: int = 8  # x2: targets and references
     stage2_batch: int = 4  # clips per step in stage 2 (x T frames)
     grad_accum: int = 1  # stage 2 micro-batches per optimizer step
-    vae_steps: int = 600
+    vae_steps: int = 400
     syncnet_steps: int = 500
     stage1_steps: int = 1400
     stage2_steps: int = 150
@@ -93,6 +94,7 @@ class TrainConfig:
     sample_every: int = 200
     ckpt_every: int = 200
     max_minutes: float = 0.0  # stop a stage early after this long (0 = no limit)
+    stop_at: int = 0  # stop each stage after this step, keeping its full-length schedule; continue with --resume
 
 
 PRESETS = {
@@ -101,7 +103,7 @@ PRESETS = {
         out="runs/musetalk", crop_size=256, lr=2e-5, stage2_lr=5e-6, d_lr=5e-6, lr_floor=0.0, warmup=1000,
         batch_size=32, stage2_batch=2, grad_accum=8, T=16, stage1_steps=250_000, stage2_steps=250_000,
         lower_weight=1.0, perceptual_weight=0.01, gan_weight=0.01, mouth_gan_weight=0.01, fm_weight=1.0,
-        sync_weight=0.05, start_gan=1000, log_every=50, sample_every=2000, ckpt_every=2000, vae_steps=100_000,
+        sync_weight=0.05, start_gan=1000, log_every=50, vae_batch=8, sample_every=2000, ckpt_every=2000, vae_steps=100_000,
         syncnet_steps=100_000),
 }
 
@@ -258,11 +260,24 @@ def train_loop(run: Run, stage: str, modules: dict, optims: dict, steps: int, st
             bar.set_postfix({k: f"{v:.4f}" for k, v in list(logs.items())[:4]})
         if done % cfg.ckpt_every == 0 or done == steps:
             save(done)
-        if cfg.max_minutes and time.time() - t0 > 60 * cfg.max_minutes:
-            run.say(f"[{stage}] stopping at step {done}: --max_minutes {cfg.max_minutes} reached")
+        if cfg.max_minutes and time.time() - t0 > 60 * cfg.max_minutes or done == cfg.stop_at:
+            run.say(f"[{stage}] stopping at step {done} of {steps}; continue with --resume")
             save(done)
             break
     bar.close()
+    if run.world > 1:
+        check_replicas(run, stage, modules)
+
+
+def check_replicas(run: Run, stage: str, modules: dict):
+    """DDP keeps replicas identical by construction; verify it: every rank's parameter checksum must agree."""
+    total = torch.stack([p.detach().double().sum() for m in modules.values() for p in m.parameters()]).sum()
+    sums = [torch.zeros_like(total) for _ in range(run.world)]
+    dist.all_gather(sums, total)
+    same = all(torch.equal(s, sums[0]) for s in sums)
+    run.log({"stage": stage, "replicas_identical": same, "checksums": [float(s) for s in sums]})
+    if not same:
+        raise SystemExit(f"[{stage}] replicas diverged: {[float(s) for s in sums]}")
 
 
 def optimizer(params, lr, cfg):
@@ -299,7 +314,7 @@ def stage_vae(run: Run, data):
     net, opt = wrap(vae, vae_step, run), optimizer(vae.parameters(), cfg.vae_lr, cfg)
 
     def step_fn(step):
-        batch = to(batch_at(data, step, cfg.batch_size, cfg.seed, run.rank), run.device)
+        batch = to(batch_at(data, step, cfg.vae_batch, cfg.seed, run.rank), run.device)
         with run.amp():
             loss, logs = net(batch, perceptual)
         loss.backward()
