@@ -94,7 +94,7 @@ def synthetic_sync(model, clip_dirs, seed: int = 0, max_frames: int | None = Non
     gen, ref, truth = [], [], []
     for d in clip_dirs:
         clip = load_clip(d)
-        if clip.truth is None:
+        if clip.truth is None or clip.meta.get("tracker") != "synthetic":  # measure_opening reads synthetic faces
             continue
         n = len(clip) if max_frames is None else min(len(clip), max_frames)
         rng = np.random.default_rng([seed, len(truth)])
