@@ -200,8 +200,10 @@ def native_stderr_silenced():
 
 def load_model(args, device, dtype):
     if args.unet:
-        return from_published(args.unet, args.vae, args.whisper, device, dtype)
-    return load_lipsync(args.ckpt, device, dtype, whisper=args.whisper)
+        model = from_published(args.unet, args.vae, args.whisper, device, dtype)
+    else:
+        model = load_lipsync(args.ckpt, device, dtype, whisper=args.whisper)
+    return model.to(device)  # the weights are there already; this also moves the PE buffer
 
 
 def build_avatar(args, model, limit=None):

@@ -96,8 +96,8 @@ def test_cli_writes_h264_aac_at_source_size_and_fps_with_the_audio_length_and_pi
     assert len(streams) == 2
     assert sum(" Video: h264" in s for s in streams) == 1 and sum(" Audio: aac" in s for s in streams) == 1
     assert " 176x304" in text and " 25 fps" in text
-    h, m, s = re.search(r"Duration: (\d+):(\d+):([0-9.]+)", text).groups()
-    assert abs(float(s) - 1.0) <= 1 / FPS
+    hours, minutes, seconds = re.search(r"Duration: (\d+):(\d+):([0-9.]+)", text).groups()
+    assert hours == minutes == "00" and abs(float(seconds) - 1.0) <= 1 / FPS
 
     frames, fps = read_video(out)
     assert fps == FPS and frames.shape == (25, 304, 176, 3)  # floor(1.0 s * 25 fps)
@@ -120,6 +120,15 @@ def test_still_image_becomes_a_video_at_the_requested_fps(files, capsys, tmp_pat
     assert code == 0, err
     frames, fps = read_video(out)
     assert fps == 10 and frames.shape == (10, 304, 176, 3)
+
+
+def test_fps_resamples_a_video_to_the_requested_rate(files, capsys, tmp_path):
+    out = tmp_path / "slow.mp4"
+    code, err = run_cli(["--video", files["video"], "--audio", files["audio"], "--ckpt", files["ckpt"],
+                         "--bbox", BBOX, "--fps", 12.5, "--out", out], capsys)
+    assert code == 0, err
+    frames, fps = read_video(out)
+    assert fps == 12.5 and frames.shape == (12, 304, 176, 3)  # floor(1.0 s * 12.5)
 
 
 def test_avatar_mode_prepares_once_then_dubs_from_the_cache(files, capsys, tmp_path):
