@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from lipsync.audio import load_audio
 from lipsync.model import from_published, load_lipsync
-from lipsync.pipeline import generate, load_avatar, prepare_avatar, read_track, save_avatar, track_file, track_frames
+from lipsync.pipeline import check_avatar_folder, generate, load_avatar, prepare_avatar, read_track, save_avatar
+from lipsync.pipeline import track_file, track_frames
 from lipsync.tracking import BoxTracker, MeshTracker, parse_bbox
 from lipsync.video import SAMPLE_RATE, iter_frames, read_image, resample_indices, video_info, write_video
 
@@ -128,6 +129,7 @@ def resolve(args):
             raise InputError(f"--out must end in .mp4: {args.out}")
         _check_writable(Path(args.out).parent)
     if args.prepare_avatar:
+        check_avatar_folder(args.avatar)
         _check_writable(Path(args.avatar).parent)
     return args
 

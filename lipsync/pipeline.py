@@ -67,15 +67,17 @@ def track_file(media) -> Path | None:
 
 def read_track(path, bbox_shift=0.0, margin=10.0, smooth_sigma=2.0) -> Track:
     """track.npz (landmarks, face, boxes as written by lipsync.prepare). Its boxes are used as they are unless
-    bbox_shift moves the midline, then they are recomputed from the landmarks."""
+    bbox_shift moves the midline; then they are recomputed from the landmarks with the file's own chin margin."""
     with np.load(path) as z:
         landmarks, face = z["landmarks"].astype(np.float32), z["face"].astype(bool)
-        boxes = z["boxes"].astype(np.float32) if "boxes" in z and not bbox_shift else None
+        boxes = z["boxes"].astype(np.float32) if "boxes" in z else None
     if landmarks.ndim != 3 or landmarks.shape[1:] != (68, 2) or face.shape != landmarks.shape[:1]:
         raise ValueError(f"{path}: expected landmarks (N, 68, 2) and face (N,), got {landmarks.shape}, {face.shape}")
     if not face.any():
         raise ValueError(f"{path}: no face found in any frame")
-    if boxes is None:
+    if boxes is not None and bbox_shift:
+        margin = float(np.median(boxes[:, 3] - landmarks[:, 8, 1]))
+    if boxes is None or bbox_shift:
         boxes = smooth_boxes(crop_box(landmarks, bbox_shift, margin), smooth_sigma)
     return Track(landmarks, face, boxes, "file")
 
@@ -142,9 +144,18 @@ def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", b
     return Avatar(frames, float(fps), track, latents, blends, size, vae_fingerprint(model), str(source))
 
 
-def save_avatar(avatar: Avatar, folder) -> Path:
-    """Write the avatar to folder (replacing an older one) via folder.partial, avatar_info.json last."""
+def check_avatar_folder(folder) -> None:
+    """An avatar may only replace an older avatar or an empty folder, never other files."""
     folder = Path(folder)
+    if folder.exists() and not (folder / "avatar_info.json").is_file() and (not folder.is_dir() or any(
+            folder.iterdir())):
+        raise ValueError(f"{folder} exists and is not an avatar folder; pick a new or empty --avatar DIR")
+
+
+def save_avatar(avatar: Avatar, folder) -> Path:
+    """Write the avatar to folder (replacing an older avatar) via folder.partial, avatar_info.json last."""
+    folder = Path(folder)
+    check_avatar_folder(folder)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

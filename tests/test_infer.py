@@ -193,6 +193,20 @@ def test_saved_avatar_gives_the_same_frames_as_the_in_memory_one(files, avatar, 
         assert np.array_equal(a, b)
     with pytest.raises(ValueError, match="different model"):
         P.load_avatar(tmp_path / "av", tiny_model(1))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not an avatar folder"):
+        P.save_avatar(avatar, tmp_path / "notes")  # never deletes a folder of other files
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+def test_bbox_shift_moves_the_midline_of_a_precomputed_track_keeping_its_margin(tmp_path):
+    lm = np.repeat(template_landmarks(parse_bbox(BBOX))[None], 5, axis=0)
+    boxes = crop_box(lm, margin=5)
+    np.savez(tmp_path / "t.npz", landmarks=lm, face=np.ones(5, bool), boxes=boxes)
+    assert np.array_equal(P.read_track(tmp_path / "t.npz").boxes, boxes)
+    shifted = P.read_track(tmp_path / "t.npz", bbox_shift=4).boxes
+    np.testing.assert_allclose(shifted, crop_box(lm, bbox_shift=4, margin=5), atol=1e-4)
 
 
 def test_streaming_audio_chunks_give_the_frames_of_the_whole_file(files, avatar):
