@@ -209,6 +209,8 @@ class UNet(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         # sample (B, 8, H, W), encoder_hidden_states (B, T, 384) -> (B, 4, H, W); H, W divisible by 2**(levels-1)
+        if self.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
+            sample = sample.contiguous(memory_format=torch.channels_last)  # match channels-last weights (faster on CPU)
         temb = self.time_embed(timestep, sample.shape[0], sample.device)
         context = encoder_hidden_states
         x = self.conv_in(sample)

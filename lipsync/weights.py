@@ -6,6 +6,7 @@ dicts) with an optional config.json / musetalk.json beside it. Models are built 
 tensors are assigned in place, so the 3.4 GB UNet is held once.
 """
 
+import json
 import os
 import re
 
@@ -23,21 +24,42 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors(path: str) -> dict:
+    """A .safetensors file read tensor by tensor into fresh memory (8-byte header length, JSON header, raw bytes).
+    Unlike a memory map, nothing of the file stays resident once its tensors are converted or freed."""
+    out = {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            buf = t.view(-1).view(torch.uint8).numpy()
+            if buf.nbytes != end - start:
+                raise ValueError(f"tensor {name}: {end - start} bytes for shape {info['shape']}")
+            f.seek(8 + n + start)
+            if f.readinto(buf) != buf.nbytes:
+                raise ValueError(f"file ends inside tensor {name}")
+            out[name] = t
+    return out
+
+
 def read_state_dict(path: str) -> dict:
     """Tensors of a .safetensors / .bin / .pth / .pt file (unwrapping a {"state_dict": ...} container)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd = load_file(path)
+            sd = read_safetensors(path)
         else:
-            try:  # memory-map zip-format files so the weights are read once
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
@@ -76,13 +98,16 @@ def check_keys(model: torch.nn.Module, sd: dict, what: str) -> None:
 
 
 def assign_weights(model: torch.nn.Module, sd: dict, dtype: torch.dtype, device, what: str) -> torch.nn.Module:
-    """Load `sd` into a meta-device `model` by assignment, casting tensor by tensor (peak ~ one copy)."""
+    """Load `sd` into a meta-device `model` by assignment, converting tensor by tensor so that the peak is one copy
+    of the weights plus one tensor. `sd` is consumed. Conv weights become channels-last, which our blocks follow
+    (about 2x faster convolutions on CPU, same numbers)."""
     check_keys(model, sd, what)
     for k in list(sd):
-        t = sd[k]
-        sd[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-        del t
+        t = sd.pop(k)
+        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        sd[k] = t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
     model.load_state_dict(sd, strict=True, assign=True)
+    sd.clear()
     return model.eval()
 
 
