@@ -63,15 +63,15 @@ class TrainConfig:
     betas: tuple = (0.5, 0.999)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    warmup: int = 50
+    warmup: int = 30
     batch_size: int = 16
     vae_batch: int = 8  # x2: targets and references
     stage2_batch: int = 4  # clips per step in stage 2 (x T frames)
     grad_accum: int = 1  # stage 2 micro-batches per optimizer step
     vae_steps: int = 400
-    syncnet_steps: int = 500
-    stage1_steps: int = 1400
-    stage2_steps: int = 150
+    syncnet_steps: int = 400
+    stage1_steps: int = 600
+    stage2_steps: int = 80
     # losses
     l1_weight: float = 1.0
     lower_weight: float = 3.0  # the inpainted lower half counts this much more in L1
@@ -80,10 +80,11 @@ class TrainConfig:
     mouth_gan_weight: float = 0.01
     fm_weight: float = 0.1
     sync_weight: float = 0.05
-    start_gan: int = 30  # stage-2 steps before the GAN terms switch on
+    start_gan: int = 20  # stage-2 steps before the GAN terms switch on
     T: int = 5  # stage-2 consecutive frames (= SyncNet window)
     sync_context: int = 4  # frames of extra audio each side for shifted SyncNet negatives
     mel_context: int = 4  # 50 Hz steps of MelEncoder context around each window
+    mel_augment: float = 0.0  # fraction of samples whose log-mel gets random level/EQ/shift/noise floor
     # run
     device: str = "auto"
     dtype: str = "auto"  # bf16 autocast on GPU, fp32 on CPU

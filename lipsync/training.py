@@ -93,6 +93,27 @@ def syncnet_step(syncnet, batch, n_frames: int, context: int, generator=None):
 # ----------------------------------------------------------------------------- generator
 
 
+def augment_mel(mel: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Random per-sample changes that real speech brings and formant synthesis does not: level (+-10 dB), a smooth
+    EQ tilt/bump (+-2 dB), a shift of up to 4 mel bins (speaker/formant scale) and a noise floor. mel (N, 80, M) is
+    whisper-scaled log-mel ((log10 power + 4) / 4), applied to a fraction p of the samples."""
+    N, B, _ = mel.shape
+
+    def u(*shape):
+        return torch.rand(*shape, generator=generator).to(mel.device, mel.dtype)
+    on = (u(N) < p)[:, None, None]
+    gain = (u(N) - 0.5) * 0.5  # +-10 dB in power = +-1 decade / 4
+    f = torch.linspace(0, 1, B, device=mel.device, dtype=mel.dtype)
+    eq = ((u(N, 1) - 0.5) * 0.1 * torch.cos(torch.pi * f) + (u(N, 1) - 0.5) * 0.1 * torch.cos(2 * torch.pi * f))
+    shift = (torch.rand(N, generator=generator) * 9).long() - 4
+    idx = (torch.arange(B)[None] - shift[:, None]).clamp(0, B - 1).to(mel.device)  # (N, 80)
+    out = mel.gather(1, idx[:, :, None].expand_as(mel)) + gain[:, None, None] + eq[:, :, None]
+    floor = mel.amin(dim=(1, 2), keepdim=True) + u(N, 1, 1) * 0.75
+    out = torch.maximum(out, floor)
+    return torch.where(on, out, mel)
+
+
+
 def unet_inputs(model, batch):
     """Frozen VAE: masked targets and references -> (N, 8, s, s) scaled latents, and flattened targets."""
     target, reference = batch["target"], batch["reference"]
@@ -118,6 +139,9 @@ def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=No
     """Stage 1 (discs/syncnet None) or stage 2 generator loss. Returns (loss, logs, generated, target)."""
     B, T = batch["target"].shape[:2] if batch["target"].dim() == 5 else (batch["target"].shape[0], 1)
     batch = frames_of(batch)
+    if cfg.mel_augment and "mel" in batch:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        batch = dict(batch, mel=augment_mel(batch["mel"], cfg.mel_augment, g))
     pred, target = generate(model, batch, cfg.mel_context)
     l1 = weighted_l1(pred, target, cfg.lower_weight)
     p = perceptual(pred, target)

@@ -65,8 +65,9 @@ class UNetConfig:
 
     @classmethod
     def tiny(cls) -> "UNetConfig":
-        """CPU preset used by `train.py --preset tiny`: same architecture, 16x16 latents, 128-dim audio tokens."""
-        return cls(block_out_channels=(32, 64, 128, 128), layers_per_block=1, attention_head_dim=4,
+        """CPU preset used by `train.py --preset tiny`: same architecture, 16x16 latents, 128-dim audio tokens,
+        32-dim attention heads (tiny heads make CPU attention slow)."""
+        return cls(block_out_channels=(32, 64, 128, 128), layers_per_block=1, attention_head_dim=(1, 2, 4, 4),
                    cross_attention_dim=128, norm_num_groups=8)
 
     def heads(self, level: int) -> int:
