@@ -68,10 +68,10 @@ class TrainConfig:
     vae_batch: int = 8  # x2: targets and references
     stage2_batch: int = 4  # clips per step in stage 2 (x T frames)
     grad_accum: int = 1  # stage 2 micro-batches per optimizer step
-    vae_steps: int = 400
-    syncnet_steps: int = 400
-    stage1_steps: int = 600
-    stage2_steps: int = 80
+    vae_steps: int = 320
+    syncnet_steps: int = 300
+    stage1_steps: int = 500
+    stage2_steps: int = 60
     # losses
     l1_weight: float = 1.0
     lower_weight: float = 3.0  # the inpainted lower half counts this much more in L1
@@ -95,6 +95,7 @@ class TrainConfig:
     sample_every: int = 200
     ckpt_every: int = 200
     max_minutes: float = 0.0  # stop a stage early after this long (0 = no limit)
+    export_dtype: str = "fp32"  # fp32 | fp16 | bf16: precision of the exported lipsync.pt (fp16 halves its size)
     stop_at: int = 0  # stop each stage after this step, keeping its full-length schedule; continue with --resume
 
 
@@ -455,7 +456,8 @@ def stage_generator(run: Run, root, stage: str):
     if run.main:
         sync = run.path("syncnet.final")
         extra = {"syncnet": torch.load(sync, map_location="cpu", weights_only=True)} if os.path.exists(sync) else {}
-        export(model, os.path.join(cfg.out, "lipsync.pt"), extra=extra)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.export_dtype]
+        export(model, os.path.join(cfg.out, "lipsync.pt"), dtype=dtype, extra=extra)
         run.say(f"[{stage}] generator written to {os.path.join(cfg.out, 'lipsync.pt')}")
     return model
 
