@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from lipsync.audio import WhisperEncoder
@@ -128,7 +127,9 @@ def main(argv=None):
     layout = torch.channels_last if args.channels_last == "on" else torch.contiguous_format
     unet, vae = unet.to(device, dtype, memory_format=layout), vae.to(device, dtype, memory_format=layout)
     if ref_unet is not None:
-        ref_unet, ref_vae = ref_unet.to(device, dtype), ref_vae.to(device, dtype)
+        ref_unet, ref_vae = ref_unet.to(device), ref_vae.to(device)
+        if dtype != torch.float32:
+            ref_unet, ref_vae = ref_unet.to(dtype), ref_vae.to(dtype)
     unet_fn = torch.compile(unet) if args.compile else unet
     decode_fn = torch.compile(vae.decode) if args.compile else vae.decode
     s = crop // vae_cfg.downscale

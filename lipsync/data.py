@@ -24,11 +24,14 @@ name (val_fraction of clips are "val").
 
 import json
 import math
+import os
+import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -76,6 +79,26 @@ def load_clip(path):
                 boxes=track["boxes"].astype(np.float32), face=track["face"].astype(bool),
                 landmarks=track["landmarks"].astype(np.float32),
                 wave=torch.as_tensor(load_audio(path / meta.get("audio", "audio.wav"))).float(), truth=truth)
+
+
+def write_clip(out, name, meta, crops, boxes, face, landmarks, wave, truth=None):
+    """Write DIR/<name>/ in the prepared-clip layout, atomically: everything into DIR/.<name>.partial/ (meta.json
+    last, via meta.json.tmp), then one rename. A previous clip of that name is replaced."""
+    out = Path(out)
+    final, tmp = out / name, out / f".{name}.partial"
+    for stale in (tmp, final):
+        if stale.exists():
+            shutil.rmtree(stale)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "crops.npy", crops)
+    np.savez(tmp / "track.npz", boxes=boxes, face=face, landmarks=landmarks)
+    if truth is not None:
+        np.savez(tmp / "truth.npz", **truth)
+    sf.write(tmp / "audio.wav", wave, int(meta["sr"]), subtype="PCM_16")
+    (tmp / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
+    os.replace(tmp / "meta.json.tmp", tmp / "meta.json")
+    os.rename(tmp, final)
+    return final
 
 
 def clip_split(name, meta, val_fraction=0.1):

@@ -20,18 +20,17 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import shutil
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lipsync import data
 from lipsync.synthetic import HELDOUT_BASE, SR, Voice, frame_envelope, random_sequence, synth_audio
 from lipsync.tracking import from_crop_coords, to_crop_coords
 
@@ -290,28 +289,15 @@ def make_clip(source, index, split="train", seconds=8.0, size=64, seed=0, chunk=
 
 
 def write_clip(out, name, clip, source, split="train", seed=0):
-    """Write DIR/<name>/ in the prepared-clip layout: everything into DIR/.<name>.partial/ (meta.json last), then
-    rename."""
-    out = Path(out)
-    final, tmp = out / name, out / f".{name}.partial"
-    for stale in (tmp, final):
-        if stale.exists():
-            shutil.rmtree(stale)
-    tmp.mkdir(parents=True)
-    np.save(tmp / "crops.npy", clip["crops"])
-    np.savez(tmp / "track.npz", boxes=clip["boxes"], face=clip["face"], landmarks=clip["landmarks"])
-    np.savez(tmp / "truth.npz", opening=clip["opening"], width=clip["width"])
-    sf.write(tmp / "audio.wav", clip["wave"], SR, subtype="PCM_16")
+    """Write DIR/<name>/ atomically in the prepared-clip layout (lipsync.data.write_clip)."""
     src = clip["meta"]
     meta = {"version": 1, "fps": clip["fps"], "frames": len(clip["crops"]), "size": src["size"],
             "crop_size": clip["crops"].shape[1], "source": str(Path(source).resolve()), "tracker": "puppet",
             "audio": "audio.wav", "sr": SR, "split": split, "speaker": clip["speaker"],
             "face": zlib.crc32(Path(source).name.encode()) % HELDOUT_BASE, "seed": seed,
             "source_frames": clip["frames"].tolist()}
-    (tmp / "meta.json.tmp").write_text(json.dumps(meta))
-    os.replace(tmp / "meta.json.tmp", tmp / "meta.json")
-    os.rename(tmp, final)
-    return final
+    return data.write_clip(out, name, meta, clip["crops"], clip["boxes"], clip["face"], clip["landmarks"],
+                           clip["wave"], truth={"opening": clip["opening"], "width": clip["width"]})
 
 
 def _job(source, out, name, index, split, seconds, size, seed, threads):

@@ -10,20 +10,18 @@ be scored exactly: `measure_opening` reads the opening back from rendered crops.
 """
 
 import argparse
-import json
 import multiprocessing as mp
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 from tqdm import tqdm
 
+from lipsync import data
 from lipsync.synthetic_face import Face, measure_opening, random_motion, render
 from lipsync.tracking import crop_box, crop_faces
 
@@ -224,25 +222,13 @@ def make_clip(index, split="train", seconds=10.0, fps=25.0, frame=128, size=64, 
 
 
 def write_clip(out, name, clip, fps=25.0, split="train", seed=0):
-    """Write DIR/<name>/ atomically: everything (meta.json last) into DIR/.<name>.partial/, then rename."""
-    out = Path(out)
-    final, tmp = out / name, out / f".{name}.partial"
-    for stale in (tmp, final):
-        if stale.exists():
-            shutil.rmtree(stale)
-    tmp.mkdir(parents=True)
+    """Write DIR/<name>/ atomically in the prepared-clip layout (lipsync.data.write_clip)."""
     n, frame = len(clip["crops"]), clip["frames"].shape[1]
-    np.save(tmp / "crops.npy", clip["crops"])
-    np.savez(tmp / "track.npz", boxes=clip["boxes"], face=np.ones(n, bool), landmarks=clip["landmarks"])
-    np.savez(tmp / "truth.npz", opening=clip["opening"], width=clip["width"])
-    sf.write(tmp / "audio.wav", clip["wave"], SR, subtype="PCM_16")
     meta = {"version": 1, "fps": float(fps), "frames": n, "size": [frame, frame], "crop_size": clip["crops"].shape[1],
             "source": "synthetic", "tracker": "synthetic", "audio": "audio.wav", "sr": SR, "split": split,
             "speaker": clip["id"], "face": clip["id"], "seed": seed}
-    (tmp / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
-    os.replace(tmp / "meta.json.tmp", tmp / "meta.json")
-    os.rename(tmp, final)
-    return final
+    return data.write_clip(out, name, meta, clip["crops"], clip["boxes"], np.ones(n, bool), clip["landmarks"],
+                           clip["wave"], truth={"opening": clip["opening"], "width": clip["width"]})
 
 
 def _corr(x, y):

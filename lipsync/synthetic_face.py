@@ -170,7 +170,7 @@ def face_landmarks(face, yaw, blink, opening, width):
 
 
 def _render_chunk(face, motion, opening, width, frame):
-    n, R = len(opening), face.ry
+    R = face.ry
     rx, col = face.aspect * R, lambda x: np.asarray(x, np.float32).reshape(-1, 1, 1)
     cx, cy = face.cx + motion["tx"], face.cy + motion["ty"]
     cv = _Canvas(frame, cx, cy, motion["roll"], face.bg_top, face.bg_bottom)
