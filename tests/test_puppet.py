@@ -1,36 +1,12 @@
-import itertools
-import json
-
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 
 from lipsync import puppet as P
 from lipsync.data import load_clip
 from lipsync.synthetic import SR, frame_envelope
-from lipsync.tracking import crop_faces, to_crop_coords
-from lipsync.video import iter_frames
-
-N_SOURCE = 40
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """A prepared real clip (256 px crops) from the first frames of the bundled demo and its mediapipe track."""
-    path = tmp_path_factory.mktemp("src") / "demo"
-    path.mkdir()
-    frames = np.stack(list(itertools.islice(iter_frames("assets/demo.mp4"), N_SOURCE)))
-    with np.load("assets/demo.track.npz") as t:
-        track = {k: t[k][:N_SOURCE] for k in t.files}
-    np.save(path / "crops.npy", crop_faces(frames, track["boxes"], 256))
-    np.savez(path / "track.npz", **track)
-    sf.write(path / "audio.wav", np.zeros(N_SOURCE * SR // 25, np.float32), SR)
-    (path / "meta.json").write_text(json.dumps({"version": 1, "fps": 25.0, "frames": N_SOURCE, "size": [608, 352],
-                                                "crop_size": 256, "source": "demo.mp4", "tracker": "mediapipe",
-                                                "audio": "audio.wav", "sr": SR}))
-    return path
+from lipsync.tracking import to_crop_coords
 
 
 @pytest.fixture(scope="module")
