@@ -13,9 +13,9 @@ import math
 import torch
 import torch.nn as nn
 
-from .mel_encoder import MelEncoder, MelEncoderConfig
+from .mel_encoder import MelEncoder
 from .melspec import HOP, N_FFT, SAMPLE_RATE, load_audio, log_mel, log_mel_frames
-from .whisper import WhisperEncoder, WhisperEncoderConfig, load_whisper_encoder
+from .whisper import WhisperEncoder, load_whisper_encoder
 
 __all__ = ["load_audio", "log_mel", "WhisperEncoder", "load_whisper_encoder", "MelEncoder", "frame_windows",
            "PositionalEncoding"]
