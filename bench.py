@@ -108,7 +108,7 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet and decoder (ours)")
     p.add_argument("--iters", type=int, default=7)
     p.add_argument("--frames", type=int, default=None,
-                   help="frames in the realtime-loop measurement (default 48; musetalk on CPU: 8)")
+                   help="frames in the realtime-loop measurement (default 48; musetalk on CPU: 4)")
     p.add_argument("--no-infer", action="store_true", help="skip the full infer.py measurement")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -119,7 +119,7 @@ def main(argv=None):
         args.dtype, torch.float16 if device.type == "cuda" else torch.float32)
     batches = [int(b) for b in (args.batch or ("1" if args.preset == "musetalk" and device.type == "cpu"
                                                else "1,8,32")).split(",")]
-    args.frames = args.frames or (8 if args.preset == "musetalk" and device.type == "cpu" else 48)
+    args.frames = args.frames or (4 if args.preset == "musetalk" and device.type == "cpu" else 48)
     unet_cfg, vae_cfg, audio_cfg, crop = configs(args.preset)
     torch.manual_seed(0)
     unet, vae, audio = UNet(unet_cfg).eval(), AutoencoderKL(vae_cfg).eval(), MelEncoder(audio_cfg).eval()

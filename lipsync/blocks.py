@@ -10,6 +10,42 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# Conv2d on the CPU runs as one matrix multiply when it has at most this many output positions (B x H x W) and at
+# least this many weights (the full UNet's 8x8 / 16x16 levels at small batch; never the tiny preset's narrow convs)
+GEMM_MAX_POSITIONS = 256
+GEMM_MIN_WEIGHTS = 1 << 20
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, same state-dict names) that, on the CPU, runs small maps as one matrix multiply.
+
+    The UNet's 8x8 and 16x16 levels at small batch have 1280-wide 3x3 convs with few output positions. oneDNN then
+    spends most of its time re-laying out the 59 MB weight on every call: unfold + GEMM on the weight as stored is
+    about 3x faster there (measured on 2 cores, batch 1). Large maps and narrow layers keep the oneDNN path, which
+    wins there.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        (k, _), (s, _), (p, _) = self.kernel_size, self.stride, self.padding
+        Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+        if (x.device.type != "cpu" or B * Ho * Wo > GEMM_MAX_POSITIONS or self.weight.numel() < GEMM_MIN_WEIGHTS
+                or self.groups != 1 or self.dilation[0] != 1):
+            return super().forward(x)
+        w = self.weight  # (O, C, k, k); a channels-last weight is (O, k, k, C) in memory: use it as that, uncopied
+        channels_last = not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+        cols = F.unfold(x, k, padding=p, stride=s)  # (B, C*k*k, L), rows ordered (C, kh, kw)
+        if channels_last:
+            w = w.permute(0, 2, 3, 1)
+            cols = cols.view(B, C, k * k, -1).transpose(1, 2)  # rows ordered (kh, kw, C) like the weight
+        cols = cols.reshape(B, C * k * k, -1).transpose(0, 1).reshape(C * k * k, -1)  # (C*k*k, B*L)
+        out = w.reshape(self.out_channels, -1) @ cols  # (O, B*L)
+        if self.bias is not None:
+            out = out + self.bias[:, None]
+        out = out.view(self.out_channels, B, Ho, Wo).transpose(0, 1)  # (B, O, Ho, Wo)
+        x_cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return out.contiguous(memory_format=torch.channels_last if x_cl else torch.contiguous_format)  # as x
+
 
 class Attention(nn.Module):
     """Multi-head attention over tokens. Self-attention when `context` is None, cross-attention otherwise."""
@@ -97,9 +133,9 @@ class Transformer2D(nn.Module):
     def __init__(self, dim: int, heads: int, context_dim: int, groups: int):
         super().__init__()
         self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
-        self.proj_in = nn.Conv2d(dim, dim, 1)
+        self.proj_in = Conv2d(dim, dim, 1)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(dim, heads, context_dim)])
-        self.proj_out = nn.Conv2d(dim, dim, 1)
+        self.proj_out = Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # (B, C, H, W) -> (B, C, H, W)
@@ -118,12 +154,12 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, groups: int, eps: float, temb_ch: int | None = None):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_ch, out_ch) if temb_ch else None
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.dropout = nn.Dropout(0.0)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         # (B, Cin, H, W), temb (B or 1, Ct) -> (B, Cout, H, W)
@@ -141,7 +177,7 @@ class Downsample(nn.Module):
     def __init__(self, ch: int, padding: int = 1):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
+        self.conv = Conv2d(ch, ch, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == 0:
@@ -154,7 +190,7 @@ class Upsample(nn.Module):
 
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -111,6 +111,45 @@ def test_unet_matches_diffusers_outputs(tiny_unet_folder, layout):
     assert (got_t - expected_t).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_unet_cpu_matmul_conv_path_matches_diffusers(tiny_unet_folder, layout, monkeypatch):
+    """Force every conv of the UNet through blocks.Conv2d's unfold + GEMM path (normally only wide, small-map convs)."""
+    from lipsync import blocks
+    monkeypatch.setattr(blocks, "GEMM_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(blocks, "GEMM_MAX_POSITIONS", 10 ** 9)
+    calls = []
+    unfold = blocks.F.unfold
+    monkeypatch.setattr(blocks.F, "unfold", lambda *a, **k: calls.append(1) or unfold(*a, **k))
+    ref, folder = tiny_unet_folder
+    ours = lipsync.load_unet(str(folder / "st"))  # loads channels-last conv weights
+    if layout == "contiguous":
+        ours = ours.to(memory_format=torch.contiguous_format)
+    g = torch.Generator().manual_seed(4)
+    x, ctx = torch.randn(2, 8, 16, 24, generator=g), torch.randn(2, 50, 384, generator=g)
+    with torch.no_grad():
+        expected = ref(x, torch.tensor([0]), encoder_hidden_states=ctx).sample
+        got = ours(x, 0, ctx)
+    n_convs = sum(isinstance(m, blocks.Conv2d) for m in ours.modules())
+    assert len(calls) == n_convs > 40
+    assert (got - expected).abs().max() <= 1e-4
+
+
+def test_matmul_conv_gives_conv2d_gradients(monkeypatch):
+    from lipsync import blocks
+    monkeypatch.setattr(blocks, "GEMM_MIN_WEIGHTS", 0)
+    torch.manual_seed(0)
+    for stride, padding, k in [(1, 1, 3), (2, 1, 3), (2, 0, 3), (1, 0, 1)]:
+        ours = blocks.Conv2d(6, 5, k, stride=stride, padding=padding)
+        ref = torch.nn.Conv2d(6, 5, k, stride=stride, padding=padding)
+        ref.load_state_dict(ours.state_dict())
+        x = torch.randn(2, 6, 7, 7, requires_grad=True)
+        y, y_ref = ours(x), ref(x)
+        assert y.shape == y_ref.shape and (y - y_ref).abs().max() < 1e-5
+        gx, gw = torch.autograd.grad(y.square().sum(), (x, ours.weight))
+        gx_ref, gw_ref = torch.autograd.grad(y_ref.square().sum(), (x, ref.weight))
+        assert (gx - gx_ref).abs().max() < 1e-4 and (gw - gw_ref).abs().max() < 1e-4
+
+
 def test_unet_time_embedding_cache_follows_weight_changes(tiny_unet_folder):
     _, folder = tiny_unet_folder
     ours = lipsync.load_unet(str(folder / "st"))
