@@ -18,20 +18,17 @@ in below the crop's midline (rows < S/2 + S/32 are copied), applied with `grid_s
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from lipsync import data
-from lipsync.synthetic import HELDOUT_BASE, SR, Voice, frame_envelope, random_sequence, synth_audio
+from lipsync.synthetic import HELDOUT_BASE, SR, Voice, frame_envelope, random_sequence, run_jobs, synth_audio
 from lipsync.tracking import from_crop_coords, to_crop_coords
 
 __all__ = ["MouthStyle", "target_landmarks", "puppet_crops", "opening_from_landmarks", "dark_opening",
@@ -333,21 +330,8 @@ def main(argv=None):
             for i in range(n)]
     todo = [j for j in jobs if not (Path(args.out) / j[0] / "meta.json").exists()]
     common = (args.seconds, args.size, args.seed, max(1, (os.cpu_count() or 1) // max(args.workers, 1)))
-    bar = tqdm(total=len(todo), desc="puppet clips", unit="clip")
-    if args.workers <= 1:
-        results = []
-        for name, i, split in todo:
-            results.append(_job(args.source, args.out, name, i, split, *common))
-            bar.update(1)
-    else:
-        # fork where available: workers inherit the imports (no torch op ran yet in this process)
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
-            futures = [pool.submit(_job, args.source, args.out, name, i, split, *common) for name, i, split in todo]
-            for f in futures:
-                f.add_done_callback(lambda _: bar.update(1))
-            results = [f.result() for f in futures]
-    bar.close()
+    results = run_jobs(_job, [(args.source, args.out, name, i, split, *common) for name, i, split in todo],
+                       args.workers, "puppet clips")
     print(f"{len(todo)} clips written, {len(jobs) - len(todo)} already complete, in {args.out}")
     if results:
         r_lm, r_dark, r_env = np.array(results).T

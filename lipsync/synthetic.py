@@ -26,7 +26,7 @@ from lipsync.synthetic_face import Face, measure_opening, random_motion, render
 from lipsync.tracking import crop_box, crop_faces
 
 __all__ = ["Sequence", "random_sequence", "Voice", "synth_audio", "frame_envelope", "Face", "render",
-           "measure_opening", "make_clip", "write_clip", "main"]
+           "measure_opening", "make_clip", "write_clip", "run_jobs", "main"]
 
 RATE = 100.0  # control rate of a Sequence (Hz): 10 ms steps, one mel hop
 SR = 16000
@@ -243,6 +243,24 @@ def _job(out, name, index, split, seconds, fps, frame, size, seed):
     return _corr(clip["opening"], measure_opening(clip["crops"])), _corr(clip["opening"], env)
 
 
+def run_jobs(fn, arg_tuples, workers: int, desc: str) -> list:
+    """fn(*args) for each tuple, in order, in `workers` processes (1 = here), with a progress bar -> the results."""
+    with tqdm(total=len(arg_tuples), desc=desc, unit="clip") as bar:
+        if workers <= 1:
+            results = []
+            for a in arg_tuples:
+                results.append(fn(*a))
+                bar.update(1)
+            return results
+        # fork where available: workers inherit the imports instead of re-importing torch (no torch op ran yet)
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            futures = [pool.submit(fn, *a) for a in arg_tuples]
+            for f in futures:
+                f.add_done_callback(lambda _: bar.update(1))
+            return [f.result() for f in futures]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m lipsync.synthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (one sub-directory per clip)")
@@ -261,21 +279,8 @@ def main(argv=None):
             for i in range(n)]
     todo = [j for j in jobs if not (Path(args.out) / j[0] / "meta.json").exists()]
     common = (args.seconds, args.fps, args.frame, args.size, args.seed)
-    bar = tqdm(total=len(todo), desc="synthetic clips", unit="clip")
-    if args.workers <= 1:
-        results = []
-        for name, i, split in todo:
-            results.append(_job(args.out, name, i, split, *common))
-            bar.update(1)
-    else:
-        # fork where available: workers inherit the imports instead of re-importing torch (no torch op ran yet)
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
-            futures = [pool.submit(_job, args.out, name, i, split, *common) for name, i, split in todo]
-            for f in futures:
-                f.add_done_callback(lambda _: bar.update(1))
-            results = [f.result() for f in futures]
-    bar.close()
+    results = run_jobs(_job, [(args.out, name, i, split, *common) for name, i, split in todo], args.workers,
+                       "synthetic clips")
     print(f"{len(todo)} clips written, {len(jobs) - len(todo)} already complete, in {args.out}")
     if results:
         r_open, r_env = np.array(results).T

@@ -24,13 +24,7 @@ FPS = 25.0
 PING_PONG = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0]  # 25 frames from 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test box is shared; a single thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_model(seed):
