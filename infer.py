@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from lipsync.audio import load_audio
-from lipsync.model import from_published, load_lipsync
+from lipsync.model import compile_for_inference, from_published, load_lipsync
 from lipsync.pipeline import check_avatar_folder, generate, load_avatar, prepare_avatar, read_track, save_avatar
 from lipsync.pipeline import track_file, track_frames
 from lipsync.tracking import BoxTracker, MeshTracker, parse_bbox
@@ -66,6 +66,8 @@ def parse_args(argv):
                    help="auto: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--fps", type=float, help="frame rate for --image (default 25); with a video, resample to it")
     p.add_argument("--crf", type=int, default=15, help="x264 quality (lower = better, bigger file)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE decoder (CUDA graphs on "
+                   "GPU) with fixed-size batches; pays off on long audio on a GPU, costs minutes of compiling on CPU")
     p.add_argument("--prepare-avatar", metavar="VIDEO", help="prepare (and save to --avatar) a reusable avatar")
     p.add_argument("--avatar", metavar="DIR", help="prepared avatar folder: with --audio, generate from it")
     return p.parse_args(argv)
@@ -205,7 +207,10 @@ def load_model(args, device, dtype):
         model = from_published(args.unet, args.vae, args.whisper, device, dtype)
     else:
         model = load_lipsync(args.ckpt, device, dtype, whisper=args.whisper)
-    return model.to(device)  # the weights are there already; this also moves the PE buffer
+    model = model.to(device)  # the weights are there already; this also moves the PE buffer
+    if args.compile:
+        compile_for_inference(model)
+    return model
 
 
 def build_avatar(args, model, limit=None):
@@ -242,7 +247,7 @@ def run(args):
         return
     n = math.floor(seconds * avatar.fps)
     tokens = model.tokens_from_wave(wave, n, avatar.fps)
-    frames = tqdm(generate(model, avatar, tokens, args.batch_size), total=n, desc="lip-sync", unit="frame",
+    frames = tqdm(generate(model, avatar, tokens, args.batch_size, static=args.compile), total=n, desc="lip-sync", unit="frame",
                   disable=None, leave=False)
     write_video(args.out, frames, avatar.fps, audio=args.audio, crf=args.crf)
     took = time.perf_counter() - start

@@ -73,6 +73,15 @@ def _config(cls, d: dict):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+def compile_for_inference(model: LipSync) -> LipSync:
+    """torch.compile the UNet and the VAE decoder in place; on CUDA with CUDA graphs ("reduce-overhead"), which
+    need fixed shapes: generate with static=True so every call sees the same batch size."""
+    mode = "reduce-overhead" if next(model.unet.parameters()).is_cuda else None
+    model.unet = torch.compile(model.unet, mode=mode)
+    model.vae.decoder = torch.compile(model.vae.decoder, mode=mode)
+    return model
+
+
 def atomic_save(obj, path: str) -> None:
     """torch.save to a temp file in the same folder, then rename: a crash never leaves a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))

@@ -212,14 +212,18 @@ def load_avatar(folder, model) -> Avatar:
 
 
 @torch.inference_mode()
-def _render(model, avatar: Avatar, tokens: torch.Tensor, first: int, colour: bool):
-    """Tokens (b, T, D) for output frames first .. first + b - 1 -> those frames, in order."""
+def _render(model, avatar: Avatar, tokens: torch.Tensor, first: int, colour: bool, pad_to: int = 0):
+    """Tokens (b, T, D) for output frames first .. first + b - 1 -> those frames, in order. With pad_to, the model
+    always sees pad_to frames (the last face frame repeated, extra outputs dropped): static shapes for compiled
+    models and CUDA graphs."""
     src = avatar.source_index(np.arange(first, first + len(tokens)))
     has = avatar.track.face[src]
     crops = iter(())
     if has.any():
         p = next(model.unet.parameters())
         sel = np.flatnonzero(has)
+        if len(sel) < pad_to:
+            sel = np.concatenate([sel, np.full(pad_to - len(sel), sel[-1])])
         unet_in = avatar.latents[torch.from_numpy(src[sel]).to(avatar.latents.device)]
         latents = model.predict_latents(unet_in, tokens[torch.from_numpy(sel)].to(p.device, p.dtype))
         crops = iter(model.face.decode_uint8(latents))  # (b', S, S, 3)
@@ -227,22 +231,24 @@ def _render(model, avatar: Avatar, tokens: torch.Tensor, first: int, colour: boo
         yield paste(avatar.frames[i], next(crops), avatar.blends[i], colour) if has[j] else np.array(avatar.frames[i])
 
 
-def generate(model, avatar: Avatar, tokens, batch_size=8, start=0, colour=True):
+def generate(model, avatar: Avatar, tokens, batch_size=8, start=0, colour=True, static=False):
     """Audio tokens -> full frames (H, W, 3) uint8, yielded in order as each batch is made.
 
     tokens: (n, T, D) with PE (model.tokens_from_wave) for n output frames, or an iterable of such blocks arriving
     over time (stream_tokens); blocks are re-batched to batch_size (the last batch may be smaller). Output frame i
     (counting from `start`) shows avatar.source_index(i); frames without a face pass through unchanged.
+    static: every UNet/decoder call gets exactly batch_size frames (tails and no-face gaps padded), so a compiled
+    model never re-compiles; the frames are the same.
     """
     blocks = [tokens] if isinstance(tokens, torch.Tensor) else tokens
-    pending, done = None, start
+    pending, done, pad_to = None, start, batch_size if static else 0
     for block in blocks:
         pending = block if pending is None else torch.cat([pending, block.to(pending.device)])
         while len(pending) >= batch_size:
-            yield from _render(model, avatar, pending[:batch_size], done, colour)
+            yield from _render(model, avatar, pending[:batch_size], done, colour, pad_to)
             pending, done = pending[batch_size:], done + batch_size
     if pending is not None and len(pending):
-        yield from _render(model, avatar, pending, done, colour)
+        yield from _render(model, avatar, pending, done, colour, pad_to)
 
 
 def stream_tokens(model, chunks, fps):
@@ -264,6 +270,6 @@ def stream_tokens(model, chunks, fps):
         yield model.pe(windows.to(p.device, p.dtype))
 
 
-def stream(model, avatar: Avatar, chunks, batch_size=8, colour=True):
+def stream(model, avatar: Avatar, chunks, batch_size=8, colour=True, static=False):
     """Realtime: audio chunks in, frames out (each batch as soon as its audio has arrived)."""
-    return generate(model, avatar, stream_tokens(model, chunks, avatar.fps), batch_size, colour=colour)
+    return generate(model, avatar, stream_tokens(model, chunks, avatar.fps), batch_size, colour=colour, static=static)

@@ -187,8 +187,11 @@ class UNet(nn.Module):
         self.gradient_checkpointing = False  # recompute each block in backward (saves memory when training)
 
     def time_embed(self, timestep, batch: int, device) -> torch.Tensor:
-        """Timestep(s) -> (B or 1, 4*C0). MuseTalk always uses t = 0, so outside training that vector is cached."""
+        """Timestep(s) -> (B or 1, 4*C0). MuseTalk always uses t = 0, so outside training that vector is cached
+        (inside torch.compile it is simply part of the graph: the cache's Python bookkeeping would break it)."""
         t = torch.as_tensor(timestep, device=device).reshape(-1)
+        if torch.compiler.is_compiling():
+            return self._embed(t[:1] if t.numel() == 1 else t)
         constant = t.numel() == 1 or bool((t == t[0]).all())
         if constant and not torch.is_grad_enabled():
             params = tuple(self.time_embedding.parameters())

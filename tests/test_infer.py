@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import re
 import subprocess
@@ -216,6 +217,26 @@ def test_streaming_audio_chunks_give_the_frames_of_the_whole_file(files, avatar)
     assert len(streamed) == len(whole) == 25
     diff = np.abs(np.stack(whole).astype(int) - np.stack(streamed))
     assert diff.max() <= 2 and (diff > 0).mean() < 1e-3  # float rounding of the tokens, nothing more
+
+
+def test_static_batches_pad_every_model_call_to_the_batch_size_and_give_the_same_frames(files, avatar, monkeypatch):
+    """generate(static=True), used with --compile: tails and no-face gaps are padded so shapes never change."""
+    model = files["model"]
+    tokens = model.tokens_from_wave(files["wave"], 25, FPS)
+    avatar = dataclasses.replace(avatar, track=avatar.track.select(slice(None)))
+    avatar.track.face = avatar.track.face.copy()
+    avatar.track.face[[2, 5, 6]] = False  # frames without a face inside a batch
+    plain = np.stack(list(P.generate(model, avatar, tokens, batch_size=4)))
+    sizes = []
+    predict = model.predict_latents
+    monkeypatch.setattr(model, "predict_latents", lambda x, t: sizes.append(len(x)) or predict(x, t))
+    static = np.stack(list(P.generate(model, avatar, tokens, batch_size=4, static=True)))
+    assert set(sizes) == {4} and len(sizes) == 7  # 25 frames = 6 full batches + a tail of 1
+    gaps = [i for i in range(25) if not avatar.track.face[avatar.source_index(i)]]
+    assert gaps == [2, 5, 6, 17, 18, 21]  # ping-pong: they come back on the way back
+    assert np.array_equal(static[gaps], np.stack([avatar.frames[avatar.source_index(i)] for i in gaps]))
+    diff = np.abs(static.astype(int) - plain)
+    assert diff.max() <= 2 and (diff > 0).mean() < 1e-3  # batch-size-dependent float rounding, nothing more
 
 
 # ----------------------------------------------------------------------------- bad inputs
