@@ -247,8 +247,8 @@ def run(args):
         return
     n = math.floor(seconds * avatar.fps)
     tokens = model.tokens_from_wave(wave, n, avatar.fps)
-    frames = tqdm(generate(model, avatar, tokens, args.batch_size, static=args.compile), total=n, desc="lip-sync", unit="frame",
-                  disable=None, leave=False)
+    frames = tqdm(generate(model, avatar, tokens, args.batch_size, static=args.compile), total=n, desc="lip-sync",
+                  unit="frame", disable=None, leave=False)
     write_video(args.out, frames, avatar.fps, audio=args.audio, crf=args.crf)
     took = time.perf_counter() - start
     print(f"wrote {args.out}: {n} frames at {avatar.fps:g} fps ({seconds:.2f} s) in {took:.1f} s")
