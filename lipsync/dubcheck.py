@@ -52,7 +52,7 @@ def check(frames: np.ndarray, fps: float, wave: np.ndarray, max_lag: int = 2, si
     # frames without a face take the clip's median opening so lags keep their meaning; they are few or the r is moot
     filled = np.where(face, opening, np.nanmedian(opening))
     lags = {lag: lagged_r(filled, envelope, lag) for lag in range(-max_lag, max_lag + 1)}
-    best = max(lags, key=lambda k: -np.inf if np.isnan(lags[k]) else lags[k])
+    best = max(lags, key=lags.get)
 
     def mean(mask):
         return float(np.nanmean(opening[mask & face])) if (mask & face).any() else float("nan")
