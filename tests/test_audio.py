@@ -2,7 +2,6 @@
 
 import math
 import subprocess
-from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
@@ -16,14 +15,14 @@ from lipsync.audio import (MelEncoder, MelStream, PositionalEncoding, WhisperEnc
                            load_audio, load_whisper_encoder, log_mel)
 from lipsync.mel_encoder import MelEncoderConfig
 from lipsync.melspec import mel_filters
+from media import SPEECH, SPEECH_48K, VIDEO
 
-MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def eng():
-    wave, sr = sf.read(MEDIA / "eng.wav", dtype="float32")
+    wave, sr = sf.read(SPEECH, dtype="float32")
     assert sr == 16000 and wave.ndim == 1
     return wave
 
@@ -284,9 +283,9 @@ def test_load_audio_resamples_44k_and_48k_stereo_like_scipy(eng, tmp_path):
 
 
 def test_load_audio_real_48k_file_agrees_with_scipy_in_band_and_is_anti_aliased():
-    data, rate = sf.read(MEDIA / "yongen.wav", dtype="float64")
+    data, rate = sf.read(SPEECH_48K, dtype="float64")
     assert rate == 48000 and data.shape[1] == 2
-    got, ref = load_audio(MEDIA / "yongen.wav").numpy(), resample_poly(data.mean(axis=1), 1, 3)
+    got, ref = load_audio(SPEECH_48K).numpy(), resample_poly(data.mean(axis=1), 1, 3)
 
     def below_7k(v):
         spec = np.fft.rfft(v)
@@ -320,10 +319,10 @@ def test_load_audio_decodes_m4a_and_mp4_with_bundled_ffmpeg(eng, tmp_path):
     ffmpeg("-i", tmp_path / "eng.wav", "-c:a", "aac", "-b:a", "128k", tmp_path / "eng.m4a")
     got = load_audio(tmp_path / "eng.m4a")
     assert abs(len(got) - 3 * 16000) <= 1024 and corr(got, eng[: 3 * 16000]) >= 0.99
-    ffmpeg("-i", MEDIA / "yongen.mp4", "-i", MEDIA / "yongen.wav", "-t", "2", "-map", "0:v", "-map", "1:a",
+    ffmpeg("-i", VIDEO, "-i", SPEECH_48K, "-t", "2", "-map", "0:v", "-map", "1:a",
            "-c:v", "copy", "-c:a", "aac", tmp_path / "clip.mp4")
     got = load_audio(tmp_path / "clip.mp4")
-    ref = load_audio(MEDIA / "yongen.wav")[: len(got)]
+    ref = load_audio(SPEECH_48K)[: len(got)]
     assert abs(len(got) - 2 * 16000) <= 1024 and corr(got, ref) >= 0.99
     assert abs(got.std() / ref.std() - 1) < 0.05  # channels averaged, not ffmpeg's louder -ac 1 downmix
 
@@ -334,8 +333,8 @@ def test_load_audio_bad_inputs_raise_one_clear_error(tmp_path):
     (tmp_path / "notes.wav").write_text("not audio at all\n" * 50)
     with pytest.raises(ValueError, match="notes.wav.*cannot decode"):
         load_audio(tmp_path / "notes.wav")
-    with pytest.raises(ValueError, match="yongen.mp4.*no audio stream"):
-        load_audio(MEDIA / "yongen.mp4")
+    with pytest.raises(ValueError, match="demo.mp4.*no audio stream"):
+        load_audio(VIDEO)
     sf.write(tmp_path / "empty.wav", np.zeros(0), 16000)
     with pytest.raises(ValueError, match="empty.wav.*empty"):
         load_audio(tmp_path / "empty.wav")

@@ -18,8 +18,8 @@ from lipsync.tracking import template_landmarks
 from lipsync.unet import UNetConfig
 from lipsync.vae import VAEConfig
 from lipsync.video import ffmpeg_exe, iter_frames, read_video, write_video
+from media import SPEECH, VIDEO
 
-MEDIA = "/work/shared/media"
 BBOX = "55,78,115,131"  # brows-to-chin box of the face in yongen.mp4 scaled to 176 x 304
 FPS = 25.0
 PING_PONG = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0]  # 25 frames from 12
@@ -39,11 +39,11 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("infer")
     model = tiny_model(0)
     export(model, d / "tiny.pt")
-    frames = np.stack(list(itertools.islice(iter_frames(f"{MEDIA}/yongen.mp4"), 12)))
+    frames = np.stack(list(itertools.islice(iter_frames(VIDEO), 12)))
     x = F.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2), size=(304, 176), mode="bilinear",
                       antialias=True)
     write_video(d / "clip.mp4", x.permute(0, 2, 3, 1).contiguous().numpy(), FPS)
-    wave, sr = sf.read(f"{MEDIA}/eng.wav", dtype="float32")
+    wave, sr = sf.read(SPEECH, dtype="float32")
     sf.write(d / "speech.wav", wave[3 * sr: 4 * sr], sr)  # 1.0 s -> 25 frames: the 12 frames ping-pong
     sf.write(d / "short.wav", wave[3 * sr: 3 * sr + sr // 5], sr)  # 0.2 s
     clip, _ = read_video(d / "clip.mp4")

@@ -1,6 +1,5 @@
 """Core models against diffusers (the oracle): same state-dict names and shapes, same outputs, strict loading."""
 
-import os
 
 import pytest
 import torch
@@ -9,10 +8,10 @@ import lipsync
 from lipsync.unet import UNet, UNetConfig
 from lipsync.vae import AutoencoderKL, FaceVAE, VAEConfig
 from lipsync.weights import CheckpointError, convert_legacy_vae
+from media import UNET_KEYS, VAE_KEYS
 
 diffusers = pytest.importorskip("diffusers")  # dev-only oracle, installed by requirements-dev.txt
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 
 TINY_UNET = dict(
     in_channels=8, out_channels=4, block_out_channels=(32, 64, 64, 64), layers_per_block=2, attention_head_dim=4,
@@ -26,9 +25,9 @@ TINY_VAE = dict(
 )
 
 
-def reference_shapes(name):
+def reference_shapes(path):
     shapes = {}
-    with open(os.path.join(SHARED, name)) as f:
+    with open(path) as f:
         for line in f:
             key, shape = line.split(" ", 1)
             shapes[key] = tuple(int(s) for s in shape.strip("()\n ,").split(",") if s.strip())
@@ -71,13 +70,13 @@ def tiny_vae_folder(tmp_path_factory):
 def test_default_unet_has_musetalk_keys_and_shapes():
     with torch.device("meta"):
         ours = UNet(UNetConfig())
-    assert shapes_of(ours) == reference_shapes("unet_keys.txt")
+    assert shapes_of(ours) == reference_shapes(UNET_KEYS)
 
 
 def test_default_vae_has_sd_vae_ft_mse_keys_and_shapes():
     with torch.device("meta"):
         ours = AutoencoderKL(VAEConfig())
-    assert shapes_of(ours) == reference_shapes("vae_keys.txt")
+    assert shapes_of(ours) == reference_shapes(VAE_KEYS)
 
 
 def test_default_configs_match_diffusers_built_on_meta():

@@ -9,6 +9,7 @@ import soundfile as sf
 from lipsync import prepare as P
 from lipsync import tracking as T
 from lipsync.video import iter_frames, read_video, resample_indices, write_video
+from media import SPEECH_48K, VIDEO
 
 BBOX = "30,20,98,80"  # brows-to-chin box inside the 96x128 test frames
 
@@ -120,10 +121,10 @@ def test_cli_reports_a_video_without_audio_in_one_line(tmp_path, capsys):
 
 def test_mediapipe_clip_flags_blank_frames_and_keeps_one_crop_per_frame(tmp_path):
     pytest.importorskip("mediapipe")
-    frames = [f[::2, ::2] for f in itertools.islice(iter_frames("/work/shared/media/yongen.mp4"), 12)]
+    frames = list(itertools.islice(iter_frames(VIDEO), 12))  # 352x608
     frames[5:5] = [np.full_like(frames[0], 128)] * 2  # two frames with nobody in them
     write_video(tmp_path / "y.mp4", frames, 25.0)
-    r = P.prepare_clip(tmp_path / "y.mp4", tmp_path / "out", audio="/work/shared/media/yongen.wav", crop_size=64,
+    r = P.prepare_clip(tmp_path / "y.mp4", tmp_path / "out", audio=SPEECH_48K, crop_size=64,
                        progress=False)
     track = np.load(r.path / "track.npz")
     assert r.frames == 14 and r.no_face == 2
@@ -132,4 +133,4 @@ def test_mediapipe_clip_flags_blank_frames_and_keeps_one_crop_per_frame(tmp_path
     assert np.load(r.path / "crops.npy").shape == (14, 64, 64, 3)
     nose = T.to_crop_coords(track["landmarks"], track["boxes"], 64)[:, 29]
     assert np.abs(nose[:, 1] - 32).max() < 2.0  # smoothed boxes keep the nose point near the midline
-    assert len(sf.read(r.path / "audio.wav")[0]) == 14 * 640  # the 8 s wav trimmed to the clip
+    assert len(sf.read(r.path / "audio.wav")[0]) == 14 * 640  # the 2.5 s wav trimmed to the clip
