@@ -26,9 +26,9 @@ import torch
 from lipsync.audio import WhisperEncoder
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
 from lipsync.model import LipSync, export
-from lipsync.pipeline import generate, prepare_avatar, read_track
+from lipsync.pipeline import avatar_frames, prepare_avatar, read_track
 from lipsync.unet import UNet, UNetConfig
-from lipsync.vae import AutoencoderKL, VAEConfig
+from lipsync.vae import AutoencoderKL, VAEConfig, to_uint8_images
 from lipsync.video import read_video
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -193,16 +193,15 @@ def realtime(model, args, device, dtype, batches, row, results):
     track = read_track(os.path.splitext(DEMO_VIDEO)[0] + ".track.npz").select(slice(0, args.frames))
     avatar = prepare_avatar(frames, fps, track, model)
     n = args.frames
-    tokens = torch.randn(n, 10 * model.audio.n_states, model.audio.dim, device=device, dtype=dtype)
+    windows = torch.randn(n, 10 * model.audio.n_states, model.audio.dim, device=device, dtype=dtype)
     for b in batches:
         def loop():
-            for _ in generate(model, avatar, tokens, batch_size=b):
+            for _ in avatar_frames(model, avatar, windows, batch_size=b):
                 pass
 
         def core():
             for i in range(0, n, b):
-                latents = model.predict_latents(avatar.latents[i:i + b], tokens[i:i + b])
-                model.face.decode_uint8(latents)
+                to_uint8_images(model(avatar.latents[i:i + b], windows[i:i + b]))
         t = timed({"loop": loop, "core": core}, device, max(3, args.iters // 2), warmup=1)
         row(f"realtime loop {frames.shape[2]}x{frames.shape[1]}", b, t["loop"], n)
         outside = max(0.0, 1 - t["core"] / t["loop"])

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from lipsync.audio import load_audio
 from lipsync.model import compile_for_inference, from_published, load_lipsync
-from lipsync.pipeline import check_avatar_folder, generate, load_avatar, prepare_avatar, read_track, save_avatar
+from lipsync.pipeline import avatar_frames, check_avatar_folder, load_avatar, prepare_avatar, read_track, save_avatar
 from lipsync.pipeline import track_file, track_frames
 from lipsync.tracking import BoxTracker, MeshTracker, parse_bbox
 from lipsync.video import SAMPLE_RATE, iter_frames, read_image, resample_indices, video_info, write_video
@@ -246,8 +246,8 @@ def run(args):
     if not args.generating:
         return
     n = math.floor(seconds * avatar.fps)
-    tokens = model.tokens_from_wave(wave, n, avatar.fps)
-    frames = tqdm(generate(model, avatar, tokens, args.batch_size, static=args.compile), total=n, desc="lip-sync",
+    windows = model.audio_windows(wave, n, avatar.fps)
+    frames = tqdm(avatar_frames(model, avatar, windows, args.batch_size, static=args.compile), total=n, desc="lip-sync",
                   unit="frame", disable=None, leave=False)
     write_video(args.out, frames, avatar.fps, audio=args.audio, crf=args.crf)
     took = time.perf_counter() - start

@@ -44,6 +44,7 @@ from .metrics import pearson
 from .synthetic import measure_opening
 from .syncnet import SyncNet, SyncNetConfig
 from .tracking import to_crop_coords
+from .vae import to_uint8_images
 
 STRIP_FRAMES = 8  # held-out frames per clip in the PNG strip
 
@@ -68,25 +69,17 @@ def holdout_references(n: int, cut: int, face: np.ndarray, rng: np.random.Genera
 
 
 @torch.no_grad()
-def generate(model, crops, targets, refs, tokens, batch_size: int = 32, bar=None) -> np.ndarray:
-    """crops (N, S, S, 3) uint8; targets, refs (K,) frame indices; tokens (K, n L, D) -> generated uint8 (K, S, S, 3).
-    Only the targets' upper halves reach the model."""
-    p = next(model.unet.parameters())
+def regenerate_crops(model, crops, targets, refs, windows, batch_size: int = 32, bar=None) -> np.ndarray:
+    """crops (N, S, S, 3) uint8; targets, refs (K,) frame indices; audio windows (K, n L, D) -> generated uint8
+    (K, S, S, 3). Only the targets' upper halves reach the model."""
     out = []
     for i in range(0, len(targets), batch_size):
         sl = slice(i, min(len(targets), i + batch_size))
         unet_in = model.face.unet_input(np.asarray(crops[targets[sl]]), np.asarray(crops[refs[sl]]))
-        out.append(model.face.decode_uint8(model.predict_latents(unet_in, tokens[sl].to(p.device, p.dtype))))
+        out.append(to_uint8_images(model(unet_in, windows[sl])))
         if bar is not None:
             bar.update(sl.stop - sl.start)
     return np.concatenate(out)
-
-
-def generate_clip(model, clip, refs: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Regenerate every frame of a prepared clip from its own audio -> uint8 crops (N, S, S, 3)."""
-    n = len(clip)
-    tokens = model.tokens_from_wave(clip.wave, n, clip.fps)
-    return generate(model, clip.crops, np.arange(n), refs, tokens, batch_size)
 
 
 def synthetic_sync(model, clip_dirs, seed: int = 0, max_frames: int | None = None):
@@ -99,8 +92,8 @@ def synthetic_sync(model, clip_dirs, seed: int = 0, max_frames: int | None = Non
         n = len(clip) if max_frames is None else min(len(clip), max_frames)
         rng = np.random.default_rng([seed, len(truth)])
         refs = far_references(len(clip), rng)[:n]
-        tokens = model.tokens_from_wave(clip.wave, len(clip), clip.fps)[:n]
-        gen.append(measure_opening(generate(model, clip.crops, np.arange(n), refs, tokens)))
+        windows = model.audio_windows(clip.wave, len(clip), clip.fps)[:n]
+        gen.append(measure_opening(regenerate_crops(model, clip.crops, np.arange(n), refs, windows)))
         ref.append(measure_opening(np.asarray(clip.crops[refs])))
         truth.append(clip.truth["opening"][:n])
     if not truth:
@@ -207,8 +200,8 @@ def evaluate_clip(model, syncnet, clip, *, seed=0, holdout=0.2, max_frames=0, ba
     rng = np.random.default_rng([seed, zlib.crc32(clip.name.encode())])
     refs = holdout_references(n, cut, clip.face[:n], rng)
     crops = model_crops(clip, n, S)
-    tokens = model.tokens_from_wave(clip.wave, len(clip), clip.fps)[:n]
-    gen = generate(model, crops, np.arange(n), refs, tokens, batch_size, bar)
+    windows = model.audio_windows(clip.wave, len(clip), clip.fps)[:n]
+    gen = regenerate_crops(model, crops, np.arange(n), refs, windows, batch_size, bar)
     videos = {"generated": gen, "ground_truth": crops, "copy_reference": crops[refs]}
     res = {"name": clip.name, "path": str(clip.path), "kind": "synthetic" if synthetic else "real", "frames": n,
            "heldout_from": cut, "fps": clip.fps}

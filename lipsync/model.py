@@ -38,25 +38,24 @@ class LipSync(nn.Module):
     def trainable_audio(self) -> bool:
         return isinstance(self.audio, MelEncoder)
 
-    # ---- audio -> tokens
-    def tokens_from_spans(self, mel_spans: torch.Tensor, context: int, n: int) -> torch.Tensor:
-        """Training: mel spans (B, 80, 2 (n + 2 context)) -> tokens (B, n L, D) with PE."""
-        return self.pe(encode_windows(self.audio, mel_spans, context, n))
+    # ---- audio -> per-frame audio features (windows); the positional encoding is added in forward
+    def span_windows(self, mel_spans: torch.Tensor, context: int, n: int) -> torch.Tensor:
+        """Training: mel spans (B, 80, 2 (n + 2 context)) -> windows (B, n L, D) of their middle n steps."""
+        return encode_windows(self.audio, mel_spans, context, n)
 
     @torch.no_grad()
-    def tokens_from_wave(self, wave: torch.Tensor, n_frames: int, fps: float) -> torch.Tensor:
-        """Inference: a whole 16 kHz wave -> per-frame tokens (n_frames, n L, D) with PE."""
+    def audio_windows(self, wave: torch.Tensor, n_frames: int, fps: float) -> torch.Tensor:
+        """Inference: a whole 16 kHz wave -> per-frame windows (n_frames, n L, D)."""
         feats = self.audio.encode(wave)  # (1, L, T, D)
-        return self.pe(frame_windows(feats, n_frames, fps, self.left, self.right))
+        return frame_windows(feats, n_frames, fps, self.left, self.right)
 
-    # ---- latents -> images
-    def predict_latents(self, unet_in: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        # (B, 8, s, s), (B, N, D) -> scaled latents (B, 4, s, s); single step at t = 0
-        return self.unet(unet_in, 0, tokens)
-
-    def forward(self, unet_in: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, 8, s, s), (B, N, D) -> generated faces (B, 3, S, S) in [-1, 1]."""
-        return self.face.decode(self.predict_latents(unet_in, tokens))
+    # ---- the MuseTalk step
+    def forward(self, unet_in: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """UNet image input (B, 8, s, s) from `self.face.unet_input` and audio windows (B, N, D) -> generated faces
+        (B, 3, S, S) in [-1, 1]. One UNet pass at t = 0 predicts the scaled latents; no diffusion sampling."""
+        w = self.unet.conv_in.weight
+        tokens = self.pe(windows.to(w.device, w.dtype))  # (B, N, D) + sinusoidal PE
+        return self.face.decode(self.unet(unet_in, 0, tokens))  # (B, 4, s, s) -> (B, 3, S, S)
 
     # ---- checkpoints
     def configs(self) -> dict:

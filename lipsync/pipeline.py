@@ -8,8 +8,8 @@ loops without a jump. Per frame the loop then runs only audio tokens -> UNet -> 
 
     track = track_frames(frames, tracker)                 # or read_track(...) / a BoxTracker for --bbox
     avatar = prepare_avatar(frames, fps, track, model)    # save_avatar(avatar, DIR) / load_avatar(DIR, model)
-    for frame in generate(model, avatar, model.tokens_from_wave(wave, n, fps)): ...
-    for frame in stream(model, avatar, audio_chunks): ...  # MelEncoder checkpoints: frames while audio arrives
+    for frame in avatar_frames(model, avatar, model.audio_windows(wave, n, fps)): ...
+    for frame in stream_frames(model, avatar, audio_chunks): ...  # MelEncoder checkpoints: frames as audio arrives
 
 A saved avatar is a folder written as DIR.partial and renamed when complete: frames.npy (N, H, W, 3) uint8,
 track.npz (spec layout), latents.npy (N, 8, s, s) float32, blend.npz, and avatar_info.json (crop size, fps, the VAE
@@ -31,6 +31,7 @@ from .blend import Blend, make_blend, paste
 from .mel_encoder import MelEncoder
 from .prepare import track_frames as _track_and_fill
 from .tracking import crop_box, crop_faces, smooth_boxes
+from .vae import to_uint8_images
 
 AVATAR_VERSION = 1
 
@@ -212,35 +213,33 @@ def load_avatar(folder, model) -> Avatar:
 
 
 @torch.inference_mode()
-def _render(model, avatar: Avatar, tokens: torch.Tensor, first: int, colour: bool, pad_to: int = 0):
-    """Tokens (b, T, D) for output frames first .. first + b - 1 -> those frames, in order. With pad_to, the model
-    always sees pad_to frames (the last face frame repeated, extra outputs dropped): static shapes for compiled
+def _render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: bool, pad_to: int = 0):
+    """Audio windows (b, T, D) for output frames first .. first + b - 1 -> those frames, in order. With pad_to, the
+    model always sees pad_to frames (the last face frame repeated, extra outputs dropped): static shapes for compiled
     models and CUDA graphs."""
-    src = avatar.source_index(np.arange(first, first + len(tokens)))
+    src = avatar.source_index(np.arange(first, first + len(windows)))
     has = avatar.track.face[src]
     crops = iter(())
     if has.any():
-        p = next(model.unet.parameters())
         sel = np.flatnonzero(has)
         if len(sel) < pad_to:
             sel = np.concatenate([sel, np.full(pad_to - len(sel), sel[-1])])
         unet_in = avatar.latents[torch.from_numpy(src[sel]).to(avatar.latents.device)]
-        latents = model.predict_latents(unet_in, tokens[torch.from_numpy(sel)].to(p.device, p.dtype))
-        crops = iter(model.face.decode_uint8(latents))  # (b', S, S, 3)
+        crops = iter(to_uint8_images(model(unet_in, windows[torch.from_numpy(sel)])))  # (b', S, S, 3)
     for j, i in enumerate(src):
         yield paste(avatar.frames[i], next(crops), avatar.blends[i], colour) if has[j] else np.array(avatar.frames[i])
 
 
-def generate(model, avatar: Avatar, tokens, batch_size=8, start=0, colour=True, static=False):
-    """Audio tokens -> full frames (H, W, 3) uint8, yielded in order as each batch is made.
+def avatar_frames(model, avatar: Avatar, windows, batch_size=8, start=0, colour=True, static=False):
+    """Audio windows -> full frames (H, W, 3) uint8, yielded in order as each batch is made.
 
-    tokens: (n, T, D) with PE (model.tokens_from_wave) for n output frames, or an iterable of such blocks arriving
-    over time (stream_tokens); blocks are re-batched to batch_size (the last batch may be smaller). Output frame i
-    (counting from `start`) shows avatar.source_index(i); frames without a face pass through unchanged.
+    windows: (n, T, D) (model.audio_windows) for n output frames, or an iterable of such blocks arriving over time
+    (stream_windows); blocks are re-batched to batch_size (the last batch may be smaller). Output frame i (counting
+    from `start`) shows avatar.source_index(i); frames without a face pass through unchanged.
     static: every UNet/decoder call gets exactly batch_size frames (tails and no-face gaps padded), so a compiled
     model never re-compiles; the frames are the same.
     """
-    blocks = [tokens] if isinstance(tokens, torch.Tensor) else tokens
+    blocks = [windows] if isinstance(windows, torch.Tensor) else windows
     pending, done, pad_to = None, start, batch_size if static else 0
     for block in blocks:
         pending = block if pending is None else torch.cat([pending, block.to(pending.device)])
@@ -251,25 +250,25 @@ def generate(model, avatar: Avatar, tokens, batch_size=8, start=0, colour=True, 
         yield from _render(model, avatar, pending, done, colour, pad_to)
 
 
-def stream_tokens(model, chunks, fps):
-    """16 kHz mono audio chunks (any sizes) -> token blocks (k, T, D) with PE as soon as each frame's audio is in.
+def stream_windows(model, chunks, fps):
+    """16 kHz mono audio chunks (any sizes) -> window blocks (k, T, D) as soon as each frame's audio is in.
 
     Only MelEncoder checkpoints stream (a whisper encoder needs the whole file); concatenated, the blocks equal
-    model.tokens_from_wave(whole_wave, floor(seconds * fps), fps).
+    model.audio_windows(whole_wave, floor(seconds * fps), fps).
     """
     if not isinstance(model.audio, MelEncoder):
         raise ValueError("streaming audio needs a checkpoint with our MelEncoder; whisper features are whole-file")
-    p = next(model.audio.parameters())
     mel_stream = MelStream(model.audio, fps, model.left, model.right)
     for chunk in chunks:
         windows = mel_stream.push(chunk)
         if len(windows):
-            yield model.pe(windows.to(p.device, p.dtype))
+            yield windows
     windows = mel_stream.finish()
     if len(windows):
-        yield model.pe(windows.to(p.device, p.dtype))
+        yield windows
 
 
-def stream(model, avatar: Avatar, chunks, batch_size=8, colour=True, static=False):
+def stream_frames(model, avatar: Avatar, chunks, batch_size=8, colour=True, static=False):
     """Realtime: audio chunks in, frames out (each batch as soon as its audio has arrived)."""
-    return generate(model, avatar, stream_tokens(model, chunks, avatar.fps), batch_size, colour=colour, static=static)
+    return avatar_frames(model, avatar, stream_windows(model, chunks, avatar.fps), batch_size, colour=colour,
+                         static=static)

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from .losses import feature_matching, lsgan_d_loss, lsgan_g_loss, mouth_crops
 from .syncnet import lower_half, sync_loss, sync_pairs, syncnet_bce
-from .vae import mask_lower_half
 
 
 def lr_lambda(warmup: int, total: int, floor: float = 0.0):
@@ -114,25 +113,18 @@ def augment_mel(mel: torch.Tensor, p: float, generator: torch.Generator) -> torc
 
 
 
-def unet_inputs(model, batch):
-    """Frozen VAE: masked targets and references -> (N, 8, s, s) scaled latents, and flattened targets."""
-    target, reference = batch["target"], batch["reference"]
+def generate_batch(model, batch, mel_context: int):
+    """Flattened batch -> generated faces (N, 3, S, S). The frozen VAE encodes [masked target, reference]; audio
+    windows come from mel spans (N, 80, 2 (n + 2c)) through the trainable MelEncoder, or are precomputed whisper
+    windows (N, n L, 384)."""
     with torch.no_grad():
-        latents = model.face.encode(torch.cat([mask_lower_half(target), reference]))
-    masked, ref = latents.chunk(2)
-    return torch.cat([masked, ref], dim=1), target
-
-
-def generate(model, batch, mel_context: int):
-    """Flattened batch -> (generated (N, 3, S, S), target (N, 3, S, S)). Audio tokens come from mel spans
-    (N, 80, 2 (n + 2c)) through the trainable MelEncoder, or from precomputed whisper tokens (N, n L, 384)."""
-    unet_in, target = unet_inputs(model, batch)
+        unet_in = model.face.unet_input(batch["target"], batch["reference"])  # (N, 8, s, s)
     if "mel" in batch:
         n = batch["mel"].shape[-1] // 2 - 2 * mel_context
-        tokens = model.tokens_from_spans(batch["mel"], mel_context, n)
+        windows = model.span_windows(batch["mel"], mel_context, n)
     else:
-        tokens = model.pe(batch["audio"])
-    return model(unet_in, tokens), target
+        windows = batch["audio"]
+    return model(unet_in, windows)
 
 
 def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=None):
@@ -142,7 +134,7 @@ def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=No
     if cfg.mel_augment and "mel" in batch:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         batch = dict(batch, mel=augment_mel(batch["mel"], cfg.mel_augment, g))
-    pred, target = generate(model, batch, cfg.mel_context)
+    pred, target = generate_batch(model, batch, cfg.mel_context), batch["target"]
     l1 = weighted_l1(pred, target, cfg.lower_weight)
     p = perceptual(pred, target)
     loss = cfg.l1_weight * l1 + cfg.perceptual_weight * p

@@ -211,6 +211,3 @@ class FaceVAE(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         # scaled latents (B, 4, s, s) -> images (B, 3, S, S) in [-1, 1]
         return self.vae.decode(latents / self.scale)
-
-    def decode_uint8(self, latents: torch.Tensor) -> np.ndarray:
-        return to_uint8_images(self.decode(latents))

@@ -6,7 +6,7 @@ import torch
 
 import lipsync
 from lipsync.unet import UNet, UNetConfig
-from lipsync.vae import AutoencoderKL, FaceVAE, VAEConfig
+from lipsync.vae import AutoencoderKL, FaceVAE, VAEConfig, to_uint8_images
 from lipsync.weights import CheckpointError, convert_legacy_vae
 from media import UNET_KEYS, VAE_KEYS
 
@@ -254,7 +254,7 @@ def test_face_vae_masks_lower_half_and_orders_masked_first():
         masked[:, :, 32:] = -1
         expected_masked = vae.encode(masked).mean * 0.18215
         expected_ref = vae.encode(refs.permute(0, 3, 1, 2).float() / 127.5 - 1).mean * 0.18215
-        out = face.decode_uint8(x[:, 4:])
+        out = to_uint8_images(face.decode(x[:, 4:]))
     assert x.shape == (2, 8, 16, 16)
     assert torch.allclose(x[:, :4], expected_masked, atol=1e-5)
     assert torch.allclose(x[:, 4:], expected_ref, atol=1e-5)
