@@ -24,12 +24,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from lipsync.data import Stage1Dataset, Stage2Dataset, list_clips
-from lipsync.losses import PatchDiscriminator, PerceptualLoss
+from lipsync.training.data import Stage1Dataset, Stage2Dataset, list_clips
+from lipsync.training.losses import PatchDiscriminator, PerceptualLoss
 from lipsync.mel_encoder import MelEncoderConfig
 from lipsync.model import LipSync, atomic_save, export
-from lipsync.syncnet import SyncNet, SyncNetConfig
-from lipsync.training import (Objective, discriminator_loss, frames_of, generator_losses, latent_scale, lr_lambda,
+from lipsync.training.syncnet import SyncNet, SyncNetConfig
+from lipsync.training.steps import (Objective, discriminator_loss, frames_of, generator_losses, latent_scale, lr_lambda,
                               sample_grid, syncnet_step, vae_step)
 from lipsync.unet import UNet, UNetConfig
 from lipsync.vae import AutoencoderKL, VAEConfig
@@ -42,7 +42,7 @@ STAGES = ("vae", "syncnet", "stage1", "stage2")
 class TrainConfig:
     preset: str = "tiny"  # tiny (CPU demo) | musetalk (published sizes and hyperparameters)
     stage: str = "all"  # all | vae | syncnet | stage1 | stage2 | comma list
-    data: str = "data/synthetic"  # prepared clips (lipsync.prepare / lipsync.synthetic)
+    data: str = "data/synthetic"  # prepared clips (lipsync.training.prepare / lipsync.tools.synthetic)
     out: str = "runs/tiny"
     synthetic_clips: int = 40  # generated into `data` when it holds no clips
     synthetic_seconds: float = 10.0
@@ -470,10 +470,10 @@ def ensure_data(run: Run):
     if os.path.isdir(cfg.data) and list_clips(cfg.data):
         return
     if cfg.data != TrainConfig.data:
-        raise SystemExit(f"no prepared clips in {cfg.data} (make them with python -m lipsync.prepare)")
+        raise SystemExit(f"no prepared clips in {cfg.data} (make them with python -m lipsync.training.prepare)")
     run.say(f"no data in {cfg.data}: generating {cfg.synthetic_clips} synthetic clips")
     if run.main:
-        from lipsync import synthetic
+        from lipsync.tools import synthetic
         synthetic.main(["--out", cfg.data, "--clips", str(cfg.synthetic_clips), "--seconds",
                         str(cfg.synthetic_seconds), "--size", str(cfg.crop_size), "--seed", str(cfg.seed)])
     if run.world > 1:
@@ -482,7 +482,7 @@ def ensure_data(run: Run):
 
 def learning_check(run: Run, model: LipSync):
     """Held-out synthetic clips: does the generated mouth follow the audio? (Pearson r vs. ground truth)."""
-    from lipsync.eval import synthetic_sync
+    from lipsync.tools.eval import synthetic_sync
     clips = [c for c in list_clips(run.cfg.data, "val")]
     if not clips or not run.main:
         return

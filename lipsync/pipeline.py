@@ -29,8 +29,7 @@ import torch
 from .audio import MelStream
 from .blend import Blend, make_blend, paste
 from .mel_encoder import MelEncoder
-from .prepare import track_frames as _track_and_fill
-from .tracking import crop_box, crop_faces, smooth_boxes
+from .tracking import crop_box, crop_faces, smooth_boxes, track_and_fill
 from .vae import to_uint8_images
 
 AVATAR_VERSION = 1
@@ -51,8 +50,8 @@ class Track:
 
 
 def track_frames(frames, tracker, bbox_shift=0.0, margin=10.0, smooth_sigma=2.0, bar=None) -> Track:
-    """Run a tracker (tracking.MeshTracker / BoxTracker) over frames, as lipsync.prepare does; closes it."""
-    landmarks, face, _ = _track_and_fill(frames, tracker, bar)
+    """Run a tracker (tracking.MeshTracker / BoxTracker) over frames, as lipsync.training.prepare does; closes it."""
+    landmarks, face, _ = track_and_fill(frames, tracker, bar)
     return Track(landmarks, face, smooth_boxes(crop_box(landmarks, bbox_shift, margin), smooth_sigma), tracker.name)
 
 
@@ -67,7 +66,7 @@ def track_file(media) -> Path | None:
 
 
 def read_track(path, bbox_shift=0.0, margin=10.0, smooth_sigma=2.0) -> Track:
-    """track.npz (landmarks, face, boxes as written by lipsync.prepare). Its boxes are used as they are unless
+    """track.npz (landmarks, face, boxes as written by lipsync.training.prepare). Its boxes are used as they are unless
     bbox_shift moves the midline; then they are recomputed from the landmarks with the file's own chin margin."""
     with np.load(path) as z:
         landmarks, face = z["landmarks"].astype(np.float32), z["face"].astype(bool)

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from lipsync.synthetic import SR
+from lipsync.tools.synthetic import SR
 from lipsync.tracking import crop_faces
 from lipsync.video import iter_frames
 

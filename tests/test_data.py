@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lipsync import synthetic
+from lipsync.tools import synthetic
 from lipsync.audio import log_mel
-from lipsync.data import Stage1Dataset, Stage2Dataset, clip_split, list_clips, load_clip
+from lipsync.training.data import Stage1Dataset, Stage2Dataset, clip_split, list_clips, load_clip
 from lipsync.tracking import to_crop_coords
 
 NO_FACE = np.arange(20, 40)  # frames of train_0000 marked as "no face found"

@@ -1,12 +1,12 @@
-"""lipsync.dubcheck: the mouth-follows-speech check on finished videos, on puppets whose mouth truth is known."""
+"""lipsync.tools.dubcheck: the mouth-follows-speech check on finished videos, on puppets whose mouth truth is known."""
 
 import json
 
 import numpy as np
 import pytest
 
-from lipsync import dubcheck
-from lipsync import puppet as P
+from lipsync.tools import dubcheck
+from lipsync.tools import puppet as P
 from lipsync.video import write_video
 
 pytest.importorskip("mediapipe")  # the check's tracker; installed with the dev requirements, so CI runs these

@@ -1,4 +1,4 @@
-"""Evaluation metrics on cases with known answers, and `python -m lipsync.eval` end to end on a tiny random model."""
+"""Evaluation metrics on cases with known answers, and `python -m lipsync.tools.eval` end to end on a tiny random model."""
 
 import dataclasses
 import json
@@ -12,15 +12,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lipsync import eval as ev
-from lipsync import metrics
-from lipsync.eval_report import to_json
-from lipsync.data import MIN_GAP, load_clip
-from lipsync.losses import ssim
+from lipsync.tools import eval as ev
+from lipsync.tools import metrics
+from lipsync.tools.eval_report import to_json
+from lipsync.training.data import MIN_GAP, load_clip
+from lipsync.training.losses import ssim
 from lipsync.mel_encoder import MelEncoderConfig
 from lipsync.model import build, export, load_lipsync
-from lipsync.syncnet import SyncNet, SyncNetConfig
-from lipsync.synthetic import SR, make_clip, write_clip
+from lipsync.training.syncnet import SyncNet, SyncNetConfig
+from lipsync.tools.synthetic import SR, make_clip, write_clip
 from lipsync.unet import UNetConfig
 from lipsync.vae import VAEConfig
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.utils.parametrize as parametrize
 from scipy.ndimage import gaussian_filter
 
-from lipsync.losses import (VGG19, PatchDiscriminator, PerceptualLoss, antialias_downsample, feature_matching,
+from lipsync.training.losses import (VGG19, PatchDiscriminator, PerceptualLoss, antialias_downsample, feature_matching,
                             image_pyramid, lsgan_d_loss, lsgan_g_loss, mouth_boxes, mouth_crops, ssim)
 
 # torchvision.models.vgg19().features: conv index -> weight shape (16 convs; ReLU/MaxPool have no parameters).

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from lipsync import prepare as P
+from lipsync.training import prepare as P
 from lipsync import tracking as T
 from lipsync.video import iter_frames, read_video, resample_indices, write_video
 from media import SPEECH_48K, VIDEO

@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lipsync import puppet as P
-from lipsync.data import load_clip
-from lipsync.synthetic import SR, frame_envelope
+from lipsync.tools import puppet as P
+from lipsync.training.data import load_clip
+from lipsync.tools.synthetic import SR, frame_envelope
 from lipsync.tracking import to_crop_coords
 
 

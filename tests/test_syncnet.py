@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lipsync.syncnet import (SyncNet, SyncNetConfig, lower_half, sync_loss, sync_offsets, sync_pairs,
+from lipsync.training.syncnet import (SyncNet, SyncNetConfig, lower_half, sync_loss, sync_offsets, sync_pairs,
                              syncnet_bce)
 
 

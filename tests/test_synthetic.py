@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from lipsync import synthetic
-from lipsync.data import load_clip
-from lipsync.synthetic import (SR, Voice, frame_envelope, make_clip, measure_opening, random_sequence, synth_audio)
+from lipsync.tools import synthetic
+from lipsync.training.data import load_clip
+from lipsync.tools.synthetic import (SR, Voice, frame_envelope, make_clip, measure_opening, random_sequence, synth_audio)
 from lipsync.tracking import to_crop_coords
 
 

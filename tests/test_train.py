@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import train
-from lipsync import synthetic
-from lipsync.data import Stage1Dataset, Stage2Dataset
-from lipsync.losses import PatchDiscriminator, PerceptualLoss
+from lipsync.tools import synthetic
+from lipsync.training.data import Stage1Dataset, Stage2Dataset
+from lipsync.training.losses import PatchDiscriminator, PerceptualLoss
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
 from lipsync.model import LipSync, atomic_save
-from lipsync.syncnet import SyncNet, SyncNetConfig
-from lipsync.training import discriminator_loss, frames_of, generator_losses, syncnet_step, vae_step
+from lipsync.training.syncnet import SyncNet, SyncNetConfig
+from lipsync.training.steps import discriminator_loss, frames_of, generator_losses, syncnet_step, vae_step
 from lipsync.unet import UNet, UNetConfig
 from lipsync.vae import AutoencoderKL, VAEConfig
 

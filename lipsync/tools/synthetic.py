@@ -6,7 +6,7 @@ resonators tied to the same mouth shape (F1 ~ opening, F2 ~ roundness). A model 
 be scored exactly: `measure_opening` reads the opening back from rendered crops. Recipe and ranges follow
 ../shared/tiny-training-notes.md; clips are written in the prepared-clip layout of notes/spec.md.
 
-    python -m lipsync.synthetic --out DIR --clips 20 --seconds 10 [--size 64] [--frame 128] [--seed 0] [--heldout 0.2]
+    python -m lipsync.tools.synthetic --out DIR --clips 20 --seconds 10 [--size 64] [--frame 128] [--seed 0] [--heldout 0.2]
 """
 
 import argparse
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lipsync import data
-from lipsync.synthetic_face import Face, measure_opening, random_motion, render
+from lipsync.training import data
+from lipsync.tools.synthetic_face import Face, measure_opening, random_motion, render
 from lipsync.tracking import crop_box, crop_faces
 
 __all__ = ["Sequence", "random_sequence", "Voice", "synth_audio", "frame_envelope", "Face", "render",
@@ -262,7 +262,7 @@ def run_jobs(fn, arg_tuples, workers: int, desc: str) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m lipsync.synthetic", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lipsync.tools.synthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (one sub-directory per clip)")
     p.add_argument("--clips", type=int, default=20)
     p.add_argument("--seconds", type=float, default=10.0)

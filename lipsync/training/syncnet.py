@@ -14,7 +14,7 @@ resample to 25 fps (or pick `mel_per_frame` = 100/fps when that is an integer).
 
 Losses: `sync_loss` is MuseTalk's generator term BCE(clamp(cos, 0, 1), 1); `syncnet_bce` trains SyncNet on in-sync
 and shifted pairs built by `sync_pairs`. `sync_offsets` slides audio against video over a whole clip (LSE-D/LSE-C
-style). Learning rate matters: tiny preset on lipsync.synthetic clips, batch 32, AdamW betas (0.5, 0.999), 500 steps:
+style). Learning rate matters: tiny preset on lipsync.tools.synthetic clips, batch 32, AdamW betas (0.5, 0.999), 500 steps:
 lr 1e-4 and 3e-4 reach ~0.8 held-out pair accuracy and find the true offset on every held-out clip; lr 1e-3 swings
 the mean cosine from batch to batch and collapses within ~10 steps to a constant cos = 0.5 (loss 0.693) it never leaves.
 """

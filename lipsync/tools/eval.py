@@ -10,7 +10,7 @@ reference comes from them. Four groups, each next to baselines:
     prediction) and for the real frames (the measurement's ceiling). A constant mean-mouth predictor has no r, so
     L1 to the opening measured on the real frames is also given, with the mean-mouth predictor = the clip's mean
     measured opening over its first 80 %.
-(b) the held-out last 20 %: mouth-region PSNR / SSIM / L1 against the real frames (lipsync.metrics), generated vs.
+(b) the held-out last 20 %: mouth-region PSNR / SSIM / L1 against the real frames (lipsync.tools.metrics), generated vs.
     copy-reference. Real prepared clips come from --clip; without them the synthetic held-out clips are used.
 (c) sync: best audio offset in +-15 frames, distance there (LSE-D-like) and median minus minimum (LSE-C-like) from
     OUR SyncNet (the one in the checkpoint), for generated, real and copy-reference video. The scale is our SyncNet's
@@ -18,7 +18,7 @@ reference comes from them. Four groups, each next to baselines:
 (d) silence: mean mouth opening on silent stretches (audio RMS below a threshold) vs. speech, generated, real and
     copy-reference. Opening = dark-interior height on synthetic faces; mediapipe inner-lip gap on real clips.
 
-    python -m lipsync.eval --ckpt runs/tiny/lipsync.pt --data data/synthetic [--clip CLIP ...] --out results/eval
+    python -m lipsync.tools.eval --ckpt runs/tiny/lipsync.pt --data data/synthetic [--clip CLIP ...] --out results/eval
 
 Writes OUT/eval.json and OUT/heldout_strip.png (rows per clip: real, generated, copy-reference); pooling and printing
 live in lipsync/eval_report.py, the metric maths in lipsync/metrics.py. `synthetic_sync` is the quick check train.py
@@ -36,15 +36,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import metrics
-from .eval_report import SCALE_NOTE, clip_record, print_report, strip_image, summarise, to_json
-from .data import MIN_GAP, list_clips, load_clip
-from .melspec import log_mel
-from .metrics import pearson
-from .synthetic import measure_opening
-from .syncnet import SyncNet, SyncNetConfig
-from .tracking import to_crop_coords
-from .vae import to_uint8_images
+from lipsync.tools import metrics
+from lipsync.tools.eval_report import SCALE_NOTE, clip_record, print_report, strip_image, summarise, to_json
+from lipsync.training.data import MIN_GAP, list_clips, load_clip
+from lipsync.melspec import log_mel
+from lipsync.tools.metrics import pearson
+from lipsync.tools.synthetic import measure_opening
+from lipsync.training.syncnet import SyncNet, SyncNetConfig
+from lipsync.tracking import to_crop_coords
+from lipsync.vae import to_uint8_images
 
 STRIP_FRAMES = 8  # held-out frames per clip in the PNG strip
 
@@ -152,7 +152,7 @@ def eval_clip_dirs(data, clips, split="val") -> list[Path]:
                              f"--split all evaluates every clip)")
     for c in clips or []:
         if not (Path(c) / "meta.json").exists():
-            raise SystemExit(f"--clip {c}: not a complete prepared clip (no meta.json; see python -m lipsync.prepare)")
+            raise SystemExit(f"--clip {c}: not a complete prepared clip (no meta.json; see python -m lipsync.training.prepare)")
         out.append(Path(c))
     return out
 
@@ -174,7 +174,7 @@ def mouth_opening(crops, synthetic: bool):
     """Opening per frame (fraction of crop height; NaN where unmeasurable) or None when no measure is available."""
     if synthetic:
         return measure_opening(crops)
-    from .tracking import MediapipeMissing, MeshTracker, track_landmarks
+    from lipsync.tracking import MediapipeMissing, MeshTracker, track_landmarks
     try:
         tracker = MeshTracker()
     except MediapipeMissing:
@@ -247,7 +247,7 @@ def evaluate_clip(model, syncnet, clip, *, seed=0, holdout=0.2, max_frames=0, ba
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m lipsync.eval", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m lipsync.tools.eval", description=__doc__.split("\n\n")[0],
                                 epilog="Groups (a)-(d) are described in the module docstring.")
     p.add_argument("--ckpt", required=True, help="our checkpoint (lipsync.pt from train.py)")
     p.add_argument("--data", help="folder of prepared clips; its held-out ('val') clips are evaluated")
@@ -280,8 +280,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
 
-    from .model import load_lipsync
-    from .weights import CheckpointError
+    from lipsync.model import load_lipsync
+    from lipsync.weights import CheckpointError
     try:
         model = load_lipsync(args.ckpt, device, whisper=args.whisper)
         syncnet = load_syncnet(args.syncnet or args.ckpt)

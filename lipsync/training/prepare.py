@@ -1,6 +1,6 @@
 """Clip preparation: a talking-head video (+ audio) -> DIR/<clip>/ with crops, track, audio and meta (spec layout).
 
-    python -m lipsync.prepare VIDEO [VIDEO ...] --out DIR [--audio WAV] [--fps 25] [--bbox x1,y1,x2,y2]
+    python -m lipsync.training.prepare VIDEO [VIDEO ...] --out DIR [--audio WAV] [--fps 25] [--bbox x1,y1,x2,y2]
                               [--bbox-shift N] [--crop-size 256]
 
 Two streaming passes over the video (memory stays at one frame + the crops): pass 1 tracks every source frame,
@@ -23,10 +23,10 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from .audio import load_audio
-from .tracking import BoxTracker, MediapipeMissing, MeshTracker, crop_box, crop_face, fill_missing, parse_bbox
-from .tracking import smooth_boxes, track_landmarks
-from .video import SAMPLE_RATE, extract_audio, fit_length, iter_frames, resample_indices, select_frames, video_info
+from lipsync.audio import load_audio
+from lipsync.tracking import BoxTracker, MediapipeMissing, MeshTracker, crop_box, crop_face, fill_missing, parse_bbox
+from lipsync.tracking import smooth_boxes, track_and_fill
+from lipsync.video import SAMPLE_RATE, extract_audio, fit_length, iter_frames, resample_indices, select_frames, video_info
 
 
 @dataclass
@@ -37,30 +37,6 @@ class Prepared:
     skipped: bool  # True when the clip was already complete
     seconds: float = 0.0  # wall time
     track_ms: float = 0.0  # tracker time per source frame
-
-
-def track_frames(frames, tracker, bar=None):
-    """Track every frame, then give frames without a face the nearest face's landmarks; closes the tracker.
-
-    Returns (landmarks (N, 68, 2) float32, face (N,) bool, tracker milliseconds per frame). Shared by prepare_clip
-    and inference (lipsync.pipeline).
-    """
-    spent = 0.0
-
-    def timed(frame):
-        nonlocal spent
-        t0 = time.perf_counter()
-        out = tracker(frame)
-        spent += time.perf_counter() - t0
-        return out
-
-    try:
-        raw, face = track_landmarks(frames, timed, bar)
-    finally:
-        tracker.close()
-    if len(face) == 0:
-        raise ValueError("no frames decoded")
-    return fill_missing(raw, face), face, 1000 * spent / len(face)
 
 
 def _write_meta(folder, meta):
@@ -98,7 +74,7 @@ def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=
     # pass 1: landmarks for every source frame
     expected = round(info.duration * info.fps) or None
     with tqdm(total=expected, desc=f"{name}: track", unit="frame", disable=not progress, leave=False) as bar:
-        landmarks_src, face_src, track_ms = track_frames(iter_frames(video), tracker, bar)
+        landmarks_src, face_src, track_ms = track_and_fill(iter_frames(video), tracker, bar)
 
     # source fps -> target fps, then boxes
     idx = resample_indices(len(face_src), info.fps, dst_fps)
@@ -142,7 +118,7 @@ def _bbox_arg(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m lipsync.prepare", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lipsync.training.prepare", description=__doc__.split("\n")[0])
     p.add_argument("videos", nargs="+", metavar="VIDEO")
     p.add_argument("--out", required=True, help="output folder, one sub-folder per clip")
     p.add_argument("--audio", help="audio file to use instead of the video's own track (one VIDEO only)")

@@ -1,4 +1,4 @@
-"""Pooling, printing and saving `python -m lipsync.eval` results (the groups are described in lipsync/eval.py).
+"""Pooling, printing and saving `python -m lipsync.tools.eval` results (the groups are described in lipsync/tools/eval.py).
 
 `summarise` pools per-clip results by kind (synthetic / real): frames are pooled for r, PSNR/SSIM/L1 and mouth
 openings; sync numbers are averaged over clips. `print_report` prints the four groups with their baselines,
@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from .metrics import pearson
+from lipsync.tools.metrics import pearson
 
 SCALE_NOTE = ("sync distances are OUR SyncNet's (unit-embedding L2, 0..2): compare only between videos scored by "
               "the same SyncNet, never with published LSE-C/LSE-D")

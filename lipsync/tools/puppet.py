@@ -13,7 +13,7 @@ spline fitted from target to source points (lips, jaw, fixed nose/eye/crop-edge 
 (bicubic in between: landmarks land within ~0.25 px, 1 px at most, of where the warp puts their source), faded
 in below the crop's midline (rows < S/2 + S/32 are copied), applied with `grid_sample`. Boxes stay the source's.
 
-    python -m lipsync.puppet PREPARED_CLIP_DIR --out DIR --clips 20 --seconds 8 [--size 64] [--seed 0] [--heldout 0.2]
+    python -m lipsync.tools.puppet PREPARED_CLIP_DIR --out DIR --clips 20 --seconds 8 [--size 64] [--seed 0] [--heldout 0.2]
 """
 
 import argparse
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lipsync import data
-from lipsync.synthetic import HELDOUT_BASE, SR, Voice, frame_envelope, random_sequence, run_jobs, synth_audio
+from lipsync.training import data
+from lipsync.tools.synthetic import HELDOUT_BASE, SR, Voice, frame_envelope, random_sequence, run_jobs, synth_audio
 from lipsync.tracking import from_crop_coords, to_crop_coords
 
 __all__ = ["MouthStyle", "target_landmarks", "puppet_crops", "opening_from_landmarks", "dark_opening",
@@ -310,8 +310,8 @@ def _job(source, out, name, index, split, seconds, size, seed, threads):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m lipsync.puppet", description=__doc__.split("\n\n")[0])
-    p.add_argument("source", metavar="PREPARED_CLIP_DIR", help="a clip written by lipsync.prepare (crops at 256)")
+    p = argparse.ArgumentParser(prog="python -m lipsync.tools.puppet", description=__doc__.split("\n\n")[0])
+    p.add_argument("source", metavar="PREPARED_CLIP_DIR", help="a clip written by lipsync.training.prepare (crops at 256)")
     p.add_argument("--out", required=True, help="output directory (one sub-directory per clip)")
     p.add_argument("--clips", type=int, default=20)
     p.add_argument("--seconds", type=float, default=8.0)

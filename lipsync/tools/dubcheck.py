@@ -1,7 +1,7 @@
 """Does a dubbed video's mouth follow its speech? Measured from the finished mp4 alone, with no model.
 
-    python -m lipsync.dubcheck results/demo.mp4                      # the audio muxed into the video
-    python -m lipsync.dubcheck dubbed.mp4 --audio speech.wav --json check.json
+    python -m lipsync.tools.dubcheck results/demo.mp4                      # the audio muxed into the video
+    python -m lipsync.tools.dubcheck dubbed.mp4 --audio speech.wav --json check.json
 
 Per frame, mediapipe's face mesh (the optional tracker, lipsync.tracking) gives the inner-lip gap over the eye
 distance (`puppet.opening_from_landmarks`); the speech gives the RMS envelope in a 40 ms window at the frame's time
@@ -18,12 +18,12 @@ import json
 import numpy as np
 from tqdm import tqdm
 
-from .audio import load_audio
-from .metrics import pearson, silence_masks
-from .puppet import opening_from_landmarks
-from .synthetic import frame_envelope
-from .tracking import MediapipeMissing, MeshTracker, track_landmarks
-from .video import SAMPLE_RATE, extract_audio, read_video
+from lipsync.audio import load_audio
+from lipsync.tools.metrics import pearson, silence_masks
+from lipsync.tools.puppet import opening_from_landmarks
+from lipsync.tools.synthetic import frame_envelope
+from lipsync.tracking import MediapipeMissing, MeshTracker, track_landmarks
+from lipsync.video import SAMPLE_RATE, extract_audio, read_video
 
 
 def lagged_r(opening: np.ndarray, envelope: np.ndarray, lag: int) -> float:
@@ -66,7 +66,7 @@ def check(frames: np.ndarray, fps: float, wave: np.ndarray, max_lag: int = 2, si
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m lipsync.dubcheck", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lipsync.tools.dubcheck", description=__doc__.split("\n\n")[0])
     p.add_argument("video", help="a dubbed video (e.g. infer.py's output)")
     p.add_argument("--audio", help="the speech (default: the video's own audio stream)")
     p.add_argument("--max-lag", type=int, default=2, help="also report the best r over lags up to this many frames")

@@ -1,4 +1,4 @@
-"""Evaluation metrics (lipsync.eval) on uint8 crops, mouth regions, audio activity and SyncNet offsets.
+"""Evaluation metrics (lipsync.tools.eval) on uint8 crops, mouth regions, audio activity and SyncNet offsets.
 
 - `psnr`: 10 log10(R^2 / MSE) over all elements, R = 255; +inf for identical inputs.
 - `mouth_metrics`: per-frame PSNR, SSIM and L1 inside each frame's mouth box (`lipsync.data.mouth_box` from lip
@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import mouth_box
-from .losses import ssim
-from .synthetic import frame_envelope
-from .syncnet import lower_half, sync_offsets
+from lipsync.training.data import mouth_box
+from lipsync.training.losses import ssim
+from lipsync.tools.synthetic import frame_envelope
+from lipsync.training.syncnet import lower_half, sync_offsets
 
 SSIM_WINDOW = 11
 

@@ -1,6 +1,6 @@
 """Prepared clips and the two training datasets built on them.
 
-A prepared clip (notes/spec.md) is a directory written by `lipsync.prepare` or `lipsync.synthetic`: crops, track,
+A prepared clip (notes/spec.md) is a directory written by `lipsync.training.prepare` or `lipsync.tools.synthetic`: crops, track,
 audio, meta.json (written last). `load_clip` reads one; `list_clips` finds complete ones and splits them by clip.
 
 `Stage1Dataset` item: one target frame, its masked copy (rows >= S/2 set to -1), a reference frame of the same clip

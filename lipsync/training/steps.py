@@ -3,15 +3,15 @@
 Stages (musetalk-notes §4): `vae` (our own small AutoencoderKL, since sd-vae-ft-mse cannot be downloaded here),
 `syncnet` (BCE on in-sync vs shifted audio), `stage1` (single frames: L1 + perceptual pyramid) and `stage2`
 (T consecutive frames: + LSGAN on face and mouth crops with feature matching, + SyncNet loss from the frozen SyncNet).
-Every function takes a batch dict from lipsync.data and returns (loss, {name: float}) for logging.
+Every function takes a batch dict from lipsync.training.data and returns (loss, {name: float}) for logging.
 """
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .losses import feature_matching, lsgan_d_loss, lsgan_g_loss, mouth_crops
-from .syncnet import lower_half, sync_loss, sync_pairs, syncnet_bce
+from lipsync.training.losses import feature_matching, lsgan_d_loss, lsgan_g_loss, mouth_crops
+from lipsync.training.syncnet import lower_half, sync_loss, sync_pairs, syncnet_bce
 
 
 def lr_lambda(warmup: int, total: int, floor: float = 0.0):
