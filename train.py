@@ -1,4 +1,4 @@
-"""Train lipsync from random init (MuseTalk's recipe, musetalk-notes §4-5).
+"""Train lipsync from random init (MuseTalk's recipe, docs/musetalk.md §7).
 
     python train.py                                  # CPU demo: synthetic data -> vae -> syncnet -> stage1 -> stage2
     python train.py --preset musetalk --stage stage1 --data DIR --vae_path sd-vae-ft-mse/

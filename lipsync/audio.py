@@ -2,7 +2,7 @@
 
 The pieces live in small modules and meet here: `melspec` (loading, resampling, whisper log-mel), `whisper`
 (weight-compatible whisper-tiny encoder), `mel_encoder` (our tiny convolutional encoder). This module adds
-MuseTalk v1.5's per-frame windowing (musetalk-notes §3.3): frame f at `fps` takes the n = ceil(50 / fps) *
+MuseTalk v1.5's per-frame windowing (docs/musetalk.md §4): frame f at `fps` takes the n = ceil(50 / fps) *
 (left + right + 1) steps starting at floor(f * 50 / fps) - ceil(50 / fps) * left -- [2f - 4, 2f + 6) at 25 fps --
 zero-padded outside the file, flattened time-major then layer (row = L * t + layer); the sinusoidal
 PositionalEncoding added to those tokens; and MelStream, which produces the same windows from audio arriving in chunks.

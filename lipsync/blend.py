@@ -1,7 +1,7 @@
 """Paste a generated face crop back into its frame: a feathered lower-face mask from the landmarks + colour matching.
 
 MuseTalk blends through a BiSeNet face-parsing mask (skin + lips, below the midline of an expanded square, blurred;
-../shared/musetalk-notes.md §6.3). We build the mask from the 68 tracked landmarks instead, no network:
+docs/musetalk.md §6). We build the mask from the 68 tracked landmarks instead, no network:
 - the area inside the jaw line (points 0-16), pulled in a little at the cheeks (the background behind the jaw stays
   the source's) and let down below the chin (an opening mouth lowers the generated chin);
 - minus the nose, from the midline down to the nostrils;

@@ -1,6 +1,6 @@
 """Inference: frames + face track -> Avatar (everything that does not depend on the audio) -> generated frames.
 
-An `Avatar` holds what MuseTalk's realtime mode caches (../shared/musetalk-notes.md §6.4): the source frames, their
+An `Avatar` holds what MuseTalk's realtime mode caches (docs/musetalk.md §6): the source frames, their
 face track, the UNet's image input per frame -- latents of [masked crop, reference crop], the reference being the
 frame itself as in MuseTalk's inference -- and the blend masks (lipsync.blend). Output frame i shows source frame
 `avatar.source_index(i)`: the video plays forward then backward (ping-pong, 2N cycle), so audio longer than the video

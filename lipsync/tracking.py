@@ -8,7 +8,7 @@ Trackers map a frame (H, W, 3) uint8 RGB to (68, 2) float32 landmarks in source 
   landmark bounding box (brow tops to chin, jaw side to side) fills the given box. Crop geometry, blend masks and
   reference sampling then work unchanged, but the mouth landmarks do not move.
 
-Crop (../shared/musetalk-notes.md §6.2): nose point (lm 29, + bbox_shift, + = down) on the crop's horizontal midline,
+Crop (docs/musetalk.md §5): nose point (lm 29, + bbox_shift, + = down) on the crop's horizontal midline,
 bottom = chin (lm 8) + margin, square, centred on the jaw. Crops cover the integer pixel square `pixel_box(box)`
 (pixels outside the frame replicate the edge) resized to S x S; `to_crop_coords` uses the same rounding, in
 continuous coordinates where source pixel i spans [i, i + 1).

@@ -3,7 +3,7 @@
 Input: the masked current frame's latent and the reference frame's latent, concatenated (B, 8, 32, 32). Context:
 audio tokens (B, 50, 384). It runs once per frame at timestep 0 and predicts the current frame's latent (B, 4, 32, 32).
 Module names equal diffusers' so MuseTalk's `unet.pth` / `pytorch_model.bin` loads with strict=True.
-Config defaults: MuseTalk's musetalk.json (see ../shared/musetalk-notes.md §1).
+Config defaults: MuseTalk's musetalk.json (docs/musetalk.md §1).
 """
 
 import json

@@ -3,7 +3,7 @@
 256x256 RGB in [-1, 1] -> diagonal Gaussian over a (4, 32, 32) latent -> 256x256 RGB. Module names equal diffusers'
 AutoencoderKL so sd-vae-ft-mse loads with strict=True (legacy attention names are mapped by lipsync.weights).
 `FaceVAE` adds MuseTalk's conventions: lower half masked to -1, latents scaled by 0.18215, posterior mean,
-UNet input = cat([masked, reference]). Facts: ../shared/musetalk-notes.md §2.
+UNet input = cat([masked, reference]) (docs/musetalk.md §3).
 """
 
 import json

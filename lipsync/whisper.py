@@ -3,7 +3,7 @@
 Attribute names are those of transformers' `WhisperEncoder` (`conv1`, `layers.N.self_attn.q_proj`, `layer_norm`, ...),
 so a Hugging Face state dict loads after stripping its `model.encoder.` / `encoder.` prefix; OpenAI's `tiny.pt`
 (`encoder.blocks.N.attn.query`, ...) is renamed with a small template table. The output stacks every hidden state,
-(B, layers + 1, T, d), the last one after the final layer norm, as MuseTalk v1.5 uses them (musetalk-notes §3.1).
+(B, layers + 1, T, d), the last one after the final layer norm, as MuseTalk v1.5 uses them (docs/musetalk.md §4).
 """
 
 import json

@@ -3,8 +3,8 @@
 One clip = one phoneme-like control sequence (mouth opening a(t), roundness r(t), consonant noise) rendered twice:
 as frames of a simple face whose lips follow a(t) and r(t), and as 16 kHz audio from a glottal source through formant
 resonators tied to the same mouth shape (F1 ~ opening, F2 ~ roundness). A model that learns lip-sync on these clips can
-be scored exactly: `measure_opening` reads the opening back from rendered crops. Recipe and ranges follow
-../shared/tiny-training-notes.md; clips are written in the prepared-clip layout of notes/spec.md.
+be scored exactly: `measure_opening` reads the opening back from rendered crops. Clips are written in the
+prepared-clip layout (`lipsync.training.data.write_clip`).
 
     python -m lipsync.tools.synthetic --out DIR --clips 20 --seconds 10 [--size 64] [--frame 128] [--seed 0] [--heldout 0.2]
 """

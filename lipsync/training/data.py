@@ -1,11 +1,13 @@
 """Prepared clips and the two training datasets built on them.
 
-A prepared clip (notes/spec.md) is a directory written by `lipsync.training.prepare` or `lipsync.tools.synthetic`: crops, track,
-audio, meta.json (written last). `load_clip` reads one; `list_clips` finds complete ones and splits them by clip.
+A prepared clip is a directory written by `write_clip` (for `lipsync.training.prepare` and the generators in
+`lipsync.tools`): crops.npy (N, S, S, 3) uint8, track.npz (boxes (N, 4), face (N,), landmarks (N, 68, 2) in source
+pixels), audio.wav (16 kHz mono), optional truth.npz, and meta.json (fps, sr, ...; written last, so a clip is complete
+iff it exists). `load_clip` reads one; `list_clips` finds complete ones and splits them by clip.
 
 `Stage1Dataset` item: one target frame, its masked copy (rows >= S/2 set to -1), a reference frame of the same clip
 and the audio for the target. `Stage2Dataset` item: T consecutive frames in the same layout, plus the mouth box per
-frame for the mouth GAN and the mel span the SyncNet scores. References follow MuseTalk v1.5 (musetalk-notes §4.4):
+frame for the mouth GAN and the mel span the SyncNet scores. References follow MuseTalk v1.5 (docs/musetalk.md §7):
 with landmarks normalised to a 256 px crop box, take the k = int(0.51 N) frames with the most similar jaw contour
 (points 0-15) and the k with the most different inner lips (60-66); pick uniformly from their intersection, else
 (sample="random", or an empty intersection) uniformly from the whole clip. Always >= 5 frames away, inside the clip,

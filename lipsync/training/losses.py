@@ -1,4 +1,4 @@
-"""Image losses and the patch discriminator for MuseTalk v1.5 training (notes §4.2-4.3).
+"""Image losses and the patch discriminator for MuseTalk v1.5 training (docs/musetalk.md §7).
 
 - `l1`: pixel L1 on decoded images in [-1, 1].
 - `image_pyramid`: bilinear resize to 224 (configurable), then scales [1, .5, .25, .125], each made by a Gaussian blur

@@ -7,7 +7,7 @@ Two streaming passes over the video (memory stays at one frame + the crops): pas
 then the track is mapped to the target fps (nearest frame in time), gaps without a face are filled from the nearest
 face, crop boxes are smoothed; pass 2 crops. Everything is written to DIR/.<clip>.partial/ (meta.json last, via
 meta.json.tmp) and renamed to DIR/<clip> at the end, so a clip is complete iff DIR/<clip>/meta.json exists; reruns
-skip complete clips and redo everything else. Facts: ../shared/musetalk-notes.md §4.5, §6.2.
+skip complete clips and redo everything else. Crop boxes: docs/musetalk.md §5.
 """
 
 import argparse

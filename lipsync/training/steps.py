@@ -1,6 +1,6 @@
 """One optimisation step's worth of maths for each training stage, kept out of train.py's bookkeeping.
 
-Stages (musetalk-notes §4): `vae` (our own small AutoencoderKL, since sd-vae-ft-mse cannot be downloaded here),
+Stages (docs/musetalk.md §7): `vae` (our own small AutoencoderKL, since sd-vae-ft-mse cannot be downloaded here),
 `syncnet` (BCE on in-sync vs shifted audio), `stage1` (single frames: L1 + perceptual pyramid) and `stage2`
 (T consecutive frames: + LSGAN on face and mouth crops with feature matching, + SyncNet loss from the frozen SyncNet).
 Every function takes a batch dict from lipsync.training.data and returns (loss, {name: float}) for logging.

@@ -1,4 +1,4 @@
-"""SyncNet: scores whether T lower-half face frames and an audio span are in sync (notes §4.3, §5).
+"""SyncNet: scores whether T lower-half face frames and an audio span are in sync (docs/musetalk.md §7).
 
 Architecture after LatentSync's `stable_syncnet` (used frozen by MuseTalk v1.5): two convolutional towers
 (conv_in, then per stage a ResNet block and an optional stride-k 3x3 downsample, then GroupNorm + ReLU) map
