@@ -69,7 +69,7 @@ def timed(fns: dict, device, iters: int, warmup: int = 2) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def configs(preset: str):
+def preset_configs(preset: str):
     if preset == "tiny":
         return UNetConfig.tiny(), VAEConfig.tiny(), MelEncoderConfig.tiny(), 64
     return UNetConfig(), VAEConfig(), MelEncoderConfig(), 256
@@ -120,7 +120,7 @@ def main(argv=None):
     batches = [int(b) for b in (args.batch or ("1" if args.preset == "musetalk" and device.type == "cpu"
                                                else "1,8,32")).split(",")]
     args.frames = args.frames or (4 if args.preset == "musetalk" and device.type == "cpu" else 48)
-    unet_cfg, vae_cfg, audio_cfg, crop = configs(args.preset)
+    unet_cfg, vae_cfg, audio_cfg, crop = preset_configs(args.preset)
     torch.manual_seed(0)
     unet, vae, audio = UNet(unet_cfg).eval(), AutoencoderKL(vae_cfg).eval(), MelEncoder(audio_cfg).eval()
     ref_unet, ref_vae = diffusers_twins(unet, vae)

@@ -10,8 +10,8 @@
 The output has the input's resolution and frame rate and the audio's length (floor(seconds * fps) frames; the source
 plays forward and backward when the audio is longer), h264 + aac, written to a temp file and renamed when complete.
 Faces are tracked with mediapipe, or the fixed --bbox box; a precomputed track `<video>.track.npz` (or
-`<stem>.track.npz`) beside the input, as written by lipsync.training.prepare (landmarks, face, boxes), is used instead of
-tracking when present. Frames without a face pass through unchanged. Bad inputs stop with one line on stderr and a
+`<stem>.track.npz`) beside the input, in the layout lipsync.training.prepare writes (landmarks, face, boxes), is used
+instead of tracking when present. Frames without a face pass through unchanged. Bad inputs stop with one line on stderr and a
 non-zero exit code before anything is written.
 """
 

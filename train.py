@@ -26,9 +26,10 @@ from tqdm import tqdm
 
 from lipsync.training.data import Stage1Dataset, Stage2Dataset, list_clips
 from lipsync.training.losses import PatchDiscriminator, PerceptualLoss
+from lipsync.blocks import config_from_dict
 from lipsync.mel_encoder import MelEncoderConfig
 from lipsync.model import LipSync, atomic_save, export
-from lipsync.training.syncnet import SyncNet, SyncNetConfig
+from lipsync.training.syncnet import SyncNet, SyncNetConfig, load_syncnet
 from lipsync.training.steps import (Objective, discriminator_loss, frames_of, generator_losses, latent_scale, lr_lambda,
                               sample_grid, syncnet_step, vae_step)
 from lipsync.unet import UNet, UNetConfig
@@ -340,7 +341,7 @@ def load_stage_vae(run: Run) -> AutoencoderKL:
     if not os.path.exists(path):
         raise SystemExit(f"no VAE: run the vae stage first (expected {path}) or pass --vae_path")
     obj = torch.load(path, map_location="cpu", weights_only=True)
-    vae = AutoencoderKL(VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in obj["config"].items()}))
+    vae = AutoencoderKL(config_from_dict(VAEConfig, obj["config"]))
     vae.load_state_dict(obj["state"])
     return vae.to(run.device).eval().requires_grad_(False)
 
@@ -369,15 +370,11 @@ def stage_syncnet(run: Run, root):
                     run.path("syncnet.final"))
 
 
-def load_syncnet(run: Run) -> SyncNet:
+def load_stage_syncnet(run: Run) -> SyncNet:
     path = run.path("syncnet.final")
     if not os.path.exists(path):
         raise SystemExit(f"no SyncNet: run the syncnet stage first (expected {path})")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    net = SyncNet(SyncNetConfig(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v)
-                                   if isinstance(v, list) else v for k, v in obj["config"].items()}))
-    net.load_state_dict(obj["state"])
-    return net.to(run.device).eval().requires_grad_(False)
+    return load_syncnet(path).to(run.device)
 
 
 def build_generator(run: Run) -> LipSync:
@@ -425,7 +422,7 @@ def stage_generator(run: Run, root, stage: str):
         d_net = wrap(discs, discriminator_loss, run)
         modules["discriminators"] = discs
         optims["discriminators"] = optimizer(discs.parameters(), cfg.d_lr, cfg)
-        syncnet = load_syncnet(run) if cfg.sync_weight > 0 else None
+        syncnet = load_stage_syncnet(run) if cfg.sync_weight > 0 else None
     accum = cfg.grad_accum if two else 1
     bsz = cfg.stage2_batch if two else cfg.batch_size
     steps = cfg.stage2_steps if two else cfg.stage1_steps

@@ -29,11 +29,18 @@ def window_layout(fps, left=2, right=2):
     return k * (left + right + 1), k * left
 
 
+def window_start(frames, fps, left=2) -> torch.Tensor:
+    """Video frame index/indices -> the first 50 Hz step of each one's window (LongTensor, negative near the start):
+    floor(f * 50 / fps) - ceil(50 / fps) * left, i.e. 2f - 4 at 25 fps."""
+    lead = window_layout(fps, left)[1]
+    return torch.floor(torch.as_tensor(frames, dtype=torch.float64) * STEPS_PER_SECOND / fps).long() - lead
+
+
 def _windows(feats, first, frames, fps, left, right, total):
     """Windows (F, n * L, D) of `frames` from feats (L, S, D) holding steps [first, first + S); zero outside [0, total)."""
-    n, lead = window_layout(fps, left, right)
+    n = window_layout(fps, left, right)[0]
     L, S, D = feats.shape
-    starts = torch.floor(frames.double() * STEPS_PER_SECOND / fps).long() - lead
+    starts = window_start(frames, fps, left)
     idx = (starts[:, None] + torch.arange(n)).to(feats.device)  # (F, n) absolute steps
     if S == 0:
         return feats.new_zeros(len(frames), n * L, D)
@@ -91,7 +98,7 @@ class MelStream:
 
     def __init__(self, encoder, fps=25.0, left=2, right=2):
         self.encoder, self.fps, self.left, self.right = encoder, fps, left, right
-        self.n, self.lead = window_layout(fps, left, right)
+        self.n = window_layout(fps, left, right)[0]
         self.wave = torch.zeros(0, dtype=torch.float64)  # samples [wave_at, received)
         self.mel = torch.zeros(encoder.cfg.n_mels, 0)  # mel frames [mel_at, mel_at + width)
         self.feats = torch.zeros(encoder.n_states, 0, encoder.dim)  # steps [feat_at, feat_at + width)
@@ -127,7 +134,7 @@ class MelStream:
         return self._emit(math.floor(self.received / SAMPLE_RATE * self.fps), total=steps)
 
     def _start(self, frame):
-        return math.floor(frame * STEPS_PER_SECOND / self.fps) - self.lead
+        return int(window_start(frame, self.fps, self.left))
 
     def _add_mel(self, upto, end):
         """Mel frames [mel_done, upto) from the wave buffer, reflect-padded at the file's start (and end)."""

@@ -41,10 +41,11 @@ class Blend:
     mouth: tuple  # (top, left, bottom, right) within `mask`: left out of the colour statistics
 
 
-def gaussian_kernel(radius: int) -> torch.Tensor:
-    """Normalised 1-D Gaussian with sigma = radius / 3, truncated at +-radius: (2 radius + 1,)."""
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (3 * x / max(radius, 1)) ** 2)
+def gaussian_kernel(sigma: float, radius: int, dtype=torch.float32) -> torch.Tensor:
+    """Normalised 1-D Gaussian exp(-x^2 / (2 sigma^2)) at x = -radius .. radius, computed in `dtype`, returned as
+    float32: (2 radius + 1,)."""
+    x = torch.arange(-radius, radius + 1, dtype=dtype)
+    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
     return (k / k.sum()).float()
 
 
@@ -62,7 +63,7 @@ def feather(hard: torch.Tensor, radius: int) -> torch.Tensor:
     """
     if radius < 1:
         return hard
-    k = gaussian_kernel(radius)
+    k = gaussian_kernel(radius / 3, radius, torch.float64)
     h, w = hard.shape
     return (_band(h, k) @ hard @ _band(w, k)).clamp(0, 1)
 

@@ -3,12 +3,26 @@
 Attention (self or cross, via F.scaled_dot_product_attention), the GEGLU feed-forward, the spatial transformer,
 the ResNet block with an optional time projection, and the 2x down/up samplers. Attribute names are exactly the
 diffusers ones (`to_q`, `ff.net.0.proj`, `time_emb_proj`, `conv_shortcut`, ...) so that `UNet2DConditionModel`
-and `AutoencoderKL` state dicts load with `strict=True` and no renaming table.
+and `AutoencoderKL` state dicts load with `strict=True` and no renaming table. `config_from_dict` reads every
+dataclass config (UNet, VAE, audio encoder, SyncNet) from a JSON file or a checkpoint.
 """
+
+import dataclasses
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+def _tuples(v):
+    return tuple(_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def config_from_dict(cls, d: dict):
+    """A dataclass config from a dict (diffusers' config.json, or one saved in our checkpoints): keys the dataclass
+    does not have are ignored, JSON lists become (nested) tuples."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: _tuples(v) for k, v in d.items() if k in known})
+
 
 # Conv2d on the CPU runs as one matrix multiply when it has at most this many output positions (B x H x W) and at
 # least this many weights (the full UNet's 8x8 / 16x16 levels at small batch; never the tiny preset's narrow convs)

@@ -89,8 +89,9 @@ def _ffmpeg_decode(path):
     proc = subprocess.run(cmd, capture_output=True)
     if proc.returncode != 0:
         lines = proc.stderr.decode(errors="replace").strip().splitlines()
-        reason = "no audio stream" if any("matches no streams" in s for s in lines) else (lines or ["?"])[-1]
-        raise ValueError(f"{path}: cannot decode audio ({reason})")
+        if any("matches no streams" in s for s in lines):
+            raise ValueError(f"{path} has no audio stream (give the speech separately with --audio)")
+        raise ValueError(f"{path}: cannot decode audio ({(lines or ['?'])[-1]})")
     try:
         return _soundfile_read(io.BytesIO(proc.stdout))
     except RuntimeError as e:

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .audio import PositionalEncoding, encode_windows, frame_windows
+from .blocks import config_from_dict
 from .mel_encoder import MelEncoder, MelEncoderConfig
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, FaceVAE, VAEConfig
@@ -68,10 +69,6 @@ def build(unet_cfg: UNetConfig, vae_cfg: VAEConfig, audio_cfg: MelEncoderConfig,
     return LipSync(UNet(unet_cfg), AutoencoderKL(vae_cfg), MelEncoder(audio_cfg), crop_size)
 
 
-def _config(cls, d: dict):
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
 def compile_for_inference(model: LipSync) -> LipSync:
     """torch.compile the UNet and the VAE decoder in place; on CUDA with CUDA graphs ("reduce-overhead"), which
     need fixed shapes: generate with static=True so every call sees the same batch size."""
@@ -123,8 +120,9 @@ def load_lipsync(path: str, device="cpu", dtype=torch.float32, whisper: str | No
     obj = read_checkpoint(path)
     cfg = obj["config"]
     with torch.device("meta"):
-        unet, vae = UNet(_config(UNetConfig, cfg["unet"])), AutoencoderKL(_config(VAEConfig, cfg["vae"]))
-        audio = MelEncoder(_config(MelEncoderConfig, cfg["audio"])) if cfg["audio"] else None
+        unet = UNet(config_from_dict(UNetConfig, cfg["unet"]))
+        vae = AutoencoderKL(config_from_dict(VAEConfig, cfg["vae"]))
+        audio = MelEncoder(config_from_dict(MelEncoderConfig, cfg["audio"])) if cfg["audio"] else None
     parts = [(unet, "unet"), (vae, "vae")] + ([(audio, "audio")] if audio is not None else [])
     for module, key in parts:
         assign_weights(module, obj[key], dtype, device, f"{path} [{key}]")

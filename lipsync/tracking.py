@@ -163,7 +163,7 @@ def track_and_fill(frames, tracker, bar=None):
     """
     spent = 0.0
 
-    def timed(frame):
+    def timed_tracker(frame):
         nonlocal spent
         t0 = time.perf_counter()
         out = tracker(frame)
@@ -171,7 +171,7 @@ def track_and_fill(frames, tracker, bar=None):
         return out
 
     try:
-        raw, face = track_landmarks(frames, timed, bar)
+        raw, face = track_landmarks(frames, timed_tracker, bar)
     finally:
         tracker.close()
     if len(face) == 0:

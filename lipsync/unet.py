@@ -6,16 +6,15 @@ Module names equal diffusers' so MuseTalk's `unet.pth` / `pytorch_model.bin` loa
 Config defaults: MuseTalk's musetalk.json (docs/musetalk.md §1).
 """
 
-import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from .blocks import Downsample, ResnetBlock, Transformer2D, Upsample
+from .blocks import Downsample, ResnetBlock, Transformer2D, Upsample, config_from_dict
 
 
 @dataclass
@@ -39,9 +38,7 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
         """Read a diffusers UNet2DConditionModel config, ignoring unrelated keys; reject what we don't implement."""
-        known = {f.name for f in fields(cls)}
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
-        cfg = cls(**kw)
+        cfg = config_from_dict(cls, d)
         heads = d.get("num_attention_heads")
         if heads is not None:
             cfg.attention_head_dim = tuple(heads) if isinstance(heads, list) else heads
@@ -57,11 +54,6 @@ class UNetConfig:
         if cfg.act_fn != "silu" or cfg.mid_block_scale_factor != 1:
             raise ValueError("UNet config: only act_fn='silu' and mid_block_scale_factor=1 are supported")
         return cfg
-
-    @classmethod
-    def from_json(cls, path) -> "UNetConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
 
     @classmethod
     def tiny(cls) -> "UNetConfig":
@@ -136,7 +128,7 @@ class UNetBlock(nn.Module):
         return x, outputs
 
 
-class MidBlock(nn.Module):
+class CrossAttnMidBlock(nn.Module):
     """resnet -> spatial transformer -> resnet at the lowest resolution."""
 
     def __init__(self, ch, temb_ch, heads, cfg: UNetConfig):
@@ -170,7 +162,7 @@ class UNet(nn.Module):
             self.down_blocks.append(block)
             skip_widths += [ch[i]] * (cfg.layers_per_block + (0 if last else 1))
 
-        self.mid_block = MidBlock(ch[-1], temb_ch, cfg.heads(n - 1), cfg)
+        self.mid_block = CrossAttnMidBlock(ch[-1], temb_ch, cfg.heads(n - 1), cfg)
 
         self.up_blocks = nn.ModuleList()
         rev = list(reversed(ch))
@@ -206,7 +198,7 @@ class UNet(nn.Module):
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         return self.time_embedding(emb.to(self.conv_in.weight.dtype))
 
-    def _run(self, block, *args):
+    def _checkpointed(self, block, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         return block(*args)
@@ -220,11 +212,11 @@ class UNet(nn.Module):
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, outs = self._run(block, x, temb, context)
+            x, outs = self._checkpointed(block, x, temb, context)
             skips += outs
-        x = self._run(self.mid_block, x, temb, context)  # (B, C3, H/8, W/8)
+        x = self._checkpointed(self.mid_block, x, temb, context)  # (B, C3, H/8, W/8)
         for block in self.up_blocks:
             n = len(block.resnets)
-            x, _ = self._run(block, x, temb, context, skips[-n:])
+            x, _ = self._checkpointed(block, x, temb, context, skips[-n:])
             del skips[-n:]
         return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -6,8 +6,7 @@ AutoencoderKL so sd-vae-ft-mse loads with strict=True (legacy attention names ar
 UNet input = cat([masked, reference]) (docs/musetalk.md §3).
 """
 
-import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,16 +26,6 @@ class VAEConfig:
     norm_num_groups: int = 32
     norm_eps: float = 1e-6
     scaling_factor: float = 0.18215
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VAEConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
-
-    @classmethod
-    def from_json(cls, path) -> "VAEConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
 
     @classmethod
     def tiny(cls) -> "VAEConfig":

@@ -144,23 +144,6 @@ def resample_frames(frames, src_fps, dst_fps):
 # ----------------------------------------------------------------------------- audio track
 
 
-def extract_audio(path, sr=SAMPLE_RATE):
-    """First audio stream of a video/audio file at sr Hz (ffmpeg resamples), channels averaged like
-    lipsync.audio.load_audio does (ffmpeg's own -ac 1 downmix would be sqrt(2) louder) -> float32 torch (samples,)."""
-    if not video_info(path).has_audio:
-        raise ValueError(f"{path} has no audio stream; pass the audio separately (e.g. --audio WAV)")
-    with tempfile.TemporaryDirectory() as tmp:
-        wav = Path(tmp) / "audio.wav"
-        cmd = [ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", "0:a:0", "-ar", str(sr), "-c:a", "pcm_f32le",
-               str(wav)]
-        proc = subprocess.run(cmd, capture_output=True)
-        if proc.returncode != 0:
-            msg = proc.stderr.decode(errors="replace")[-500:]
-            raise RuntimeError(f"{path}: ffmpeg could not decode the audio: {msg}")
-        wave, _ = sf.read(wav, dtype="float32", always_2d=True)
-    return torch.from_numpy(wave.mean(axis=1))
-
-
 def fit_length(wave, n_samples):
     """Zero-pad or trim a 1-D wave to exactly n_samples."""
     wave = torch.as_tensor(wave, dtype=torch.float32).flatten()

@@ -65,7 +65,7 @@ def test_mask_edges_are_feathered_not_hard():
 
 def test_feather_equals_a_separable_gaussian_convolution_with_zero_outside():
     hard = (torch.rand(30, 41, generator=torch.Generator().manual_seed(0)) > 0.6).float()
-    k = gaussian_kernel(5).double().numpy()
+    k = gaussian_kernel(5 / 3, 5, torch.float64).double().numpy()
     expected = ndimage.correlate1d(ndimage.correlate1d(hard.double().numpy(), k, axis=0, mode="constant"), k, axis=1,
                                    mode="constant")
     np.testing.assert_allclose(feather(hard, 5).numpy(), expected, atol=1e-6)

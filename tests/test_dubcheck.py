@@ -15,7 +15,7 @@ pytest.importorskip("mediapipe")  # the check's tracker; installed with the dev 
 @pytest.fixture(scope="module")
 def puppets(source):
     """Two 4 s puppets of the demo face at 256 px with their own (different) formant speech."""
-    return [P.make_clip(source, i, "train", seconds=4.0, size=256, seed=3) for i in (0, 1)]
+    return [P.make_puppet_clip(source, i, "train", seconds=4.0, size=256, seed=3) for i in (0, 1)]
 
 
 def test_a_mouth_that_follows_its_speech_scores_high_and_closes_in_silence(puppets, tmp_path):

@@ -1,4 +1,4 @@
-"""Evaluation metrics on cases with known answers, and `python -m lipsync.tools.eval` end to end on a tiny random model."""
+"""Evaluation metrics on cases with known answers, and `python -m lipsync.tools.eval` end to end on a tiny model."""
 
 import dataclasses
 import json
@@ -19,8 +19,8 @@ from lipsync.training.data import MIN_GAP, load_clip
 from lipsync.training.losses import ssim
 from lipsync.mel_encoder import MelEncoderConfig
 from lipsync.model import build, export, load_lipsync
-from lipsync.training.syncnet import SyncNet, SyncNetConfig
-from lipsync.tools.synthetic import SR, make_clip, write_clip
+from lipsync.training.syncnet import SyncNet, SyncNetConfig, load_syncnet, syncnet_from_entry
+from lipsync.tools.synthetic import SR, make_synthetic_clip, write_synthetic_clip
 from lipsync.unet import UNetConfig
 from lipsync.vae import VAEConfig
 
@@ -35,8 +35,8 @@ def setup(tmp_path_factory):
     """3 held-out synthetic clips (30 frames, 64 px) and a random micro model with a tiny SyncNet, exported."""
     root = tmp_path_factory.mktemp("eval")
     for i in range(N_CLIPS):
-        write_clip(root / "data", f"heldout_{i:04d}", make_clip(i, "heldout", SECONDS, frame=96, size=S),
-                   split="heldout")
+        clip = make_synthetic_clip(i, "heldout", SECONDS, frame=96, size=S)
+        write_synthetic_clip(root / "data", f"heldout_{i:04d}", clip, split="heldout")
     torch.manual_seed(0)
     model = build(UNetConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, attention_head_dim=2,
                              cross_attention_dim=32, norm_num_groups=8),
@@ -178,20 +178,20 @@ def test_holdout_references_come_from_the_head_far_from_the_target_and_have_face
 
 
 def test_syncnet_loads_from_config_and_state_or_a_bare_tiny_state(setup, tmp_path):
-    net = ev.load_syncnet(str(setup.ckpt))
+    net = load_syncnet(str(setup.ckpt))
     assert net.config == SyncNetConfig.tiny()
-    bare = ev.syncnet_from_entry(net.state_dict(), "bare")
+    bare = syncnet_from_entry(net.state_dict(), "bare")
     x, mel = torch.rand(2, 5, 3, 32, 64) * 2 - 1, torch.randn(2, 80, 20)
     assert torch.equal(net(x, mel), bare(x, mel))
     with pytest.raises(ValueError, match="neither the tiny nor the default"):
-        ev.syncnet_from_entry({"w": torch.zeros(3)}, "junk")
+        syncnet_from_entry({"w": torch.zeros(3)}, "junk")
 
 
 def test_oracle_generator_scores_perfectly_and_matches_ground_truth(setup, monkeypatch):
     """A generator that returns the real frames: inf PSNR, SSIM 1, L1 0, and the real video's r and sync."""
     monkeypatch.setattr(ev, "regenerate_crops", lambda model, crops, targets, refs, windows, *a, **k: crops[targets])
     clip = load_clip(setup.data / "heldout_0000")
-    r = ev.evaluate_clip(setup.model, ev.load_syncnet(str(setup.ckpt)), clip, seed=0)
+    r = ev.evaluate_clip(setup.model, load_syncnet(str(setup.ckpt)), clip, seed=0)
     b = r["b"]["generated"]
     assert len(b["psnr"]) == 6 and np.all(b["psnr"] == math.inf) and np.allclose(b["ssim"], 1) and not b["l1"].any()
     assert np.isfinite(r["b"]["copy_reference"]["psnr"]).all()

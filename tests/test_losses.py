@@ -8,7 +8,7 @@ import torch.nn.utils.parametrize as parametrize
 from scipy.ndimage import gaussian_filter
 
 from lipsync.training.losses import (VGG19, PatchDiscriminator, PerceptualLoss, antialias_downsample, feature_matching,
-                            image_pyramid, lsgan_d_loss, lsgan_g_loss, mouth_boxes, mouth_crops, ssim)
+                            image_pyramid, lsgan_d_loss, lsgan_g_loss, mouth_crops, ssim)
 
 # torchvision.models.vgg19().features: conv index -> weight shape (16 convs; ReLU/MaxPool have no parameters).
 VGG19_CONVS = {
@@ -202,9 +202,3 @@ def test_mouth_crops_cut_the_box_per_sample_and_pass_gradients():
     grad = images.grad[0, 0]
     assert grad[20:30, 40:50].sum() > 0 and grad.sum() == grad[20:30, 40:50].sum()
 
-
-def test_mouth_boxes_pad_lip_width_and_take_half_width_height():
-    lm = torch.zeros(1, 68, 2)
-    lm[0, 48:67, 0] = torch.linspace(100, 140, 19)
-    lm[0, 48:67, 1] = 180
-    torch.testing.assert_close(mouth_boxes(lm, pad=10), torch.tensor([[90.0, 165, 150, 195]]))

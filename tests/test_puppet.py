@@ -11,7 +11,7 @@ from lipsync.tracking import to_crop_coords
 
 @pytest.fixture(scope="module")
 def clip(source):
-    return P.make_clip(source, 0, "train", seconds=4.0, size=64, seed=0)
+    return P.make_puppet_clip(source, 0, "train", seconds=4.0, size=64, seed=0)
 
 
 def _source_crops(source, frames, size):
@@ -101,7 +101,7 @@ def test_mediapipe_sees_the_puppeted_mouth_open_and_close(source):
     pytest.importorskip("mediapipe")
     from lipsync.tracking import MeshTracker, track_landmarks
 
-    clip = P.make_clip(source, 1, "train", seconds=3.0, size=256, seed=0)
+    clip = P.make_puppet_clip(source, 1, "train", seconds=3.0, size=256, seed=0)
     tracker = MeshTracker()
     try:
         lm, found = track_landmarks(clip["crops"], tracker)

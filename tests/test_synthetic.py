@@ -7,13 +7,15 @@ import soundfile as sf
 
 from lipsync.tools import synthetic
 from lipsync.training.data import load_clip
-from lipsync.tools.synthetic import (SR, Voice, frame_envelope, make_clip, measure_opening, random_sequence, synth_audio)
+from lipsync.tools.synthetic import (SR, Voice, frame_envelope, make_synthetic_clip, measure_opening, random_sequence,
+                                     synth_audio)
 from lipsync.tracking import to_crop_coords
 
 
 @pytest.fixture(scope="module")
 def clips():
-    return [make_clip(0, "train", seconds=4), make_clip(0, "heldout", seconds=4, frame=160, size=96)]
+    return [make_synthetic_clip(0, "train", seconds=4),
+            make_synthetic_clip(0, "heldout", seconds=4, frame=160, size=96)]
 
 
 def test_measured_opening_tracks_ground_truth(clips):
@@ -78,7 +80,7 @@ def test_landmarks_follow_the_rendered_mouth_and_crop_puts_nose_on_midline(clips
 
 def test_generation_speed_small_case():
     t = time.perf_counter()
-    clip = make_clip(3, "train", seconds=2)
+    clip = make_synthetic_clip(3, "train", seconds=2)
     assert len(clip["crops"]) == 50
     assert time.perf_counter() - t < 5.0  # ~0.2 s on an idle core; 20 x 10 s in well under a minute on 2
 
@@ -109,6 +111,6 @@ def test_cli_writes_loadable_clips_skips_complete_and_replaces_incomplete(tmp_pa
 
 
 def test_heldout_clips_have_new_faces_and_voices():
-    a, b = make_clip(0, "train", seconds=0.4), make_clip(0, "heldout", seconds=0.4)
+    a, b = make_synthetic_clip(0, "train", seconds=0.4), make_synthetic_clip(0, "heldout", seconds=0.4)
     assert a["id"] != b["id"]
     assert np.abs(a["crops"].astype(int) - b["crops"].astype(int)).mean() > 10

@@ -27,8 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("clips")
     for i, split in ((0, "train"), (1, "train"), (0, "heldout")):
-        clip = synthetic.make_clip(i, split, seconds=2.0, size=64, seed=3)
-        synthetic.write_clip(root, f"{split}_{i}", clip, split=split, seed=3)
+        clip = synthetic.make_synthetic_clip(i, split, seconds=2.0, size=64, seed=3)
+        synthetic.write_synthetic_clip(root, f"{split}_{i}", clip, split=split, seed=3)
     return str(root)
 
 

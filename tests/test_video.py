@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lipsync import video as V
+from lipsync.melspec import load_audio
 
 
 def numbered_frames(n, h=48, w=64):
@@ -38,13 +39,13 @@ def test_write_read_roundtrip_is_frame_accurate_with_aac_audio(tmp_path, fps):
     lines = streams(tmp_path / "a.mp4")
     assert any("Video: h264" in s and "yuv420p" in s for s in lines)
     assert any(re.search(r"Audio: aac.*16000 Hz, mono", s) for s in lines)
-    audio = V.extract_audio(tmp_path / "a.mp4")
+    audio = load_audio(tmp_path / "a.mp4")
     assert abs(len(audio) - 23 / fps * 16000) <= 1
 
 
 def test_short_audio_is_padded_to_video_length(tmp_path):
     V.write_video(tmp_path / "a.mp4", numbered_frames(20), 25.0, audio=np.ones(1000, np.float32) * 0.5)
-    audio = V.extract_audio(tmp_path / "a.mp4")
+    audio = load_audio(tmp_path / "a.mp4")
     assert len(audio) == 20 * 640
     assert audio[-3000:].abs().max() < 1e-3  # the padding is silence
 
@@ -54,7 +55,7 @@ def test_audio_from_a_file_path_is_muxed(tmp_path):
     sf.write(tmp_path / "a.wav", np.sin(np.arange(48000) / 9.0) * 0.3, 48000)
     V.write_video(tmp_path / "a.mp4", numbered_frames(10), 25.0, audio=tmp_path / "a.wav")
     assert V.video_info(tmp_path / "a.mp4").has_audio
-    assert len(V.extract_audio(tmp_path / "a.mp4")) == 10 * 640
+    assert len(load_audio(tmp_path / "a.mp4")) == 10 * 640
 
 
 def test_odd_size_is_padded_by_one_edge_pixel(tmp_path):
@@ -70,7 +71,7 @@ def test_video_without_audio_stream_raises_clear_error(tmp_path):
     V.write_video(tmp_path / "mute.mp4", numbered_frames(5), 25.0)
     assert not V.video_info(tmp_path / "mute.mp4").has_audio
     with pytest.raises(ValueError, match="has no audio stream"):
-        V.extract_audio(tmp_path / "mute.mp4")
+        load_audio(tmp_path / "mute.mp4")
 
 
 def test_failed_write_leaves_old_file_and_no_temp_files(tmp_path):
@@ -130,12 +131,12 @@ def test_read_image_converts_rgba_and_grey_to_rgb(tmp_path):
     assert np.abs(V.read_image(tmp_path / "c.jpg").astype(int) - 90).max() <= 2
 
 
-def test_extract_audio_averages_channels_and_resamples_to_16k(tmp_path):
+def test_load_audio_averages_channels_and_resamples_to_16k(tmp_path):
     import soundfile as sf
     t = np.arange(48000) / 48000
     left, right = 0.6 * np.sin(2 * np.pi * 220 * t), 0.2 * np.sin(2 * np.pi * 220 * t)
     sf.write(tmp_path / "st.wav", np.stack([left, right], axis=1), 48000, subtype="FLOAT")
-    wave = V.extract_audio(tmp_path / "st.wav").numpy()
+    wave = load_audio(tmp_path / "st.wav").numpy()
     assert len(wave) == 16000
     expected = 0.4 * np.sin(2 * np.pi * 220 * np.arange(16000) / 16000)
     assert np.abs(wave[100:-100] - expected[100:-100]).max() < 0.01

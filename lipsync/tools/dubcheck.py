@@ -23,7 +23,7 @@ from lipsync.tools.metrics import pearson, silence_masks
 from lipsync.tools.puppet import opening_from_landmarks
 from lipsync.tools.synthetic import frame_envelope
 from lipsync.tracking import MediapipeMissing, MeshTracker, track_landmarks
-from lipsync.video import SAMPLE_RATE, extract_audio, read_video
+from lipsync.video import read_video
 
 
 def lagged_r(opening: np.ndarray, envelope: np.ndarray, lag: int) -> float:
@@ -75,7 +75,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         frames, fps = read_video(args.video)
-        wave = load_audio(args.audio) if args.audio else extract_audio(args.video, SAMPLE_RATE)
+        wave = load_audio(args.audio or args.video)
         with tqdm(total=len(frames), desc="tracking", unit="frame") as bar:
             res = check(frames, fps, wave.numpy(), args.max_lag, args.silence_db, bar)
     except (OSError, ValueError, RuntimeError, MediapipeMissing) as e:

@@ -42,7 +42,7 @@ from lipsync.training.data import MIN_GAP, list_clips, load_clip
 from lipsync.melspec import log_mel
 from lipsync.tools.metrics import pearson
 from lipsync.tools.synthetic import measure_opening
-from lipsync.training.syncnet import SyncNet, SyncNetConfig
+from lipsync.training.syncnet import load_syncnet
 from lipsync.tracking import to_crop_coords
 from lipsync.vae import to_uint8_images
 
@@ -105,41 +105,6 @@ def synthetic_sync(model, clip_dirs, seed: int = 0, max_frames: int | None = Non
 # ----------------------------------------------------------------------------- loading
 
 
-def _tuples(v):
-    return tuple(_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
-
-
-def syncnet_from_entry(entry, where: str) -> SyncNet:
-    """A checkpoint's SyncNet: {"config": dict, "state": state dict} (train.py's layout) or a bare state dict
-    (then the tiny or default preset whose shapes fit)."""
-    if isinstance(entry, dict) and "state" in entry and "config" in entry:
-        net = SyncNet(SyncNetConfig(**{k: _tuples(v) for k, v in entry["config"].items()}))
-        net.load_state_dict(entry["state"])
-        return net.eval().requires_grad_(False)
-    for cfg in (SyncNetConfig.tiny(), SyncNetConfig()):
-        with torch.device("meta"):
-            shapes = {k: v.shape for k, v in SyncNet(cfg).state_dict().items()}
-        if shapes.keys() == entry.keys() and all(shapes[k] == entry[k].shape for k in shapes):
-            net = SyncNet(cfg)
-            net.load_state_dict(entry)
-            return net.eval().requires_grad_(False)
-    raise ValueError(f"{where}: SyncNet weights fit neither the tiny nor the default config and carry no config")
-
-
-def load_syncnet(path: str) -> SyncNet | None:
-    """SyncNet from a lipsync.pt (its "syncnet" entry) or a syncnet.final.pt; None when the file holds none."""
-    if not os.path.isfile(path):
-        raise ValueError(f"SyncNet file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot read {path}: {type(e).__name__}: {str(e)[:200]}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: not a checkpoint dict")
-    entry = obj.get("syncnet") if "format" in obj else obj
-    return None if entry is None else syncnet_from_entry(entry, path)
-
-
 def eval_clip_dirs(data, clips, split="val") -> list[Path]:
     """Clip dirs to evaluate: the `split` clips of `data` (all with split='all') followed by each --clip."""
     out = []
@@ -152,7 +117,8 @@ def eval_clip_dirs(data, clips, split="val") -> list[Path]:
                              f"--split all evaluates every clip)")
     for c in clips or []:
         if not (Path(c) / "meta.json").exists():
-            raise SystemExit(f"--clip {c}: not a complete prepared clip (no meta.json; see python -m lipsync.training.prepare)")
+            raise SystemExit(f"--clip {c}: not a complete prepared clip (no meta.json; "
+                             f"see python -m lipsync.training.prepare)")
         out.append(Path(c))
     return out
 

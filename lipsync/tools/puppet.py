@@ -13,7 +13,8 @@ spline fitted from target to source points (lips, jaw, fixed nose/eye/crop-edge 
 (bicubic in between: landmarks land within ~0.25 px, 1 px at most, of where the warp puts their source), faded
 in below the crop's midline (rows < S/2 + S/32 are copied), applied with `grid_sample`. Boxes stay the source's.
 
-    python -m lipsync.tools.puppet PREPARED_CLIP_DIR --out DIR --clips 20 --seconds 8 [--size 64] [--seed 0] [--heldout 0.2]
+    python -m lipsync.tools.puppet PREPARED_CLIP_DIR --out DIR --clips 20 --seconds 8 [--size 64] [--seed 0]
+                                   [--heldout 0.2]
 """
 
 import argparse
@@ -32,7 +33,7 @@ from lipsync.tools.synthetic import HELDOUT_BASE, SR, Voice, frame_envelope, ran
 from lipsync.tracking import from_crop_coords, to_crop_coords
 
 __all__ = ["MouthStyle", "target_landmarks", "puppet_crops", "opening_from_landmarks", "dark_opening",
-           "pingpong", "make_clip", "write_clip", "main"]
+           "pingpong", "make_puppet_clip", "write_puppet_clip", "main"]
 
 PUPPET_BASE = 500_000  # speaker ids: train 500000 + i, held-out HELDOUT_BASE + 500000 + i (never synthetic ones)
 UPPER, LOWER = [61, 62, 63], [67, 66, 65]  # inner-lip pairs, left to right
@@ -257,7 +258,7 @@ def speaker_id(index, split):
     return PUPPET_BASE + index + (HELDOUT_BASE if split == "heldout" else 0)
 
 
-def make_clip(source, index, split="train", seconds=8.0, size=64, seed=0, chunk=50):
+def make_puppet_clip(source, index, split="train", seconds=8.0, size=64, seed=0, chunk=50):
     """One puppeted clip of the prepared clip at `source` -> dict of crops (N, size, size, 3), boxes, face,
     landmarks (source pixels), wave, opening/width (N,), speaker, fps. Draws come from (seed, split, index)."""
     meta, crops, track = _source(source)
@@ -285,7 +286,7 @@ def make_clip(source, index, split="train", seconds=8.0, size=64, seed=0, chunk=
             "fps": fps, "frames": idx, "meta": meta}
 
 
-def write_clip(out, name, clip, source, split="train", seed=0):
+def write_puppet_clip(out, name, clip, source, split="train", seed=0):
     """Write DIR/<name>/ atomically in the prepared-clip layout (lipsync.data.write_clip)."""
     src = clip["meta"]
     meta = {"version": 1, "fps": clip["fps"], "frames": len(clip["crops"]), "size": src["size"],
@@ -297,11 +298,11 @@ def write_clip(out, name, clip, source, split="train", seed=0):
                            clip["wave"], truth={"opening": clip["opening"], "width": clip["width"]})
 
 
-def _job(source, out, name, index, split, seconds, size, seed, threads):
+def _puppet_job(source, out, name, index, split, seconds, size, seed, threads):
     """Make and write one clip -> (r(truth, landmark opening), r(truth, dark opening), r(RMS envelope, truth))."""
     torch.set_num_threads(threads)
-    clip = make_clip(source, index, split, seconds, size, seed)
-    write_clip(out, name, clip, source, split, seed)
+    clip = make_puppet_clip(source, index, split, seconds, size, seed)
+    write_puppet_clip(out, name, clip, source, split, seed)
     lm = to_crop_coords(clip["landmarks"], clip["boxes"], size)
     env = frame_envelope(clip["wave"], len(clip["opening"]), clip["fps"])
     t = clip["opening"]
@@ -311,7 +312,8 @@ def _job(source, out, name, index, split, seconds, size, seed, threads):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m lipsync.tools.puppet", description=__doc__.split("\n\n")[0])
-    p.add_argument("source", metavar="PREPARED_CLIP_DIR", help="a clip written by lipsync.training.prepare (crops at 256)")
+    p.add_argument("source", metavar="PREPARED_CLIP_DIR",
+                   help="a clip written by lipsync.training.prepare (crops at 256)")
     p.add_argument("--out", required=True, help="output directory (one sub-directory per clip)")
     p.add_argument("--clips", type=int, default=20)
     p.add_argument("--seconds", type=float, default=8.0)
@@ -330,7 +332,7 @@ def main(argv=None):
             for i in range(n)]
     todo = [j for j in jobs if not (Path(args.out) / j[0] / "meta.json").exists()]
     common = (args.seconds, args.size, args.seed, max(1, (os.cpu_count() or 1) // max(args.workers, 1)))
-    results = run_jobs(_job, [(args.source, args.out, name, i, split, *common) for name, i, split in todo],
+    results = run_jobs(_puppet_job, [(args.source, args.out, name, i, split, *common) for name, i, split in todo],
                        args.workers, "puppet clips")
     print(f"{len(todo)} clips written, {len(jobs) - len(todo)} already complete, in {args.out}")
     if results:

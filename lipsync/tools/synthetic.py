@@ -6,7 +6,8 @@ resonators tied to the same mouth shape (F1 ~ opening, F2 ~ roundness). A model 
 be scored exactly: `measure_opening` reads the opening back from rendered crops. Clips are written in the
 prepared-clip layout (`lipsync.training.data.write_clip`).
 
-    python -m lipsync.tools.synthetic --out DIR --clips 20 --seconds 10 [--size 64] [--frame 128] [--seed 0] [--heldout 0.2]
+    python -m lipsync.tools.synthetic --out DIR --clips 20 --seconds 10 [--size 64] [--frame 128] [--seed 0]
+                                      [--heldout 0.2]
 """
 
 import argparse
@@ -26,7 +27,7 @@ from lipsync.tools.synthetic_face import Face, measure_opening, random_motion, r
 from lipsync.tracking import crop_box, crop_faces
 
 __all__ = ["Sequence", "random_sequence", "Voice", "synth_audio", "frame_envelope", "Face", "render",
-           "measure_opening", "make_clip", "write_clip", "run_jobs", "main"]
+           "measure_opening", "make_synthetic_clip", "write_synthetic_clip", "run_jobs", "main"]
 
 RATE = 100.0  # control rate of a Sequence (Hz): 10 ms steps, one mel hop
 SR = 16000
@@ -201,7 +202,7 @@ def _torch_threads(n):
         torch.set_num_threads(prev)
 
 
-def make_clip(index, split="train", seconds=10.0, fps=25.0, frame=128, size=64, seed=0):
+def make_synthetic_clip(index, split="train", seconds=10.0, fps=25.0, frame=128, size=64, seed=0):
     """Render one clip -> dict of crops (N, S, S, 3) uint8, boxes, landmarks, wave (samples,), opening/width (N,),
     id (face = speaker id). Face, voice and sequence come from seeds derived from (seed, split, index)."""
     ident = index + (HELDOUT_BASE if split == "heldout" else 0)
@@ -221,7 +222,7 @@ def make_clip(index, split="train", seconds=10.0, fps=25.0, frame=128, size=64, 
             "wave": wave, "opening": opening, "width": width.astype(np.float32), "id": ident}
 
 
-def write_clip(out, name, clip, fps=25.0, split="train", seed=0):
+def write_synthetic_clip(out, name, clip, fps=25.0, split="train", seed=0):
     """Write DIR/<name>/ atomically in the prepared-clip layout (lipsync.data.write_clip)."""
     n, frame = len(clip["crops"]), clip["frames"].shape[1]
     meta = {"version": 1, "fps": float(fps), "frames": n, "size": [frame, frame], "crop_size": clip["crops"].shape[1],
@@ -235,10 +236,10 @@ def _corr(x, y):
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def _job(out, name, index, split, seconds, fps, frame, size, seed):
+def _synthetic_job(out, name, index, split, seconds, fps, frame, size, seed):
     """Make and write one clip -> (r(truth, measured opening), r(RMS envelope, opening))."""
-    clip = make_clip(index, split, seconds, fps, frame, size, seed)
-    write_clip(out, name, clip, fps, split, seed)
+    clip = make_synthetic_clip(index, split, seconds, fps, frame, size, seed)
+    write_synthetic_clip(out, name, clip, fps, split, seed)
     env = frame_envelope(clip["wave"], len(clip["opening"]), fps)
     return _corr(clip["opening"], measure_opening(clip["crops"])), _corr(clip["opening"], env)
 
@@ -279,7 +280,7 @@ def main(argv=None):
             for i in range(n)]
     todo = [j for j in jobs if not (Path(args.out) / j[0] / "meta.json").exists()]
     common = (args.seconds, args.fps, args.frame, args.size, args.seed)
-    results = run_jobs(_job, [(args.out, name, i, split, *common) for name, i, split in todo], args.workers,
+    results = run_jobs(_synthetic_job, [(args.out, name, i, split, *common) for name, i, split in todo], args.workers,
                        "synthetic clips")
     print(f"{len(todo)} clips written, {len(jobs) - len(todo)} already complete, in {args.out}")
     if results:

@@ -1,4 +1,4 @@
-"""Cartoon faces for lipsync.tools.synthetic: a random look, slow head motion, and vectorised rendering with exact landmarks.
+"""Cartoon faces for lipsync.tools.synthetic: a random look, slow head motion, vectorised rendering, exact landmarks.
 
 A face is a skin-coloured head ellipse (ears, neck, optional hair, shading towards the rim) with eyes that blink,
 brows, a nose, and red lips around a dark mouth interior whose height follows the opening a(t) and whose width follows

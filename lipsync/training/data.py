@@ -25,7 +25,6 @@ name (val_fraction of clips are "val").
 """
 
 import json
-import math
 import os
 import shutil
 import zlib
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from lipsync.audio import load_audio, log_mel, window_layout
+from lipsync.audio import load_audio, log_mel, window_layout, window_start
 from lipsync.tracking import to_crop_coords
 
 MIN_GAP = 5  # reference frames are at least this many frames from the target
@@ -231,8 +230,8 @@ class _ClipFrames(Dataset):
     def audio(self, ci, f):
         """The target frame's audio: {'mel': (80, 2 (n + 2c))} or {'audio': (n L, 384)} (see the module doc)."""
         fps = self.clips[ci].fps
-        n, lead = window_layout(fps, self.left, self.right)
-        s0 = math.floor(f * 50 / fps) - lead
+        n = window_layout(fps, self.left, self.right)[0]
+        s0 = int(window_start(f, fps, self.left))
         if self.features == "mel":
             return self.mel_span(ci, 2 * (s0 - self.mel_context), 2 * (s0 + n + self.mel_context))
         feats = self.whisper[ci]  # (T50, L, D)

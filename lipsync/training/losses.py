@@ -1,6 +1,5 @@
 """Image losses and the patch discriminator for MuseTalk v1.5 training (docs/musetalk.md §7).
 
-- `l1`: pixel L1 on decoded images in [-1, 1].
 - `image_pyramid`: bilinear resize to 224 (configurable), then scales [1, .5, .25, .125], each made by a Gaussian blur
   (sigma = (1/s - 1)/2, kernel 2*round(4 sigma) + 1, reflect padding) and taking every (1/s)-th pixel
   (first-order-motion-model's AntiAliasInterpolation2d, which MuseTalk copies; it zero-pads instead).
@@ -16,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from lipsync.blend import gaussian_kernel
+
 PYRAMID_SCALES = (1.0, 0.5, 0.25, 0.125)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -24,24 +25,13 @@ VGG19_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 5
 VGG19_SLICES = ((0, 2), (2, 7), (7, 12), (12, 21), (21, 30))  # features[a:b] ends at relu1_1 .. relu5_1
 
 
-def l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.l1_loss(pred, target)
-
-
 # ----------------------------------------------------------------------------- blur, pyramid, SSIM
-
-
-def gaussian_kernel(sigma: float, size: int, device=None) -> torch.Tensor:
-    """(size,) normalised 1-D Gaussian, centred."""
-    x = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
-    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    return k / k.sum()
 
 
 def _separable(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Depthwise 'valid' convolution of (B, C, H, W) with the outer product k x k."""
     C = x.shape[1]
-    k = k.to(x.dtype)
+    k = k.to(x.device, x.dtype)
     x = F.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
     return F.conv2d(x, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
 
@@ -55,7 +45,7 @@ def antialias_downsample(x: torch.Tensor, scale: float) -> torch.Tensor:
     size = 2 * round(4 * sigma) + 1
     pad = size // 2
     x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    return _separable(x, gaussian_kernel(sigma, size, x.device))[..., ::step, ::step]
+    return _separable(x, gaussian_kernel(sigma, size // 2))[..., ::step, ::step]
 
 
 def image_pyramid(x: torch.Tensor, scales=PYRAMID_SCALES, size: int | None = 224) -> list[torch.Tensor]:
@@ -70,7 +60,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window: int 
     """Mean SSIM (Wang et al. 2004) over channels and the 'valid' region of a Gaussian window; computed in float32.
     data_range = 2 for images in [-1, 1]. Needs H, W >= window."""
     x, y = x.float(), y.float()
-    k = gaussian_kernel(sigma, window, x.device)
+    k = gaussian_kernel(sigma, window // 2)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mx, my = _separable(x, k), _separable(y, k)
     vx = _separable(x * x, k) - mx * mx
@@ -216,15 +206,6 @@ def feature_matching(real_feats, fake_feats, weights=(1.0, 1.0, 1.0, 1.0)) -> to
 
 
 # ----------------------------------------------------------------------------- mouth crops
-
-
-def mouth_boxes(landmarks: torch.Tensor, pad: float = 10.0) -> torch.Tensor:
-    """MuseTalk's mouth box from lip landmarks 48..66 (B, 68, 2) in crop pixels: x over [min - pad, max + pad],
-    height = width / 2 centred on the lips' mean y. Returns (B, 4) x1, y1, x2, y2."""
-    lips = landmarks[:, 48:67]
-    x1, x2 = lips[..., 0].amin(1) - pad, lips[..., 0].amax(1) + pad
-    cy, half = lips[..., 1].mean(1), (x2 - x1) / 4
-    return torch.stack([x1, cy - half, x2, cy + half], dim=1)
 
 
 def mouth_crops(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:

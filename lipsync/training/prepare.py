@@ -26,7 +26,8 @@ from tqdm import tqdm
 from lipsync.audio import load_audio
 from lipsync.tracking import BoxTracker, MediapipeMissing, MeshTracker, crop_box, crop_face, fill_missing, parse_bbox
 from lipsync.tracking import smooth_boxes, track_and_fill
-from lipsync.video import SAMPLE_RATE, extract_audio, fit_length, iter_frames, resample_indices, select_frames, video_info
+from lipsync.video import (SAMPLE_RATE, fit_length, iter_frames, resample_indices, select_frames,
+                           video_info)
 
 
 @dataclass
@@ -64,7 +65,7 @@ def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=
     if info.fps <= 0:
         raise ValueError(f"{video}: no video stream")
     dst_fps = float(fps) if fps else info.fps
-    wave = load_audio(audio) if audio is not None else extract_audio(video)  # fail fast, before tracking
+    wave = load_audio(audio if audio is not None else video)  # fail fast, before tracking
     tracker = BoxTracker(bbox) if bbox is not None else MeshTracker()
 
     partial = out_dir / f".{name}.partial"

@@ -14,16 +14,19 @@ resample to 25 fps (or pick `mel_per_frame` = 100/fps when that is an integer).
 
 Losses: `sync_loss` is MuseTalk's generator term BCE(clamp(cos, 0, 1), 1); `syncnet_bce` trains SyncNet on in-sync
 and shifted pairs built by `sync_pairs`. `sync_offsets` slides audio against video over a whole clip (LSE-D/LSE-C
-style). Learning rate matters: tiny preset on lipsync.tools.synthetic clips, batch 32, AdamW betas (0.5, 0.999), 500 steps:
+style). Learning rate matters: tiny preset on synthetic clips, batch 32, AdamW betas (0.5, 0.999), 500 steps:
 lr 1e-4 and 3e-4 reach ~0.8 held-out pair accuracy and find the true offset on every held-out clip; lr 1e-3 swings
 the mean cosine from batch to batch and collapses within ~10 steps to a constant cos = 0.5 (loss 0.693) it never leaves.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lipsync.blocks import config_from_dict
 
 
 @dataclass
@@ -66,7 +69,7 @@ def _pair(f) -> tuple[int, int]:
 
 
 def _down_size(n: int, k: int) -> int:
-    """Length after `Downsample` with stride k (pad 0 before / 1 after, kernel 3); k = 1 keeps n."""
+    """Length after `StridedConv` with stride k (pad 0 before / 1 after, kernel 3); k = 1 keeps n."""
     return n if k == 1 else (n - 2) // k + 1
 
 
@@ -85,7 +88,7 @@ class ResBlock(nn.Module):
         return self.shortcut(x) + h
 
 
-class Downsample(nn.Module):
+class StridedConv(nn.Module):
     """3x3 conv with stride (kh, kw); a strided axis is zero-padded (0, 1), an unstrided one (1, 1)."""
 
     def __init__(self, channels: int, factor):
@@ -116,7 +119,7 @@ class Tower(nn.Module):
         for cout, f in zip(channels, factors):
             blocks.append(ResBlock(c, cout, groups))
             if _pair(f) != (1, 1):
-                blocks.append(Downsample(cout, f))
+                blocks.append(StridedConv(cout, f))
             c = cout
         self.blocks = nn.Sequential(*blocks)
         self.norm_out = nn.GroupNorm(groups, c, eps=1e-6)
@@ -155,6 +158,37 @@ class SyncNet(nn.Module):
     def forward(self, frames: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
         """Cosine similarity (B,) in [0, 1] between each frames window and its mel window."""
         return (self.embed_visual(frames) * self.embed_audio(mel)).sum(-1)
+
+
+def syncnet_from_entry(entry, where: str) -> SyncNet:
+    """A checkpoint's SyncNet in eval mode, frozen: {"config": dict, "state": state dict} (train.py's layout) or a bare
+    state dict (then the tiny or default preset whose shapes fit)."""
+    if isinstance(entry, dict) and "state" in entry and "config" in entry:
+        net = SyncNet(config_from_dict(SyncNetConfig, entry["config"]))
+        net.load_state_dict(entry["state"])
+        return net.eval().requires_grad_(False)
+    for cfg in (SyncNetConfig.tiny(), SyncNetConfig()):
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in SyncNet(cfg).state_dict().items()}
+        if shapes.keys() == entry.keys() and all(shapes[k] == entry[k].shape for k in shapes):
+            net = SyncNet(cfg)
+            net.load_state_dict(entry)
+            return net.eval().requires_grad_(False)
+    raise ValueError(f"{where}: SyncNet weights fit neither the tiny nor the default config and carry no config")
+
+
+def load_syncnet(path: str) -> SyncNet | None:
+    """SyncNet from a lipsync.pt (its "syncnet" entry) or a syncnet.final.pt; None when the file holds none."""
+    if not os.path.isfile(path):
+        raise ValueError(f"SyncNet file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot read {path}: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not a checkpoint dict")
+    entry = obj.get("syncnet") if "format" in obj else obj
+    return None if entry is None else syncnet_from_entry(entry, path)
 
 
 def lower_half(frames: torch.Tensor) -> torch.Tensor:
