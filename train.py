@@ -3,10 +3,10 @@
     python train.py                                  # CPU demo: synthetic data -> vae -> syncnet -> stage1 -> stage2
     python train.py --preset musetalk --stage stage1 --data DIR --vae_path sd-vae-ft-mse/
     torchrun --nproc_per_node 8 train.py --preset musetalk --stage stage1 --data DIR --vae_path sd-vae-ft-mse/
-    python train.py --config my.json --lr=1e-4 --resume
+    python train.py --config my.json --stage1.lr=1e-4 --resume
 
-Every field of TrainConfig below is a command-line flag (`--help` lists them); a JSON --config file sets many at
-once; the preset supplies the defaults. Each stage writes OUT/<stage>.pt (resumable, atomic), OUT/metrics.jsonl and
+Every field of TrainConfig below is a command-line flag, grouped ones as --group.field (`--help` says what each does);
+a JSON --config file sets many at once; the preset supplies the defaults. Each stage writes OUT/<stage>.pt (resumable, atomic), OUT/metrics.jsonl and
 sample grids OUT/samples/<stage>_<step>.png; the finished generator is OUT/lipsync.pt, which infer.py loads.
 """
 
@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import imageio.v3 as iio
 import torch
@@ -40,74 +40,139 @@ STAGES = ("vae", "syncnet", "stage1", "stage2")
 
 
 @dataclass
-class TrainConfig:
-    preset: str = "tiny"  # tiny (CPU demo) | musetalk (published sizes and hyperparameters)
-    stage: str = "all"  # all | vae | syncnet | stage1 | stage2 | comma list
-    data: str = "data/synthetic"  # prepared clips (lipsync.training.prepare / lipsync.tools.synthetic)
-    out: str = "runs/tiny"
-    synthetic_clips: int = 40  # generated into `data` when it holds no clips
-    synthetic_seconds: float = 10.0
-    crop_size: int = 64
-    seed: int = 41
-    resume: bool = False
-    # models
-    vae_path: str = ""  # a local sd-vae-ft-mse (skips the vae stage)
-    whisper: str = ""  # a local whisper-tiny: frozen whisper features instead of our MelEncoder
-    vgg: str = ""  # a local torchvision vgg19 state dict for MuseTalk's perceptual loss
-    # optimisation (AdamW, linear warm-up + linear decay)
-    lr: float = 5e-4  # stage 1 generator
-    stage2_lr: float = 2e-4
-    vae_lr: float = 1e-3
-    syncnet_lr: float = 3e-4  # 1e-3 collapses the tiny SyncNet to a constant cos 0.5
-    d_lr: float = 2e-4
-    lr_floor: float = 0.1  # final lr as a fraction of the base lr
+class StageConfig:
+    steps: int
+    batch: int
+    lr: float
+
+
+@dataclass
+class OptimConfig:  # AdamW, linear warm-up then linear decay, for every stage
     betas: tuple = (0.5, 0.999)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     warmup: int = 30
-    batch_size: int = 16
-    vae_batch: int = 8  # x2: targets and references
-    stage2_batch: int = 4  # clips per step in stage 2 (x T frames)
-    grad_accum: int = 1  # stage 2 micro-batches per optimizer step
-    vae_steps: int = 320
-    syncnet_steps: int = 300
-    stage1_steps: int = 500
-    stage2_steps: int = 60
+    lr_floor: float = 0.1
+
+
+@dataclass
+class LossWeights:
+    l1: float = 1.0
+    lower: float = 3.0
+    perceptual: float = 0.1
+    gan: float = 0.01
+    mouth_gan: float = 0.01
+    fm: float = 0.1
+    sync: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    stage: str = "all"
+    data: str = "data/synthetic"
+    out: str = "runs/tiny"
+    synthetic_clips: int = 40
+    synthetic_seconds: float = 10.0
+    seed: int = 41
+    resume: bool = False
+    # models
+    vae_path: str = ""
+    whisper: str = ""
+    vgg: str = ""
+    # stages: steps, batch, learning rate
+    vae: StageConfig = field(default_factory=lambda: StageConfig(320, 8, 1e-3))
+    syncnet: StageConfig = field(default_factory=lambda: StageConfig(300, 16, 3e-4))  # lr 1e-3 collapses it
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(500, 16, 5e-4))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(60, 4, 2e-4))
+    d_lr: float = 2e-4
+    grad_accum: int = 1
+    optim: OptimConfig = field(default_factory=OptimConfig)
     # losses
-    l1_weight: float = 1.0
-    lower_weight: float = 3.0  # the inpainted lower half counts this much more in L1
-    perceptual_weight: float = 0.1
-    gan_weight: float = 0.01
-    mouth_gan_weight: float = 0.01
-    fm_weight: float = 0.1
-    sync_weight: float = 0.05
-    start_gan: int = 20  # stage-2 steps before the GAN terms switch on
-    T: int = 5  # stage-2 consecutive frames (= SyncNet window)
-    sync_context: int = 4  # frames of extra audio each side for shifted SyncNet negatives
-    mel_context: int = 4  # 50 Hz steps of MelEncoder context around each window
-    mel_augment: float = 0.0  # fraction of samples whose log-mel gets random level/EQ/shift/noise floor
+    loss: LossWeights = field(default_factory=LossWeights)
+    start_gan: int = 20
+    T: int = 5
+    sync_context: int = 4
+    mel_context: int = 4
+    mel_augment: float = 0.0
     # run
     device: str = "auto"
-    dtype: str = "auto"  # bf16 autocast on GPU, fp32 on CPU
+    dtype: str = "auto"
     compile: bool = False
-    grad_ckpt: str = "auto"  # gradient checkpointing: on for GPU runs
-    workers: int = 0
+    grad_ckpt: str = "auto"
     log_every: int = 10
     sample_every: int = 200
     ckpt_every: int = 200
-    max_minutes: float = 0.0  # stop a stage early after this long (0 = no limit)
-    export_dtype: str = "fp32"  # fp32 | fp16 | bf16: precision of the exported lipsync.pt (fp16 halves its size)
-    stop_at: int = 0  # stop each stage after this step, keeping its full-length schedule; continue with --resume
+    max_minutes: float = 0.0
+    export_dtype: str = "fp32"
+    stop_at: int = 0
 
+
+# One line per flag for --help: what it does. Grouped fields are set as --group.field (e.g. --stage1.lr 1e-4).
+HELP = {
+    "config": "JSON file of TrainConfig fields (groups as objects, e.g. {\"stage1\": {\"lr\": 1e-4}})",
+    "preset": "model sizes and recipe: tiny (CPU demo) or musetalk (the published sizes and hyperparameters)",
+    "stage": "what to run: all, or a comma list of vae, syncnet, stage1, stage2",
+    "data": "folder of prepared clips; the default folder is filled with synthetic clips when empty",
+    "out": "run folder: stage checkpoints, metrics.jsonl, samples/ and the final lipsync.pt",
+    "synthetic_clips": "how many synthetic clips to generate into an empty default --data",
+    "synthetic_seconds": "length of each generated synthetic clip in seconds",
+    "seed": "seed for initialisation, batches and augmentation (the same seed gives the same run)",
+    "resume": "continue each stage from its checkpoint in --out, exactly where it stopped",
+    "vae_path": "a local sd-vae-ft-mse (folder or file) to use frozen; skips the vae stage",
+    "whisper": "a local whisper-tiny folder: condition on its frozen features instead of training our MelEncoder",
+    "vgg": "a local torchvision vgg19 state dict for MuseTalk's VGG perceptual loss (else an L1 + SSIM pyramid)",
+    "vae.steps": "optimizer steps of the vae stage (our own small AutoencoderKL)",
+    "vae.batch": "vae stage: frames per step (each step encodes targets and references, so twice this)",
+    "vae.lr": "vae stage: peak learning rate",
+    "syncnet.steps": "optimizer steps of the syncnet stage",
+    "syncnet.batch": "syncnet stage: windows of frames per step",
+    "syncnet.lr": "syncnet stage: peak learning rate",
+    "stage1.steps": "optimizer steps of stage 1 (single frames: L1 + perceptual)",
+    "stage1.batch": "stage 1: frames per step",
+    "stage1.lr": "stage 1: peak learning rate of the UNet and the audio encoder",
+    "stage2.steps": "optimizer steps of stage 2 (T consecutive frames: + GANs and the SyncNet loss)",
+    "stage2.batch": "stage 2: clips of T frames per micro-batch",
+    "stage2.lr": "stage 2: peak learning rate of the UNet and the audio encoder",
+    "d_lr": "stage 2: learning rate of the face and mouth discriminators",
+    "grad_accum": "stage 2: micro-batches per optimizer step",
+    "optim.betas": "AdamW betas, as b1,b2",
+    "optim.weight_decay": "AdamW weight decay",
+    "optim.grad_clip": "clip the gradient norm to this",
+    "optim.warmup": "steps of linear learning-rate warm-up at the start of each stage",
+    "optim.lr_floor": "final learning rate as a fraction of the peak (linear decay to it)",
+    "loss.l1": "weight of the pixel L1 loss",
+    "loss.lower": "how much more the inpainted lower half counts in the L1 loss",
+    "loss.perceptual": "weight of the perceptual pyramid loss",
+    "loss.gan": "stage 2: weight of the LSGAN loss on the face",
+    "loss.mouth_gan": "stage 2: weight of the LSGAN loss on the mouth crop",
+    "loss.fm": "stage 2: weight of discriminator feature matching",
+    "loss.sync": "stage 2: weight of the SyncNet loss (0 = no SyncNet needed)",
+    "start_gan": "stage 2: steps before the GAN and feature-matching terms switch on",
+    "T": "stage 2: consecutive frames per clip (= the SyncNet window)",
+    "sync_context": "syncnet stage: frames of extra audio each side, for shifted negatives",
+    "mel_context": "50 Hz steps of audio context the MelEncoder sees around each window",
+    "mel_augment": "fraction of samples whose log-mel gets random level, EQ, shift and noise floor",
+    "device": "auto (cuda when available), cpu, cuda, ...",
+    "dtype": "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32",
+    "compile": "torch.compile the generator's loss",
+    "grad_ckpt": "gradient checkpointing in the UNet: auto (on for GPU), on or off",
+    "log_every": "write a metrics.jsonl line every this many steps",
+    "sample_every": "write a sample grid to samples/ every this many steps",
+    "ckpt_every": "write the stage checkpoint every this many steps",
+    "max_minutes": "stop each stage after this many minutes (0 = no limit); continue with --resume",
+    "export_dtype": "precision of the exported lipsync.pt: fp32, fp16 or bf16",
+    "stop_at": "stop each stage after this step, keeping its full-length schedule; continue with --resume",
+}
 
 PRESETS = {
     "tiny": {},
     "musetalk": dict(
-        out="runs/musetalk", crop_size=256, lr=2e-5, stage2_lr=5e-6, d_lr=5e-6, lr_floor=0.0, warmup=1000,
-        batch_size=32, stage2_batch=2, grad_accum=8, T=16, stage1_steps=250_000, stage2_steps=250_000,
-        lower_weight=1.0, perceptual_weight=0.01, gan_weight=0.01, mouth_gan_weight=0.01, fm_weight=1.0,
-        sync_weight=0.05, start_gan=1000, log_every=50, vae_batch=8, sample_every=2000, ckpt_every=2000, vae_steps=100_000,
-        syncnet_steps=100_000),
+        out="runs/musetalk", vae=dict(steps=100_000), syncnet=dict(steps=100_000, batch=32),
+        stage1=dict(steps=250_000, batch=32, lr=2e-5), stage2=dict(steps=250_000, batch=2, lr=5e-6), d_lr=5e-6,
+        grad_accum=8, T=16, optim=dict(warmup=1000, lr_floor=0.0),
+        loss=dict(lower=1.0, perceptual=0.01, gan=0.01, mouth_gan=0.01, fm=1.0, sync=0.05), start_gan=1000,
+        log_every=50, sample_every=2000, ckpt_every=2000),
 }
 
 
@@ -117,29 +182,70 @@ def model_configs(cfg: TrainConfig):
     return UNetConfig(), VAEConfig(), MelEncoderConfig(), SyncNetConfig()
 
 
+def _flag_type(default):
+    if isinstance(default, bool):
+        return lambda s: s.lower() in ("1", "true", "yes", "")
+    if isinstance(default, tuple):
+        return lambda s: tuple(float(x) for x in s.split(","))
+    return type(default)
+
+
+def _merge(values: dict, update: dict) -> dict:
+    """values updated by update, groups (dicts) merged key by key."""
+    out = dict(values)
+    for k, v in update.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
 def parse_args(argv=None) -> TrainConfig:
+    """Flags (--field, --group.field) over a --config JSON file over the preset over TrainConfig's defaults."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="JSON file of TrainConfig fields")
+    p.add_argument("--config", help=HELP["config"])
+    defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
-        kind = {bool: lambda s: s.lower() in ("1", "true", "yes", ""), tuple: lambda s: tuple(
-            float(x) for x in s.split(","))}.get(type(f.default), type(f.default))
-        nargs = "?" if type(f.default) is bool else None
-        p.add_argument(f"--{f.name}", type=kind, nargs=nargs, const=True if nargs else None, default=None,
-                       help=f"(default {f.default!r}; presets may change it)")
+        value = getattr(defaults, f.name)
+        group = dataclasses.is_dataclass(value)
+        for name, default in ([(f"{f.name}.{g.name}", getattr(value, g.name)) for g in dataclasses.fields(value)]
+                              if group else [(f.name, value)]):
+            nargs = "?" if isinstance(default, bool) else None
+            p.add_argument(f"--{name}", type=_flag_type(default), nargs=nargs, const=True if nargs else None,
+                           default=None, help=f"{HELP[name]} (default {default!r})")
     args = vars(p.parse_args(argv))
     preset = args["preset"] or TrainConfig.preset
     if preset not in PRESETS:
         p.error(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     values = dict(PRESETS[preset])
-    if args.pop("config"):
-        with open(args_config := p.parse_args(argv).config) as f:
-            values.update(json.load(f))
-        print(f"config file: {args_config}")
-    values.update({k: v for k, v in args.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown := set(values) - known:
-        p.error(f"unknown config fields: {', '.join(sorted(unknown))}")
-    return TrainConfig(**values)
+    if config := args.pop("config"):
+        with open(config) as f:
+            values = _merge(values, json.load(f))
+        print(f"config file: {config}")
+    for name, v in args.items():
+        if v is not None:
+            group, _, key = name.rpartition(".")
+            values = _merge(values, {group: {key: v}} if group else {name: v})
+    try:
+        return config_from_values(values)
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
+
+
+def config_from_values(values: dict) -> TrainConfig:
+    """TrainConfig from (nested) values over its defaults; unknown fields are an error."""
+    cfg = TrainConfig()
+    for name, v in values.items():
+        if not hasattr(cfg, name) or name.startswith("_"):
+            raise ValueError(f"unknown config field: {name}")
+        current = getattr(cfg, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(v, dict):
+                raise ValueError(f"config field {name} is a group: give an object of {name}.* values")
+            unknown = set(v) - {g.name for g in dataclasses.fields(current)}
+            if unknown:
+                raise ValueError(f"unknown config field: {name}.{sorted(unknown)[0]}")
+            v = dataclasses.replace(current, **{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()})
+        setattr(cfg, name, v)
+    return cfg
 
 
 # ----------------------------------------------------------------------------- run context
@@ -217,7 +323,7 @@ def train_loop(run: Run, stage: str, modules: dict, optims: dict, steps: int, st
     """Run `step_fn(step) -> (logs, sample_png_or_None)` for steps [start, steps), with progress, metrics, NaN
     stop, periodic atomic checkpoints of modules/optimizers/schedulers/step/RNG, and --resume."""
     cfg = run.cfg
-    scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg.warmup, steps, cfg.lr_floor))
+    scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg.optim.warmup, steps, cfg.optim.lr_floor))
               for k, o in optims.items()}
     start = 0
     path = run.path(stage)
@@ -284,12 +390,12 @@ def check_replicas(run: Run, stage: str, modules: dict):
 
 
 def optimizer(params, lr, cfg):
-    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, betas=tuple(cfg.betas),
-                             weight_decay=cfg.weight_decay, eps=1e-8)
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, betas=tuple(cfg.optim.betas),
+                             weight_decay=cfg.optim.weight_decay, eps=1e-8)
 
 
 def clip_and_step(opt, params, cfg):
-    torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.grad_clip)
+    torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.optim.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -314,19 +420,19 @@ def stage_vae(run: Run, data):
     vae = AutoencoderKL(vae_cfg).to(run.device)
     perceptual = PerceptualLoss(cfg.vgg or None, size=None).to(run.device)
     run.say(f"[vae] perceptual loss: {perceptual.name}")
-    net, opt = wrap(vae, vae_step, run), optimizer(vae.parameters(), cfg.vae_lr, cfg)
+    net, opt = wrap(vae, vae_step, run), optimizer(vae.parameters(), cfg.vae.lr, cfg)
 
     def step_fn(step):
-        batch = to(batch_at(data, step, cfg.vae_batch, cfg.seed, run.rank), run.device)
+        batch = to(batch_at(data, step, cfg.vae.batch, cfg.seed, run.rank), run.device)
         with run.amp():
             loss, logs = net(batch, perceptual)
         loss.backward()
         clip_and_step(opt, vae.parameters(), cfg)
         return logs
 
-    train_loop(run, "vae", {"vae": vae}, {"vae": opt}, cfg.vae_steps, step_fn)
+    train_loop(run, "vae", {"vae": vae}, {"vae": opt}, cfg.vae.steps, step_fn)
     vae.eval()
-    batches = [to(batch_at(data, 10 ** 6 + i, cfg.batch_size, cfg.seed, 0), run.device) for i in range(4)]
+    batches = [to(batch_at(data, 10 ** 6 + i, cfg.stage1.batch, cfg.seed, 0), run.device) for i in range(4)]
     vae.config.scaling_factor = latent_scale(vae, batches)
     run.say(f"[vae] latent scaling factor {vae.config.scaling_factor:.4f}")
     if run.main:
@@ -351,12 +457,12 @@ def stage_syncnet(run: Run, root):
     *_, sync_cfg = model_configs(cfg)
     torch.manual_seed(cfg.seed)
     c = cfg.sync_context
-    data = Stage2Dataset(root, "train", T=sync_cfg.n_frames + 2 * c, seed=cfg.seed, crop_size=cfg.crop_size)
+    data = Stage2Dataset(root, "train", T=sync_cfg.n_frames + 2 * c, seed=cfg.seed, crop_size=sync_cfg.crop_size)
     syncnet = SyncNet(sync_cfg).to(run.device)
-    net, opt = wrap(syncnet, syncnet_step, run), optimizer(syncnet.parameters(), cfg.syncnet_lr, cfg)
+    net, opt = wrap(syncnet, syncnet_step, run), optimizer(syncnet.parameters(), cfg.syncnet.lr, cfg)
 
     def step_fn(step):
-        batch = to(batch_at(data, step, cfg.batch_size, cfg.seed, run.rank), run.device)
+        batch = to(batch_at(data, step, cfg.syncnet.batch, cfg.seed, run.rank), run.device)
         g = torch.Generator().manual_seed(cfg.seed + step)
         with run.amp():
             loss, logs = net(batch, sync_cfg.n_frames, c, generator=g)
@@ -364,7 +470,7 @@ def stage_syncnet(run: Run, root):
         clip_and_step(opt, syncnet.parameters(), cfg)
         return logs
 
-    train_loop(run, "syncnet", {"syncnet": syncnet}, {"syncnet": opt}, cfg.syncnet_steps, step_fn)
+    train_loop(run, "syncnet", {"syncnet": syncnet}, {"syncnet": opt}, cfg.syncnet.steps, step_fn)
     if run.main:
         atomic_save({"config": dataclasses.asdict(sync_cfg), "state": syncnet.state_dict()},
                     run.path("syncnet.final"))
@@ -378,6 +484,7 @@ def load_stage_syncnet(run: Run) -> SyncNet:
 
 
 def build_generator(run: Run) -> LipSync:
+    """Fresh UNet and audio encoder (seeded) on the stage VAE; crops are the VAE's sample size."""
     cfg = run.cfg
     unet_cfg, _, audio_cfg, _ = model_configs(cfg)
     torch.manual_seed(cfg.seed)
@@ -389,73 +496,102 @@ def build_generator(run: Run) -> LipSync:
         from lipsync.mel_encoder import MelEncoder
         audio_cfg.dim = unet_cfg.cross_attention_dim
         audio = MelEncoder(audio_cfg)
-    model = LipSync(UNet(unet_cfg), vae, audio, cfg.crop_size).to(run.device)
+    model = LipSync(UNet(unet_cfg), vae, audio, vae.config.sample_size).to(run.device)
     model.unet.gradient_checkpointing = run.grad_ckpt
     return model
 
 
-def stage_generator(run: Run, root, stage: str):
-    """stage1 (single frames, L1 + perceptual) or stage2 (T frames, + GAN, mouth GAN, sync)."""
+def generator_data(run: Run, model: LipSync, **kwargs) -> dict:
     cfg = run.cfg
-    model = build_generator(run)
-    two = stage == "stage2"
-    kwargs = dict(seed=cfg.seed, crop_size=cfg.crop_size, mel_context=cfg.mel_context,
-                  features="whisper" if cfg.whisper else "mel")
-    data = Stage2Dataset(root, "train", T=cfg.T, **kwargs) if two else Stage1Dataset(root, "train", **kwargs)
-    if two:
-        init = run.path("stage1")
-        if not os.path.exists(init):
-            raise SystemExit(f"stage2 starts from stage 1: expected {init}")
-        state = torch.load(init, map_location="cpu", weights_only=True)["modules"]["generator"]
-        model.load_state_dict(state)
+    return dict(seed=cfg.seed, crop_size=model.crop_size, mel_context=cfg.mel_context,
+                features="whisper" if cfg.whisper else "mel", **kwargs)
+
+
+def generator_setup(run: Run, stage: str, model: LipSync, lr: float):
+    """Perceptual loss, the loss module (compiled / DDP-wrapped), trainable parameters and their optimizer."""
+    cfg = run.cfg
     perceptual = PerceptualLoss(cfg.vgg or None, size=None if cfg.preset == "tiny" else 224).to(run.device)
-    run.say(f"[{stage}] perceptual loss: {perceptual.name}; audio: {'whisper (frozen)' if cfg.whisper else 'MelEncoder'}")
+    run.say(f"[{stage}] perceptual loss: {perceptual.name}; "
+            f"audio: {'whisper (frozen)' if cfg.whisper else 'MelEncoder'}")
     net = wrap(maybe_compile(model, cfg), generator_losses, run)
     params = list(model.unet.parameters()) + list(model.audio.parameters())
-    opt = optimizer(params, cfg.stage2_lr if two else cfg.lr, cfg)
-    modules, optims = {"generator": model}, {"generator": opt}
-    discs, d_net, syncnet = None, None, None
-    if two:
-        torch.manual_seed(cfg.seed + 1)
-        small = (32, 64, 128, 128) if cfg.preset == "tiny" else (64, 128, 256, 512)
-        discs = torch.nn.ModuleDict({k: PatchDiscriminator(channels=small) for k in ("face", "mouth")}).to(run.device)
-        d_net = wrap(discs, discriminator_loss, run)
-        modules["discriminators"] = discs
-        optims["discriminators"] = optimizer(discs.parameters(), cfg.d_lr, cfg)
-        syncnet = load_stage_syncnet(run) if cfg.sync_weight > 0 else None
-    accum = cfg.grad_accum if two else 1
-    bsz = cfg.stage2_batch if two else cfg.batch_size
-    steps = cfg.stage2_steps if two else cfg.stage1_steps
+    return perceptual, net, params, optimizer(params, lr, cfg)
+
+
+def save_sample(run: Run, stage: str, step: int, steps: int, batch: dict, pred):
+    if run.main and ((step + 1) % run.cfg.sample_every == 0 or step + 1 == steps):
+        iio.imwrite(os.path.join(run.cfg.out, "samples", f"{stage}_{step + 1:06d}.png"), sample_grid(batch, pred))
+
+
+def export_generator(run: Run, stage: str, model: LipSync):
+    """OUT/lipsync.pt for infer.py, with the run's SyncNet (for evaluation) when there is one."""
+    if run.main:
+        sync = run.path("syncnet.final")
+        extra = {"syncnet": torch.load(sync, map_location="cpu", weights_only=True)} if os.path.exists(sync) else {}
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[run.cfg.export_dtype]
+        export(model, os.path.join(run.cfg.out, "lipsync.pt"), dtype=dtype, extra=extra)
+        run.say(f"[{stage}] generator written to {os.path.join(run.cfg.out, 'lipsync.pt')}")
+
+
+def stage1(run: Run, root) -> LipSync:
+    """Single frames: L1 + perceptual pyramid."""
+    cfg = run.cfg
+    model = build_generator(run)
+    data = Stage1Dataset(root, "train", **generator_data(run, model))
+    perceptual, net, params, opt = generator_setup(run, "stage1", model, cfg.stage1.lr)
+
+    def step_fn(step):
+        batch = to(batch_at(data, step, cfg.stage1.batch, cfg.seed, run.rank), run.device)
+        with run.amp():
+            loss, logs, pred, _ = net(batch, cfg, perceptual, step)
+        loss.backward()
+        clip_and_step(opt, params, cfg)
+        save_sample(run, "stage1", step, cfg.stage1.steps, batch, pred)
+        return logs
+
+    train_loop(run, "stage1", {"generator": model}, {"generator": opt}, cfg.stage1.steps, step_fn)
+    export_generator(run, "stage1", model)
+    return model
+
+
+def stage2(run: Run, root) -> LipSync:
+    """T consecutive frames from the stage-1 generator: + LSGAN on face and mouth crops, feature matching, SyncNet."""
+    cfg = run.cfg
+    model = build_generator(run)
+    data = Stage2Dataset(root, "train", **generator_data(run, model, T=cfg.T))
+    init = run.path("stage1")
+    if not os.path.exists(init):
+        raise SystemExit(f"stage2 starts from stage 1: expected {init}")
+    model.load_state_dict(torch.load(init, map_location="cpu", weights_only=True)["modules"]["generator"])
+    perceptual, net, params, opt = generator_setup(run, "stage2", model, cfg.stage2.lr)
+    torch.manual_seed(cfg.seed + 1)
+    small = (32, 64, 128, 128) if cfg.preset == "tiny" else (64, 128, 256, 512)
+    discs = torch.nn.ModuleDict({k: PatchDiscriminator(channels=small) for k in ("face", "mouth")}).to(run.device)
+    d_net, d_opt = wrap(discs, discriminator_loss, run), optimizer(discs.parameters(), cfg.d_lr, cfg)
+    syncnet = load_stage_syncnet(run) if cfg.loss.sync > 0 else None
+    accum = cfg.grad_accum
 
     def step_fn(step):
         logs = {}
         for micro in range(accum):
-            batch = to(batch_at(data, step * accum + micro, bsz, cfg.seed, run.rank), run.device)
-            if two:
-                discs.requires_grad_(False)  # the generator's adversarial terms must not train the critics
+            batch = to(batch_at(data, step * accum + micro, cfg.stage2.batch, cfg.seed, run.rank), run.device)
+            discs.requires_grad_(False)  # the generator's adversarial terms must not train the critics
             with run.amp():
                 loss, logs, pred, target = net(batch, cfg, perceptual, step, discs, syncnet)
             (loss / accum).backward()
-            if two:
-                discs.requires_grad_(True)
-                with run.amp():
-                    d_loss, d_logs = d_net(pred, target, frames_of(batch)["mouth_box"])
-                (d_loss / accum).backward()
-                logs.update(d_logs)
+            discs.requires_grad_(True)
+            with run.amp():
+                d_loss, d_logs = d_net(pred, target, frames_of(batch)["mouth_box"])
+            (d_loss / accum).backward()
+            logs.update(d_logs)
         clip_and_step(opt, params, cfg)
-        if two:
-            clip_and_step(optims["discriminators"], discs.parameters(), cfg)
-        if run.main and ((step + 1) % cfg.sample_every == 0 or step + 1 == steps):
-            iio.imwrite(os.path.join(cfg.out, "samples", f"{stage}_{step + 1:06d}.png"), sample_grid(batch, pred))
+        clip_and_step(d_opt, discs.parameters(), cfg)
+        save_sample(run, "stage2", step, cfg.stage2.steps, batch, pred)
         return logs
 
-    train_loop(run, stage, modules, optims, steps, step_fn)
-    if run.main:
-        sync = run.path("syncnet.final")
-        extra = {"syncnet": torch.load(sync, map_location="cpu", weights_only=True)} if os.path.exists(sync) else {}
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.export_dtype]
-        export(model, os.path.join(cfg.out, "lipsync.pt"), dtype=dtype, extra=extra)
-        run.say(f"[{stage}] generator written to {os.path.join(cfg.out, 'lipsync.pt')}")
+    train_loop(run, "stage2", {"generator": model, "discriminators": discs}, {"generator": opt, "discriminators": d_opt},
+               cfg.stage2.steps, step_fn)
+    export_generator(run, "stage2", model)
     return model
 
 
@@ -472,7 +608,7 @@ def ensure_data(run: Run):
     if run.main:
         from lipsync.tools import synthetic
         synthetic.main(["--out", cfg.data, "--clips", str(cfg.synthetic_clips), "--seconds",
-                        str(cfg.synthetic_seconds), "--size", str(cfg.crop_size), "--seed", str(cfg.seed)])
+                        str(cfg.synthetic_seconds), "--size", str(model_configs(cfg)[1].sample_size), "--seed", str(cfg.seed)])
     if run.world > 1:
         dist.barrier()
 
@@ -508,11 +644,12 @@ def main(argv=None):
             if cfg.vae_path:
                 run.say(f"[vae] using {cfg.vae_path}; stage skipped")
                 continue
-            stage_vae(run, Stage1Dataset(cfg.data, "train", seed=cfg.seed, crop_size=cfg.crop_size))
+            crop = model_configs(cfg)[1].sample_size
+            stage_vae(run, Stage1Dataset(cfg.data, "train", seed=cfg.seed, crop_size=crop))
         elif stage == "syncnet":
             stage_syncnet(run, cfg.data)
         else:
-            model = stage_generator(run, cfg.data, stage)
+            model = (stage1 if stage == "stage1" else stage2)(run, cfg.data)
     if model is not None:
         learning_check(run, model)
     run.say(f"done in {(time.time() - t0) / 60:.1f} min. checkpoint: {os.path.join(cfg.out, 'lipsync.pt')}; "

@@ -26,12 +26,13 @@ class VAEConfig:
     norm_num_groups: int = 32
     norm_eps: float = 1e-6
     scaling_factor: float = 0.18215
+    sample_size: int = 256  # the crop size S the VAE was trained on
 
     @classmethod
     def tiny(cls) -> "VAEConfig":
         """CPU preset: 64x64 crops -> (4, 16, 16) latents (two downsamplings); narrow at full resolution, where the
         convolutions cost most."""
-        return cls(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8)
+        return cls(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64)
 
     @property
     def downscale(self) -> int:

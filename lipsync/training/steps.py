@@ -135,9 +135,9 @@ def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=No
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         batch = dict(batch, mel=augment_mel(batch["mel"], cfg.mel_augment, g))
     pred, target = generate_batch(model, batch, cfg.mel_context), batch["target"]
-    l1 = weighted_l1(pred, target, cfg.lower_weight)
+    l1 = weighted_l1(pred, target, cfg.loss.lower)
     p = perceptual(pred, target)
-    loss = cfg.l1_weight * l1 + cfg.perceptual_weight * p
+    loss = cfg.loss.l1 * l1 + cfg.loss.perceptual * p
     logs = {"l1": l1.item(), "perceptual": p.item()}
     if discs is not None:
         gate = 1.0 if step >= cfg.start_gan else 0.0
@@ -151,12 +151,12 @@ def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=No
                 real_feats, _ = discs[name](real)
             g = lsgan_g_loss(fake_logits)
             fm = feature_matching(real_feats, fake_feats)
-            weight = cfg.gan_weight if name == "face" else cfg.mouth_gan_weight
-            loss = loss + gate * (weight * g + cfg.fm_weight * fm)
+            weight = cfg.loss.gan if name == "face" else cfg.loss.mouth_gan
+            loss = loss + gate * (weight * g + cfg.loss.fm * fm)
             logs[f"g_{name}"], logs[f"fm_{name}"] = g.item(), fm.item()
-    if syncnet is not None and cfg.sync_weight > 0:
+    if syncnet is not None and cfg.loss.sync > 0:
         s = sync_loss(syncnet, lower_half(pred.view(B, T, *pred.shape[1:])), batch["sync_mel"])
-        loss = loss + cfg.sync_weight * s
+        loss = loss + cfg.loss.sync * s
         logs["sync"] = s.item()
     return loss, logs, pred, target
 
