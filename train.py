@@ -7,7 +7,9 @@
 
 Every field of TrainConfig below is a command-line flag (`--help` lists them); a JSON --config file sets many at
 once; the preset supplies the defaults. Each stage writes OUT/<stage>.pt (resumable, atomic), OUT/metrics.jsonl and
-sample grids OUT/samples/<stage>_<step>.png; the finished generator is OUT/lipsync.pt, which infer.py loads.
+sample grids OUT/samples/<stage>_<step>.png; the finished generator is OUT/lipsync.pt, which infer.py loads. The
+checkpoint records the crop geometry of the clips it was trained on (`--geometry`, docs/geometry.md): clips prepared
+with `python -m lipsync.prepare --geometry musetalk` give a model that uses MuseTalk's own face box, in MuseTalk too.
 """
 
 import argparse
@@ -29,6 +31,7 @@ from lipsync.losses import PatchDiscriminator, PerceptualLoss
 from lipsync.mel_encoder import MelEncoderConfig
 from lipsync.model import LipSync, atomic_save, export
 from lipsync.syncnet import SyncNet, SyncNetConfig
+from lipsync.tracking import GEOMETRIES
 from lipsync.training import (Objective, discriminator_loss, frames_of, generator_losses, latent_scale, lr_lambda,
                               sample_grid, syncnet_step, vae_step)
 from lipsync.unet import UNet, UNetConfig
@@ -47,6 +50,7 @@ class TrainConfig:
     synthetic_clips: int = 40  # generated into `data` when it holds no clips
     synthetic_seconds: float = 10.0
     crop_size: int = 64
+    geometry: str = "auto"  # crop geometry of the clips (meta.json): auto (take theirs) | square | musetalk
     seed: int = 41
     resume: bool = False
     # models
@@ -392,7 +396,7 @@ def build_generator(run: Run) -> LipSync:
         from lipsync.mel_encoder import MelEncoder
         audio_cfg.dim = unet_cfg.cross_attention_dim
         audio = MelEncoder(audio_cfg)
-    model = LipSync(UNet(unet_cfg), vae, audio, cfg.crop_size).to(run.device)
+    model = LipSync(UNet(unet_cfg), vae, audio, cfg.crop_size, geometry=clip_geometry(cfg)).to(run.device)
     model.unet.gradient_checkpointing = run.grad_ckpt
     return model
 
@@ -465,12 +469,31 @@ def stage_generator(run: Run, root, stage: str):
 # ----------------------------------------------------------------------------- main
 
 
+def clip_geometry(cfg: TrainConfig) -> str:
+    """The crop geometry of the clips in cfg.data ("square" when meta.json has none); they must agree with each
+    other and with --geometry unless it is auto. The exported checkpoint records it and infer.py crops the same way."""
+    if cfg.geometry not in ("auto",) + GEOMETRIES:
+        raise SystemExit(f"unknown --geometry {cfg.geometry!r}; choose from auto, {', '.join(GEOMETRIES)}")
+    found = {json.loads((c / "meta.json").read_text()).get("geometry", "square") for c in list_clips(cfg.data)}
+    if len(found) > 1:
+        raise SystemExit(f"the clips in {cfg.data} mix crop geometries ({', '.join(sorted(found))}); "
+                         f"prepare them with one --geometry")
+    geometry = found.pop() if found else "square"
+    if cfg.geometry not in ("auto", geometry):
+        raise SystemExit(f"--geometry {cfg.geometry}, but the clips in {cfg.data} are {geometry} crops "
+                         f"(make them with python -m lipsync.prepare --geometry {cfg.geometry})")
+    return geometry
+
+
 def ensure_data(run: Run):
     cfg = run.cfg
     if os.path.isdir(cfg.data) and list_clips(cfg.data):
         return
     if cfg.data != TrainConfig.data:
         raise SystemExit(f"no prepared clips in {cfg.data} (make them with python -m lipsync.prepare)")
+    if cfg.geometry == "musetalk":
+        raise SystemExit("the synthetic demo clips are square crops; for --geometry musetalk pass --data with clips "
+                         "from python -m lipsync.prepare --geometry musetalk")
     run.say(f"no data in {cfg.data}: generating {cfg.synthetic_clips} synthetic clips")
     if run.main:
         from lipsync import synthetic
@@ -502,8 +525,9 @@ def main(argv=None):
     if bad := [s for s in stages if s not in STAGES]:
         raise SystemExit(f"unknown stage {bad[0]!r}; choose from all, {', '.join(STAGES)}")
     ensure_data(run)
+    geometry = clip_geometry(cfg)
     run.say(f"lipsync training: preset {cfg.preset}, stages {', '.join(stages)}, device {run.device}"
-            f"{', bf16 autocast' if run.autocast else ''}, {run.world} process(es), out {cfg.out}")
+            f"{', bf16 autocast' if run.autocast else ''}, {run.world} process(es), {geometry} crops, out {cfg.out}")
     t0 = time.time()
     model = None
     for stage in stages:
