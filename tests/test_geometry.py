@@ -80,10 +80,10 @@ def test_musetalk_box_equals_musetalks_formula_on_jittered_real_tracks():
         lm = z["landmarks"]  # (175, 68, 2), a mediapipe track of the demo video
     rng = np.random.default_rng(0)
     tracks = [lm + rng.normal(0, 2.0, lm.shape),  # landmark jitter
-              lm * 1.4 + (-90, 40) + rng.normal(0, 3.0, lm.shape)]  # bigger, off the frame's left edge, jittered
+              lm * 1.4 + (-180, -200) + rng.normal(0, 3.0, lm.shape)]  # bigger, across the left and top edges
     lm_bottom = max(t[..., 1].max() for t in tracks)
-    checked = clipped = 0
-    for track, shift, margin, height in itertools.product(tracks, (0, 7, -7, 3, 2.5, -4.5), (10, 0, 25),
+    checked = clipped = left = top = lowest_nose = 0
+    for track, shift, margin, height in itertools.product(tracks, (0, 7, -7, 3, 2.5, -4.5, 70), (10, 0, 25),
                                                           (None, DEMO_H, int(lm_bottom) - 20)):
         track = track.astype(np.float32)
         batched = T.musetalk_box(track, shift, margin, height)
@@ -93,7 +93,10 @@ def test_musetalk_box_equals_musetalks_formula_on_jittered_real_tracks():
             assert tuple(batched[i]) == expected == T.musetalk_box(track[i], shift, margin, height)
             checked += 1
             clipped += height is not None and expected[3] == height
-    assert checked == 2 * 6 * 3 * 3 * 175 and clipped > 1000
+            left += expected[0] < 0
+            top += expected[1] == 0
+            lowest_nose += expected[1] + margin == expected[3]  # the moved nose point is the lowest landmark
+    assert checked == 2 * 7 * 3 * 3 * 175 and min(clipped, left, top, lowest_nose) > 100
 
 
 def test_musetalk_boxes_are_jaw_wide_not_square_and_put_the_nose_near_the_midline():
