@@ -12,8 +12,9 @@ loops without a jump. Per frame the loop then runs only audio tokens -> UNet -> 
     for frame in stream(model, avatar, audio_chunks): ...  # MelEncoder checkpoints: frames while audio arrives
 
 A saved avatar is a folder written as DIR.partial and renamed when complete: frames.npy (N, H, W, 3) uint8,
-track.npz (spec layout), latents.npy (N, 8, s, s) float32, blend.npz, and avatar_info.json (crop size, fps, the VAE
-fingerprint: latents from another VAE would be garbage, so load_avatar refuses them with a clear message).
+track.npz (spec layout), latents.npy (N, 8, s, s) float32, blend.npz, and avatar_info.json (crop size and geometry,
+fps, the VAE fingerprint: latents from another VAE or crop would be garbage, so load_avatar refuses them with a clear
+message).
 """
 
 import hashlib

@@ -285,7 +285,7 @@ def _lanczos4_matrix(n_in, n_out):
 def resize_lanczos4(image, height, width):
     """(h, w, 3) uint8 -> (height, width, 3) uint8, equal to cv2.resize(image, (width, height),
     interpolation=cv2.INTER_LANCZOS4), MuseTalk's crop filter, without OpenCV: the same taps and 11-bit weights,
-    columns then rows, rounded once at the end. float64 holds every partial sum exactly, so it is integer math."""
+    rounded once at the end. float64 holds every partial sum exactly, so this is OpenCV's integer arithmetic."""
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).double()  # (3, h, w)
     x = _lanczos4_matrix(x.shape[1], height) @ x @ _lanczos4_matrix(x.shape[2], width).T  # (3, height, width)
     x = torch.floor((x + 2 ** 21) / 2 ** 22)  # OpenCV's (v + 2^21) >> 22
