@@ -13,6 +13,10 @@ Faces are tracked with mediapipe, or the fixed --bbox box; a precomputed track `
 `<stem>.track.npz`) beside the input, in the layout lipsync.training.prepare writes (landmarks, face, boxes), is used
 instead of tracking when present. Frames without a face pass through unchanged. Bad inputs stop with one line on stderr and a
 non-zero exit code before anything is written.
+
+Crop geometry (docs/geometry.md) follows the weights: the published MuseTalk weights get MuseTalk v1.5's own face box
+(--version v15: 10 px below the lowest landmark, v1: 0), unsmoothed so that every frame's box is MuseTalk's; our
+checkpoints use the geometry recorded in them (the square crop unless trained on --geometry musetalk clips).
 """
 
 import argparse
@@ -60,6 +64,13 @@ def parse_args(argv):
                    "in source pixels (+ = down: the mouth opens more, - = up: more appearance detail)")
     p.add_argument("--bbox", help="fixed face box x1,y1,x2,y2 (brows to chin, jaw side to side) for every frame "
                    "instead of mediapipe tracking")
+    p.add_argument("--version", choices=["v15", "v1"], help="MuseTalk-geometry models (the published weights): "
+                   "the crop reaches 10 px (v15, the default) or 0 px (v1) below the lowest landmark, as MuseTalk's "
+                   "own --version flag does. MuseTalk's v15 script also fixes bbox_shift at 0; here --bbox-shift "
+                   "still applies (default 0)")
+    p.add_argument("--smooth", type=float, help="smooth the crop boxes over time, Gaussian sigma in frames "
+                   "(default 2 for our square crops, 0 = off for MuseTalk geometry, so boxes are MuseTalk's "
+                   "frame for frame)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
@@ -122,6 +133,8 @@ def resolve(args):
         args.bbox = parse_bbox(args.bbox)
     if args.batch_size < 1:
         raise InputError("--batch-size must be >= 1")
+    if args.smooth is not None and not args.smooth >= 0:
+        raise InputError("--smooth must be >= 0 (0 = no smoothing)")
     if args.generating:
         if args.out is None:
             name = Path(args.avatar).name if args.avatar else Path(args.media).stem
@@ -168,13 +181,22 @@ def read_media(args, limit=None):
     return np.stack(src)[idx], fps, idx, len(src), need is None or len(src) < need
 
 
-def face_track(args, frames, idx, n_read, complete):
+def box_options(args, geometry):
+    """Keyword arguments of pipeline.track_frames / read_track for the model's crop geometry."""
+    if geometry == "square":
+        return dict(geometry=geometry, smooth_sigma=2.0 if args.smooth is None else args.smooth)
+    margin = {"v15": 10, "v1": 0}[args.version or "v15"]  # MuseTalk's extra_margin
+    return dict(geometry=geometry, margin=margin, smooth_sigma=args.smooth or 0.0)
+
+
+def face_track(args, frames, idx, n_read, complete, geometry="square"):
     """--bbox, else a track file beside the input, else mediapipe."""
+    opts = box_options(args, geometry)
     if args.bbox:
-        return track_frames(frames, BoxTracker(args.bbox), args.bbox_shift)
+        return track_frames(frames, BoxTracker(args.bbox), args.bbox_shift, **opts)
     path = track_file(args.media)
     if path is not None:
-        track = read_track(path, args.bbox_shift)
+        track = read_track(path, args.bbox_shift, height=frames.shape[1], **opts)
         if len(track) < n_read or (complete and len(track) != n_read):
             raise InputError(f"{path} has {len(track)} frames but {args.media} has {n_read}"
                              f"{'' if complete else ' or more'}")
@@ -182,7 +204,7 @@ def face_track(args, frames, idx, n_read, complete):
     with native_stderr_silenced() as stderr:
         tracker = MeshTracker()
         with tqdm(total=len(frames), desc="track faces", unit="frame", disable=None, leave=False, file=stderr) as bar:
-            return track_frames(frames, tracker, args.bbox_shift, bar=bar)
+            return track_frames(frames, tracker, args.bbox_shift, bar=bar, **opts)
 
 
 @contextmanager
@@ -215,7 +237,7 @@ def load_model(args, device, dtype):
 
 def build_avatar(args, model, limit=None):
     frames, fps, idx, n_read, complete = read_media(args, limit)
-    track = face_track(args, frames, idx, n_read, complete)
+    track = face_track(args, frames, idx, n_read, complete, model.geometry)
     with tqdm(total=int(track.face.sum()), desc="prepare", unit="frame", disable=None, leave=False) as bar:
         return prepare_avatar(frames, fps, track, model, args.batch_size, source=args.media, bar=bar)
 
@@ -234,6 +256,8 @@ def run(args):
         if seconds is not None and math.floor(seconds * fps) < 2:
             raise InputError(f"{args.audio} lasts under two frames at {fps:g} fps")
     model = load_model(args, device, dtype)
+    if args.version and model.geometry != "musetalk":
+        raise InputError(f"--version picks MuseTalk's crop margin; {args.ckpt} was trained on {model.geometry} crops")
     start = time.perf_counter()
     if args.prepare_avatar:
         avatar = build_avatar(args, model)

@@ -6,8 +6,11 @@
     python train.py --config my.json --stage1.lr=1e-4 --resume
 
 Every field of TrainConfig below is a command-line flag, grouped ones as --group.field (`--help` says what each does);
-a JSON --config file sets many at once; the preset supplies the defaults. Each stage writes OUT/<stage>.pt (resumable, atomic), OUT/metrics.jsonl and
-sample grids OUT/samples/<stage>_<step>.png; the finished generator is OUT/lipsync.pt, which infer.py loads.
+a JSON --config file sets many at once; the preset supplies the defaults. Each stage writes OUT/<stage>.pt (resumable,
+atomic), OUT/metrics.jsonl and sample grids OUT/samples/<stage>_<step>.png; the finished generator is OUT/lipsync.pt,
+which infer.py loads. The checkpoint records the crop geometry of the clips it was trained on (`--geometry`,
+docs/geometry.md): clips prepared with `python -m lipsync.training.prepare --geometry musetalk` give a model that uses
+MuseTalk's own face box, in MuseTalk too.
 """
 
 import argparse
@@ -30,6 +33,7 @@ from lipsync.blocks import config_from_dict
 from lipsync.mel_encoder import MelEncoderConfig
 from lipsync.model import LipSync, atomic_save, export
 from lipsync.training.syncnet import SyncNet, SyncNetConfig, load_syncnet
+from lipsync.tracking import GEOMETRIES
 from lipsync.training.steps import (Objective, discriminator_loss, frames_of, generator_losses, latent_scale, lr_lambda,
                               sample_grid, syncnet_step, vae_step)
 from lipsync.unet import UNet, UNetConfig
@@ -74,6 +78,7 @@ class TrainConfig:
     out: str = "runs/tiny"
     synthetic_clips: int = 40
     synthetic_seconds: float = 10.0
+    geometry: str = "auto"
     seed: int = 41
     resume: bool = False
     # models
@@ -117,6 +122,7 @@ HELP = {
     "out": "run folder: stage checkpoints, metrics.jsonl, samples/ and the final lipsync.pt",
     "synthetic_clips": "how many synthetic clips to generate into an empty default --data",
     "synthetic_seconds": "length of each generated synthetic clip in seconds",
+    "geometry": "crop geometry the clips must have (meta.json): auto (whatever they have), square or musetalk",
     "seed": "seed for initialisation, batches and augmentation (the same seed gives the same run)",
     "resume": "continue each stage from its checkpoint in --out, exactly where it stopped",
     "vae_path": "a local sd-vae-ft-mse (folder or file) to use frozen; skips the vae stage",
@@ -496,7 +502,7 @@ def build_generator(run: Run) -> LipSync:
         from lipsync.mel_encoder import MelEncoder
         audio_cfg.dim = unet_cfg.cross_attention_dim
         audio = MelEncoder(audio_cfg)
-    model = LipSync(UNet(unet_cfg), vae, audio, vae.config.sample_size).to(run.device)
+    model = LipSync(UNet(unet_cfg), vae, audio, vae.config.sample_size, geometry=clip_geometry(cfg)).to(run.device)
     model.unet.gradient_checkpointing = run.grad_ckpt
     return model
 
@@ -589,13 +595,29 @@ def stage2(run: Run, root) -> LipSync:
         save_sample(run, "stage2", step, cfg.stage2.steps, batch, pred)
         return logs
 
-    train_loop(run, "stage2", {"generator": model, "discriminators": discs}, {"generator": opt, "discriminators": d_opt},
-               cfg.stage2.steps, step_fn)
+    modules, optims = {"generator": model, "discriminators": discs}, {"generator": opt, "discriminators": d_opt}
+    train_loop(run, "stage2", modules, optims, cfg.stage2.steps, step_fn)
     export_generator(run, "stage2", model)
     return model
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def clip_geometry(cfg: TrainConfig) -> str:
+    """The crop geometry of the clips in cfg.data ("square" when meta.json has none); they must agree with each
+    other and with --geometry unless it is auto. The exported checkpoint records it and infer.py crops the same way."""
+    if cfg.geometry not in ("auto",) + GEOMETRIES:
+        raise SystemExit(f"unknown --geometry {cfg.geometry!r}; choose from auto, {', '.join(GEOMETRIES)}")
+    found = {json.loads((c / "meta.json").read_text()).get("geometry", "square") for c in list_clips(cfg.data)}
+    if len(found) > 1:
+        raise SystemExit(f"the clips in {cfg.data} mix crop geometries ({', '.join(sorted(found))}); "
+                         f"prepare them with one --geometry")
+    geometry = found.pop() if found else "square"
+    if cfg.geometry not in ("auto", geometry):
+        raise SystemExit(f"--geometry {cfg.geometry}, but the clips in {cfg.data} are {geometry} crops "
+                         f"(make them with python -m lipsync.training.prepare --geometry {cfg.geometry})")
+    return geometry
 
 
 def ensure_data(run: Run):
@@ -604,11 +626,15 @@ def ensure_data(run: Run):
         return
     if cfg.data != TrainConfig.data:
         raise SystemExit(f"no prepared clips in {cfg.data} (make them with python -m lipsync.training.prepare)")
+    if cfg.geometry == "musetalk":
+        raise SystemExit("the synthetic demo clips are square crops; for --geometry musetalk pass --data with clips "
+                         "from python -m lipsync.training.prepare --geometry musetalk")
     run.say(f"no data in {cfg.data}: generating {cfg.synthetic_clips} synthetic clips")
     if run.main:
         from lipsync.tools import synthetic
         synthetic.main(["--out", cfg.data, "--clips", str(cfg.synthetic_clips), "--seconds",
-                        str(cfg.synthetic_seconds), "--size", str(model_configs(cfg)[1].sample_size), "--seed", str(cfg.seed)])
+                        str(cfg.synthetic_seconds), "--size", str(model_configs(cfg)[1].sample_size),
+                        "--seed", str(cfg.seed)])
     if run.world > 1:
         dist.barrier()
 
@@ -635,8 +661,9 @@ def main(argv=None):
     if bad := [s for s in stages if s not in STAGES]:
         raise SystemExit(f"unknown stage {bad[0]!r}; choose from all, {', '.join(STAGES)}")
     ensure_data(run)
+    geometry = clip_geometry(cfg)
     run.say(f"lipsync training: preset {cfg.preset}, stages {', '.join(stages)}, device {run.device}"
-            f"{', bf16 autocast' if run.autocast else ''}, {run.world} process(es), out {cfg.out}")
+            f"{', bf16 autocast' if run.autocast else ''}, {run.world} process(es), {geometry} crops, out {cfg.out}")
     t0 = time.time()
     model = None
     for stage in stages:

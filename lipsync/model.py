@@ -2,8 +2,9 @@
 
 `LipSync` bundles the three trained parts (UNet, VAE, audio encoder) with MuseTalk's conventions so that training,
 inference, evaluation and the benchmark all call the same code. Our own checkpoint is one file holding the three
-configs and state dicts (`save_checkpoint` / `load_lipsync`); the published MuseTalk UNet + sd-vae-ft-mse +
-whisper-tiny load through `from_published`.
+configs and state dicts (`export` / `load_lipsync`) and the crop geometry it was trained on
+(lipsync.tracking.GEOMETRIES; "square" when absent); the published MuseTalk UNet + sd-vae-ft-mse + whisper-tiny load
+through `from_published` and use MuseTalk's own crop ("musetalk", docs/geometry.md).
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ import torch.nn as nn
 from .audio import PositionalEncoding, encode_windows, frame_windows
 from .blocks import config_from_dict
 from .mel_encoder import MelEncoder, MelEncoderConfig
+from .tracking import GEOMETRIES
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, FaceVAE, VAEConfig
 from .weights import CheckpointError, assign_weights, load_unet, load_vae
@@ -25,7 +27,7 @@ FORMAT = "lipsync-v1"
 
 class LipSync(nn.Module):
     def __init__(self, unet: UNet, vae: AutoencoderKL, audio: nn.Module, crop_size: int, left: int = 2,
-                 right: int = 2):
+                 right: int = 2, geometry: str = "square"):
         super().__init__()
         if audio.dim != unet.config.cross_attention_dim:
             raise ValueError(f"audio features are {audio.dim}-dim but the UNet attends to "
@@ -33,7 +35,9 @@ class LipSync(nn.Module):
         self.unet, self.vae, self.audio = unet, vae, audio
         self.face = FaceVAE(vae)
         self.pe = PositionalEncoding(audio.dim)
-        self.crop_size, self.left, self.right = crop_size, left, right
+        if geometry not in GEOMETRIES:
+            raise ValueError(f"unknown crop geometry {geometry!r}; choose from {', '.join(GEOMETRIES)}")
+        self.crop_size, self.left, self.right, self.geometry = crop_size, left, right, geometry
 
     @property
     def trainable_audio(self) -> bool:
@@ -62,7 +66,8 @@ class LipSync(nn.Module):
     def configs(self) -> dict:
         audio = dataclasses.asdict(self.audio.cfg) if self.trainable_audio else None
         return {"unet": dataclasses.asdict(self.unet.config), "vae": dataclasses.asdict(self.vae.config),
-                "audio": audio, "crop_size": self.crop_size, "left": self.left, "right": self.right}
+                "audio": audio, "crop_size": self.crop_size, "left": self.left, "right": self.right,
+                "geometry": self.geometry}
 
 
 def build(unet_cfg: UNetConfig, vae_cfg: VAEConfig, audio_cfg: MelEncoderConfig, crop_size: int) -> LipSync:
@@ -131,11 +136,13 @@ def load_lipsync(path: str, device="cpu", dtype=torch.float32, whisper: str | No
             raise CheckpointError(f"{path} was trained on whisper features: pass the whisper-tiny folder")
         from .audio import load_whisper_encoder
         audio = load_whisper_encoder(whisper, device).to(dtype)
-    return LipSync(unet, vae, audio.eval(), cfg["crop_size"], cfg["left"], cfg["right"]).to(device).eval()
+    return LipSync(unet, vae, audio.eval(), cfg["crop_size"], cfg["left"], cfg["right"],
+                   cfg.get("geometry", "square")).to(device).eval()
 
 
 def from_published(unet: str, vae: str, whisper: str, device="cpu", dtype=torch.float32) -> LipSync:
     """Official MuseTalk UNet + sd-vae-ft-mse + whisper-tiny from local folders/files, used unchanged."""
     from .audio import load_whisper_encoder
     return LipSync(load_unet(unet, device, dtype), load_vae(vae, device, dtype),
-                   load_whisper_encoder(whisper, device).to(dtype), crop_size=256).to(device).eval()
+                   load_whisper_encoder(whisper, device).to(dtype), crop_size=256,
+                   geometry="musetalk").to(device).eval()

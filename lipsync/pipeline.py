@@ -12,8 +12,9 @@ loops without a jump. Per frame the loop then runs only audio tokens -> UNet -> 
     for frame in stream_frames(model, avatar, audio_chunks): ...  # MelEncoder checkpoints: frames as audio arrives
 
 A saved avatar is a folder written as DIR.partial and renamed when complete: frames.npy (N, H, W, 3) uint8,
-track.npz (spec layout), latents.npy (N, 8, s, s) float32, blend.npz, and avatar_info.json (crop size, fps, the VAE
-fingerprint: latents from another VAE would be garbage, so load_avatar refuses them with a clear message).
+track.npz (spec layout), latents.npy (N, 8, s, s) float32, blend.npz, and avatar_info.json (crop size and geometry,
+fps, the VAE fingerprint: latents from another VAE or crop would be garbage, so load_avatar refuses them with a clear
+message).
 """
 
 import hashlib
@@ -29,7 +30,7 @@ import torch
 from .audio import MelStream
 from .blend import Blend, make_blend, paste
 from .mel_encoder import MelEncoder
-from .tracking import crop_box, crop_faces, smooth_boxes, track_and_fill
+from .tracking import crop_faces, face_boxes, track_and_fill
 from .vae import to_uint8_images
 
 AVATAR_VERSION = 1
@@ -49,10 +50,14 @@ class Track:
         return Track(self.landmarks[idx], self.face[idx], self.boxes[idx], self.tracker)
 
 
-def track_frames(frames, tracker, bbox_shift=0.0, margin=10.0, smooth_sigma=2.0, bar=None) -> Track:
-    """Run a tracker (tracking.MeshTracker / BoxTracker) over frames, as lipsync.training.prepare does; closes it."""
+def track_frames(frames, tracker, bbox_shift=0.0, margin=10.0, smooth_sigma=2.0, bar=None,
+                 geometry="square") -> Track:
+    """Run a tracker (tracking.MeshTracker / BoxTracker) over frames, as lipsync.training.prepare does; closes it.
+    Boxes of `geometry` (tracking.face_boxes; "musetalk" boxes end at the frame's bottom edge)."""
+    height = np.shape(frames)[1] if geometry != "square" else None
     landmarks, face, _ = track_and_fill(frames, tracker, bar)
-    return Track(landmarks, face, smooth_boxes(crop_box(landmarks, bbox_shift, margin), smooth_sigma), tracker.name)
+    boxes = face_boxes(landmarks, geometry, bbox_shift, margin, smooth_sigma, height)
+    return Track(landmarks, face, boxes, tracker.name)
 
 
 def track_file(media) -> Path | None:
@@ -65,9 +70,10 @@ def track_file(media) -> Path | None:
     return None
 
 
-def read_track(path, bbox_shift=0.0, margin=10.0, smooth_sigma=2.0) -> Track:
-    """track.npz (landmarks, face, boxes as written by lipsync.training.prepare). Its boxes are used as they are unless
-    bbox_shift moves the midline; then they are recomputed from the landmarks with the file's own chin margin."""
+def read_track(path, bbox_shift=0.0, margin=10.0, smooth_sigma=2.0, geometry="square", height=None) -> Track:
+    """track.npz (landmarks, face, boxes as written by lipsync.training.prepare). For the square geometry its boxes
+    are used as they are unless bbox_shift moves the midline; then they are recomputed from the landmarks with the
+    file's own chin margin. "musetalk" boxes are always computed from the landmarks (exact, and cheap)."""
     with np.load(path) as z:
         landmarks, face = z["landmarks"].astype(np.float32), z["face"].astype(bool)
         boxes = z["boxes"].astype(np.float32) if "boxes" in z else None
@@ -75,10 +81,13 @@ def read_track(path, bbox_shift=0.0, margin=10.0, smooth_sigma=2.0) -> Track:
         raise ValueError(f"{path}: expected landmarks (N, 68, 2) and face (N,), got {landmarks.shape}, {face.shape}")
     if not face.any():
         raise ValueError(f"{path}: no face found in any frame")
+    if geometry != "square":
+        boxes = face_boxes(landmarks, geometry, bbox_shift, margin, smooth_sigma, height)
+        return Track(landmarks, face, boxes, "file")
     if boxes is not None and bbox_shift:
         margin = float(np.median(boxes[:, 3] - landmarks[:, 8, 1]))
     if boxes is None or bbox_shift:
-        boxes = smooth_boxes(crop_box(landmarks, bbox_shift, margin), smooth_sigma)
+        boxes = face_boxes(landmarks, "square", bbox_shift, margin, smooth_sigma)
     return Track(landmarks, face, boxes, "file")
 
 
@@ -108,6 +117,7 @@ class Avatar:
     crop_size: int
     fingerprint: str
     source: str = ""
+    geometry: str = "square"  # crop geometry of the latents (tracking.GEOMETRIES)
 
     def __len__(self):
         return len(self.frames)
@@ -132,7 +142,8 @@ def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", b
     parts = []
     for k in range(0, len(good), batch_size):
         idx = good[k: k + batch_size]
-        parts.append(model.face.unet_input(crop_faces(frames[idx], track.boxes[idx], size)))  # (b, 8, s, s)
+        crops = crop_faces(frames[idx], track.boxes[idx], size, lanczos=model.geometry == "musetalk")
+        parts.append(model.face.unet_input(crops))  # (b, S, S, 3) -> (b, 8, s, s)
         if bar is not None:
             bar.update(len(idx))
     encoded = torch.cat(parts)
@@ -141,7 +152,8 @@ def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", b
     shape = frames.shape[1:3]
     blends = [make_blend(track.landmarks[i], track.boxes[i], shape) if track.face[i] else None
               for i in range(len(frames))]
-    return Avatar(frames, float(fps), track, latents, blends, size, vae_fingerprint(model), str(source))
+    return Avatar(frames, float(fps), track, latents, blends, size, vae_fingerprint(model), str(source),
+                  model.geometry)
 
 
 def check_avatar_folder(folder) -> None:
@@ -172,7 +184,7 @@ def save_avatar(avatar: Avatar, folder) -> Path:
              masks=np.concatenate([b.mask.ravel() for b in blends]).astype(np.float16))
     info = {"version": AVATAR_VERSION, "fps": avatar.fps, "frames": len(avatar), "size": list(avatar.frames.shape[1:3]),
             "crop_size": avatar.crop_size, "fingerprint": avatar.fingerprint, "source": avatar.source,
-            "tracker": t.tracker}
+            "tracker": t.tracker, "geometry": avatar.geometry}
     (partial / "avatar_info.json").write_text(json.dumps(info, indent=1))
     if folder.exists():
         shutil.rmtree(folder)
@@ -191,9 +203,10 @@ def load_avatar(folder, model) -> Avatar:
     redo = f"prepare it again: python infer.py --prepare-avatar {info.get('source') or 'VIDEO'} --avatar {folder}"
     if info.get("version") != AVATAR_VERSION:
         raise ValueError(f"{folder}: avatar format version {info.get('version')} is not {AVATAR_VERSION}; {redo}")
-    if info["crop_size"] != model.crop_size or info["fingerprint"] != vae_fingerprint(model):
+    if (info["crop_size"] != model.crop_size or info["fingerprint"] != vae_fingerprint(model)
+            or info.get("geometry", "square") != model.geometry):
         raise ValueError(f"{folder} was prepared for a different model (VAE fingerprint {info['fingerprint']}, "
-                         f"crop {info['crop_size']}); {redo} with this checkpoint")
+                         f"crop {info['crop_size']} {info.get('geometry', 'square')}); {redo} with this checkpoint")
     frames = np.load(folder / "frames.npy", mmap_mode="r")
     with np.load(folder / "track.npz") as z:
         track = Track(z["landmarks"], z["face"], z["boxes"], info.get("tracker", "file"))
@@ -205,7 +218,7 @@ def load_avatar(folder, model) -> Avatar:
                   r[2] - r[0], r[3] - r[1]), tuple(map(int, z["mouths"][i]))) if track.face[i] else None
                   for i, r in enumerate(z["rects"])]
     return Avatar(frames, info["fps"], track, latents, blends, info["crop_size"], info["fingerprint"],
-                  info.get("source", ""))
+                  info.get("source", ""), info.get("geometry", "square"))
 
 
 # ----------------------------------------------------------------------------- generation

@@ -8,10 +8,14 @@ Trackers map a frame (H, W, 3) uint8 RGB to (68, 2) float32 landmarks in source 
   landmark bounding box (brow tops to chin, jaw side to side) fills the given box. Crop geometry, blend masks and
   reference sampling then work unchanged, but the mouth landmarks do not move.
 
-Crop (docs/musetalk.md §5): nose point (lm 29, + bbox_shift, + = down) on the crop's horizontal midline,
-bottom = chin (lm 8) + margin, square, centred on the jaw. Crops cover the integer pixel square `pixel_box(box)`
-(pixels outside the frame replicate the edge) resized to S x S; `to_crop_coords` uses the same rounding, in
-continuous coordinates where source pixel i spans [i, i + 1).
+Crop geometry, one of `GEOMETRIES` (docs/geometry.md):
+- "square" (our own checkpoints' default, `crop_box`): nose point (lm 29, + bbox_shift, + = down) on the crop's
+  horizontal midline, bottom = chin (lm 8) + margin, square, centred on the jaw.
+- "musetalk" (the published MuseTalk weights, `musetalk_box`): MuseTalk v1.5's own integer box from
+  `musetalk/utils/preprocessing.py:get_landmark_and_bbox` and `scripts/inference.py` (extra_margin): jaw-wide, not
+  square, resized to S x S without keeping the aspect ratio, with OpenCV's Lanczos-4 filter (`resize_lanczos4`).
+Crops cover the integer pixel rectangle `pixel_box(box)` (pixels outside the frame replicate the edge) resized to
+S x S; `to_crop_coords` uses the same rounding, in continuous coordinates where source pixel i spans [i, i + 1).
 """
 
 import os
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+GEOMETRIES = ("square", "musetalk")
 INSTALL_HINT = 'face tracking needs mediapipe: pip install mediapipe==0.10.21 "numpy<2"   (or pass --bbox x1,y1,x2,y2)'
 
 # iBUG-68 point -> face-mesh vertices (averaged when two). Picked on the mesh's own contours (FACEMESH_FACE_OVAL,
@@ -190,6 +195,38 @@ def crop_box(landmarks, bbox_shift=0, margin=10):
     return np.stack([cx - half, bottom - 2 * half, cx + half, bottom], axis=-1).astype(np.float32)
 
 
+def musetalk_box(landmarks, bbox_shift=0, extra_margin=10, height=None):
+    """MuseTalk v1.5's face box: (68, 2) landmarks -> (x1, y1, x2, y2) ints, or (N, 68, 2) -> (N, 4) int64.
+
+    As `get_landmark_and_bbox` computes it: landmarks truncated to int32; the nose point (lm 29) moved by bbox_shift
+    in place (so a float shift is truncated too, and the moved point counts in max y); x from the min to the max x
+    of all 68 points; top = nose - (max y - nose), at least 0; bottom = max y + extra_margin (scripts/inference.py:
+    10 for v15, 0 for v1), at most `height`. MuseTalk falls back to its face detector's box when this box is empty
+    or x1 < 0; we have no detector and keep the box (crops replicate the frame's edge pixels).
+    """
+    lm = np.asarray(landmarks).astype(np.int32).astype(np.int64)  # float -> int32 truncates towards zero
+    ys = lm[..., 1].copy()
+    ys[..., 29] = np.trunc(ys[..., 29] + bbox_shift)
+    nose, bottom = ys[..., 29], ys.max(-1)
+    y2 = bottom + int(extra_margin)
+    if height is not None:
+        y2 = np.minimum(y2, int(height))
+    box = np.stack([lm[..., 0].min(-1), np.maximum(0, 2 * nose - bottom), lm[..., 0].max(-1), y2], axis=-1)
+    return tuple(int(v) for v in box) if box.ndim == 1 else box
+
+
+def face_boxes(landmarks, geometry="square", bbox_shift=0.0, margin=10.0, smooth_sigma=2.0, height=None):
+    """(N, 68, 2) -> (N, 4) float32 crop boxes of `geometry` (margin: below the chin for "square", MuseTalk's
+    extra_margin for "musetalk"), smoothed over time with `smooth_boxes` unless smooth_sigma is 0."""
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"unknown crop geometry {geometry!r}; choose from {', '.join(GEOMETRIES)}")
+    if geometry == "square":
+        boxes = crop_box(landmarks, bbox_shift, margin)
+    else:
+        boxes = musetalk_box(landmarks, bbox_shift, margin, height).reshape(-1, 4).astype(np.float32)
+    return smooth_boxes(boxes, smooth_sigma) if smooth_sigma > 0 else boxes
+
+
 def _gaussian_smooth(x, sigma):
     """Zero-phase Gaussian smoothing along axis 0 with edge replication; (N, C) -> (N, C)."""
     if sigma <= 0 or len(x) < 2:
@@ -219,8 +256,9 @@ def pixel_box(box):
     return tuple(int(v) for v in _pixel_boxes(box)[0])
 
 
-def crop_face(frame, box, size):
-    """(H, W, 3) uint8 + box -> (size, size, 3) uint8; outside the frame the edge pixels are replicated."""
+def crop_face(frame, box, size, lanczos=False):
+    """(H, W, 3) uint8 + box -> (size, size, 3) uint8; outside the frame the edge pixels are replicated.
+    Resized with antialiased bilinear, or with lanczos=True as MuseTalk does (`resize_lanczos4`)."""
     h_img, w_img = frame.shape[:2]
     x0, y0, w, h = pixel_box(box)
     if x0 >= 0 and y0 >= 0 and x0 + w <= w_img and y0 + h <= h_img:
@@ -229,15 +267,58 @@ def crop_face(frame, box, size):
         rows = np.clip(np.arange(y0, y0 + h), 0, h_img - 1)
         cols = np.clip(np.arange(x0, x0 + w), 0, w_img - 1)
         patch = frame[rows[:, None], cols[None, :]]
+    if lanczos:
+        return resize_lanczos4(patch, size, size)
     x = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)[None]  # uint8, channels-last memory
     # (1, 3, h, w) -> (1, 3, size, size); torch's uint8 antialiased path is ~10x faster than float here
     x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return np.ascontiguousarray(x[0].permute(1, 2, 0).numpy())
 
 
-def crop_faces(frames, boxes, size):
+_S45 = 0.70710678118654752440084436210485
+_LANCZOS4_CS = np.array([[1, 0], [-_S45, -_S45], [0, 1], [_S45, -_S45], [-1, 0], [_S45, _S45], [0, -1], [-_S45, _S45]])
+
+
+def _lanczos4_matrix(n_in, n_out):
+    """OpenCV's INTER_LANCZOS4 along one axis as an (n_out, n_in) float64 matrix of 11-bit integer weights.
+
+    Output pixel i samples the input at (i + 0.5) n_in / n_out - 0.5 with the 8 taps around it, weights
+    sinc(d) sinc(d / 4) normalised to sum 1 and rounded to multiples of 1/2048, taps past the ends clamped to the edge
+    pixel. No wider kernel when shrinking: OpenCV does not antialias here. The float arithmetic follows OpenCV's
+    resize and interpolateLanczos4 step by step (imgproc/src/resize.cpp), so every weight rounds the same way.
+    """
+    pos = ((np.arange(n_out) + 0.5) * (1.0 / (n_out / n_in)) - 0.5).astype(np.float32)
+    left = np.floor(pos)
+    frac = pos - left  # float32
+    d = frac[:, None] + np.float32(3) - np.arange(8, dtype=np.float32)  # float32 distance to taps left - 3 .. left + 4
+    y = -d.astype(np.float64) * np.pi * 0.25
+    y0 = y[:, :1]
+    with np.errstate(divide="ignore", invalid="ignore"):  # y = 0 on a pixel; those rows are replaced below
+        w = ((_LANCZOS4_CS[:, 0] * np.sin(y0) + _LANCZOS4_CS[:, 1] * np.cos(y0)) / (y * y)).astype(np.float32)
+        total = w[:, 0].copy()
+        for k in range(1, 8):  # summed in order, in float32
+            total += w[:, k]
+        w *= (np.float32(1) / total)[:, None]
+    w[frac < np.finfo(np.float32).eps] = np.eye(8, dtype=np.float32)[3]  # on a pixel: copy it
+    taps = np.clip(left[:, None] + np.arange(-3, 5), 0, n_in - 1).astype(np.int64)
+    m = np.zeros((n_out, n_in))
+    np.add.at(m, (np.repeat(np.arange(n_out), 8), taps.ravel()), np.round(w * 2048).ravel())
+    return torch.from_numpy(m)
+
+
+def resize_lanczos4(image, height, width):
+    """(h, w, 3) uint8 -> (height, width, 3) uint8, equal to cv2.resize(image, (width, height),
+    interpolation=cv2.INTER_LANCZOS4), MuseTalk's crop filter, without OpenCV: the same taps and 11-bit weights,
+    rounded once at the end. float64 holds every partial sum exactly, so this is OpenCV's integer arithmetic."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).double()  # (3, h, w)
+    x = _lanczos4_matrix(x.shape[1], height) @ x @ _lanczos4_matrix(x.shape[2], width).T  # (3, height, width)
+    x = torch.floor((x + 2 ** 21) / 2 ** 22)  # OpenCV's (v + 2^21) >> 22
+    return x.clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+
+def crop_faces(frames, boxes, size, lanczos=False):
     """(N, H, W, 3) (or any iterable of frames) + (N, 4) boxes -> (N, size, size, 3) uint8."""
-    crops = [crop_face(frame, box, size) for frame, box in zip(frames, boxes)]
+    crops = [crop_face(frame, box, size, lanczos) for frame, box in zip(frames, boxes)]
     return np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
 
 

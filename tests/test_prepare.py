@@ -84,10 +84,10 @@ def test_crash_midway_leaves_no_clip_that_passes_as_complete(tmp_path, monkeypat
     video = make_video(tmp_path / "v.mp4", n=8)
     calls = itertools.count()
 
-    def crash_on_third(frame, box, size):
+    def crash_on_third(frame, box, size, **kwargs):
         if next(calls) == 2:
             raise KeyboardInterrupt
-        return T.crop_face(frame, box, size)
+        return T.crop_face(frame, box, size, **kwargs)
 
     monkeypatch.setattr(P, "crop_face", crash_on_third)
     with pytest.raises(KeyboardInterrupt):

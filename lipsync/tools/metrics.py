@@ -1,15 +1,15 @@
 """Evaluation metrics (lipsync.tools.eval) on uint8 crops, mouth regions, audio activity and SyncNet offsets.
 
 - `psnr`: 10 log10(R^2 / MSE) over all elements, R = 255; +inf for identical inputs.
-- `mouth_metrics`: per-frame PSNR, SSIM and L1 inside each frame's mouth box (`lipsync.data.mouth_box` from lip
-  landmarks, snapped outwards to whole pixels). L1 is the mean |difference| / 255 (0..1). SSIM is
-  `lipsync.losses.ssim` on the box grown by half a window on each side, so the 'valid' SSIM map holds exactly one
-  value per window centre inside the box: the mean SSIM over the mouth region, even for boxes smaller than the
+- `mouth_metrics`: per-frame PSNR, SSIM and L1 inside each frame's mouth box (`lipsync.training.data.mouth_box` from
+  lip landmarks, snapped outwards to whole pixels). L1 is the mean |difference| / 255 (0..1). SSIM is
+  `lipsync.training.losses.ssim` on the box grown by half a window on each side, so the 'valid' SSIM map holds exactly
+  one value per window centre inside the box: the mean SSIM over the mouth region, even for boxes smaller than the
   11 px window (mouths in 64 px crops are ~10 px wide).
 - `silence_masks`: per video frame, silent = audio RMS (40 ms around the frame) more than `threshold_db` below the
   clip's 95th-percentile frame RMS, kept only in runs of >= `min_frames`; speech = at or above the threshold.
 - `lip_gap`: mouth opening from iBUG-68 inner-lip landmarks, as a fraction of the crop height.
-- `sync_score`: `lipsync.syncnet.sync_offsets` on a crop sequence: LSE-D/LSE-C-style numbers on OUR SyncNet's
+- `sync_score`: `lipsync.training.syncnet.sync_offsets` on a crop sequence: LSE-D/LSE-C-style numbers on OUR SyncNet's
   scale (distances between unit embeddings, 0..2), comparable only between videos scored by the same SyncNet.
 """
 

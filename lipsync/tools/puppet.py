@@ -287,7 +287,7 @@ def make_puppet_clip(source, index, split="train", seconds=8.0, size=64, seed=0,
 
 
 def write_puppet_clip(out, name, clip, source, split="train", seed=0):
-    """Write DIR/<name>/ atomically in the prepared-clip layout (lipsync.data.write_clip)."""
+    """Write DIR/<name>/ atomically in the prepared-clip layout (lipsync.training.data.write_clip)."""
     src = clip["meta"]
     meta = {"version": 1, "fps": clip["fps"], "frames": len(clip["crops"]), "size": src["size"],
             "crop_size": clip["crops"].shape[1], "source": str(Path(source).resolve()), "tracker": "puppet",

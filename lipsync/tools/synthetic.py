@@ -223,7 +223,7 @@ def make_synthetic_clip(index, split="train", seconds=10.0, fps=25.0, frame=128,
 
 
 def write_synthetic_clip(out, name, clip, fps=25.0, split="train", seed=0):
-    """Write DIR/<name>/ atomically in the prepared-clip layout (lipsync.data.write_clip)."""
+    """Write DIR/<name>/ atomically in the prepared-clip layout (lipsync.training.data.write_clip)."""
     n, frame = len(clip["crops"]), clip["frames"].shape[1]
     meta = {"version": 1, "fps": float(fps), "frames": n, "size": [frame, frame], "crop_size": clip["crops"].shape[1],
             "source": "synthetic", "tracker": "synthetic", "audio": "audio.wav", "sr": SR, "split": split,

@@ -1,13 +1,15 @@
 """Clip preparation: a talking-head video (+ audio) -> DIR/<clip>/ with crops, track, audio and meta (spec layout).
 
     python -m lipsync.training.prepare VIDEO [VIDEO ...] --out DIR [--audio WAV] [--fps 25] [--bbox x1,y1,x2,y2]
-                              [--bbox-shift N] [--crop-size 256]
+                                       [--bbox-shift N] [--crop-size 256] [--geometry square|musetalk]
 
 Two streaming passes over the video (memory stays at one frame + the crops): pass 1 tracks every source frame,
 then the track is mapped to the target fps (nearest frame in time), gaps without a face are filled from the nearest
-face, crop boxes are smoothed; pass 2 crops. Everything is written to DIR/.<clip>.partial/ (meta.json last, via
-meta.json.tmp) and renamed to DIR/<clip> at the end, so a clip is complete iff DIR/<clip>/meta.json exists; reruns
-skip complete clips and redo everything else. Crop boxes: docs/musetalk.md §5.
+face, crop boxes are smoothed (square geometry; MuseTalk geometry keeps MuseTalk's per-frame boxes); pass 2 crops.
+Everything is written to DIR/.<clip>.partial/ (meta.json last, via meta.json.tmp) and renamed to DIR/<clip> at the
+end, so a clip is complete iff DIR/<clip>/meta.json exists; reruns skip complete clips and redo everything else.
+--geometry musetalk writes MuseTalk v1.5's own crops (lipsync.tracking.musetalk_box with --margin as its
+extra_margin, docs/geometry.md), so a model trained on them can run in MuseTalk's pipeline and back.
 """
 
 import argparse
@@ -24,10 +26,9 @@ import soundfile as sf
 from tqdm import tqdm
 
 from lipsync.audio import load_audio
-from lipsync.tracking import BoxTracker, MediapipeMissing, MeshTracker, crop_box, crop_face, fill_missing, parse_bbox
-from lipsync.tracking import smooth_boxes, track_and_fill
-from lipsync.video import (SAMPLE_RATE, fit_length, iter_frames, resample_indices, select_frames,
-                           video_info)
+from lipsync.tracking import GEOMETRIES, BoxTracker, MediapipeMissing, MeshTracker, crop_face, face_boxes
+from lipsync.tracking import parse_bbox, track_and_fill
+from lipsync.video import SAMPLE_RATE, fit_length, iter_frames, resample_indices, select_frames, video_info
 
 
 @dataclass
@@ -47,11 +48,12 @@ def _write_meta(folder, meta):
 
 
 def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=0, crop_size=256, margin=10,
-                 smooth_sigma=2.0, name=None, progress=True):
+                 smooth_sigma=None, name=None, progress=True, geometry="square"):
     """Prepare one clip into out_dir/<name> (name defaults to the video's stem); see the module docstring.
 
     audio: audio file to use instead of the video's own track. fps: target rate (None or 0 keeps the source rate).
-    bbox: (x1, y1, x2, y2) fixed face box instead of mediapipe. Returns a Prepared record.
+    bbox: (x1, y1, x2, y2) fixed face box instead of mediapipe. geometry: tracking.GEOMETRIES. smooth_sigma: box
+    smoothing in frames (default 2 for square, 0 for musetalk). Returns a Prepared record.
     """
     start = time.perf_counter()
     video, out_dir = Path(video), Path(out_dir)
@@ -61,6 +63,10 @@ def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=
         meta = json.loads((final / "meta.json").read_text())
         return Prepared(final, meta["frames"], int((~np.load(final / "track.npz")["face"]).sum()), skipped=True)
 
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"unknown crop geometry {geometry!r}; choose from {', '.join(GEOMETRIES)}")
+    if smooth_sigma is None:
+        smooth_sigma = 2.0 if geometry == "square" else 0.0
     info = video_info(video)
     if info.fps <= 0:
         raise ValueError(f"{video}: no video stream")
@@ -80,7 +86,7 @@ def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=
     # source fps -> target fps, then boxes
     idx = resample_indices(len(face_src), info.fps, dst_fps)
     landmarks, face = landmarks_src[idx], face_src[idx]
-    boxes = smooth_boxes(crop_box(landmarks, bbox_shift, margin), smooth_sigma)
+    boxes = face_boxes(landmarks, geometry, bbox_shift, margin, smooth_sigma, height=info.size[0])
     n = len(idx)
 
     # pass 2: crops, straight into the .npy on disk
@@ -89,7 +95,7 @@ def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=
     frames = select_frames(iter_frames(video), idx)
     for j, frame in enumerate(tqdm(frames, total=n, desc=f"{name}: crop", unit="frame", disable=not progress,
                                    leave=False)):
-        crops[j] = crop_face(frame, boxes[j], crop_size)
+        crops[j] = crop_face(frame, boxes[j], crop_size, lanczos=geometry == "musetalk")
     crops.flush()
     del crops
 
@@ -100,6 +106,7 @@ def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=
         "version": 1, "fps": dst_fps, "frames": n, "size": [int(info.size[0]), int(info.size[1])],
         "crop_size": crop_size, "source": str(video.resolve()), "tracker": tracker.name, "audio": "audio.wav",
         "sr": SAMPLE_RATE, "source_fps": info.fps, "bbox_shift": bbox_shift, "margin": margin,
+        "geometry": geometry, "smooth_sigma": smooth_sigma,
     })
     if final.exists():  # an incomplete clip from an older run (no meta.json)
         shutil.rmtree(final)
@@ -129,7 +136,12 @@ def main(argv=None):
     p.add_argument("--bbox-shift", type=float, default=0, help="move the crop's midline from the nose point, "
                    "in source pixels (+ = down: the mask hides less, the mouth opens more)")
     p.add_argument("--crop-size", type=int, default=256)
-    p.add_argument("--margin", type=float, default=10, help="pixels below the chin (source scale)")
+    p.add_argument("--margin", type=float, default=10, help="pixels below the chin (source scale); with "
+                   "--geometry musetalk MuseTalk's extra_margin: 10 for v1.5, 0 for v1")
+    p.add_argument("--geometry", choices=GEOMETRIES, default="square", help="crop geometry: square (our default) "
+                   "or musetalk (MuseTalk v1.5's own face box and Lanczos resize, for the published weights)")
+    p.add_argument("--smooth", type=float, help="box smoothing over time, Gaussian sigma in frames (default 2 for "
+                   "square, 0 = off for musetalk)")
     args = p.parse_args(argv)
     if args.audio and len(args.videos) > 1:
         p.error("--audio goes with a single VIDEO")
@@ -141,7 +153,8 @@ def main(argv=None):
     for video in args.videos:
         try:
             r = prepare_clip(video, args.out, audio=args.audio, fps=args.fps, bbox=args.bbox,
-                             bbox_shift=args.bbox_shift, crop_size=args.crop_size, margin=args.margin)
+                             bbox_shift=args.bbox_shift, crop_size=args.crop_size, margin=args.margin,
+                             smooth_sigma=args.smooth, geometry=args.geometry)
         except MediapipeMissing as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
