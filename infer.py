@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,8 @@ def parse_args(argv):
     p.add_argument("--smooth", type=float, help="smooth the crop boxes over time, Gaussian sigma in frames "
                    "(default 2 for our square crops, 0 = off for MuseTalk geometry, so boxes are MuseTalk's "
                    "frame for frame)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="frames per UNet + decoder call (and per VAE encode "
+                   "when preparing)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: fp16 on CUDA, fp32 on CPU")
@@ -100,53 +102,66 @@ def _check_writable(folder):
         raise InputError(f"cannot write to {folder}/: {err.strerror or err}") from None
 
 
-def resolve(args):
+@dataclass
+class Inputs:
+    """What infer.py reads and writes, every default filled in and checked by `resolve_inputs`."""
+    media: str | None  # the video or image to read; None when generating from a saved --avatar
+    is_image: bool
+    audio: str | None  # the speech; None when only preparing an avatar
+    out: str | None  # the mp4 to write; None when only preparing an avatar
+    ckpt: str | None  # our checkpoint; None with --unet/--vae/--whisper
+    bbox: tuple | None  # the fixed face box of --bbox
+
+
+def resolve_inputs(args) -> Inputs:
     """Fill in defaults and check that every input exists and the output can be written (cheap checks first)."""
-    args.media = args.prepare_avatar or args.video or args.image
-    args.generating = not args.prepare_avatar or args.audio is not None
+    media = args.prepare_avatar or args.video or args.image
+    generating = not args.prepare_avatar or args.audio is not None
     if args.prepare_avatar and not args.avatar:
         raise InputError("--prepare-avatar needs --avatar DIR (where to save it)")
     if args.avatar and not args.prepare_avatar and (args.video or args.image):
         raise InputError("--avatar DIR already holds the video: drop --video/--image (or re-prepare with "
                          "--prepare-avatar)")
-    demo = not (args.media or args.avatar)
+    demo = not (media or args.avatar)
     if demo:
-        args.video = args.media = DEMO["video"]
-    args.is_image = bool(args.image) or (args.prepare_avatar is not None
-                                         and Path(args.prepare_avatar).suffix.lower() in IMAGE_SUFFIXES)
+        media = DEMO["video"]
+    is_image = bool(args.image) or (args.prepare_avatar is not None
+                                    and Path(args.prepare_avatar).suffix.lower() in IMAGE_SUFFIXES)
     published = [args.unet, args.vae]
     if any(published) and not (all(published) and args.whisper):
         raise InputError("official weights need all three: --unet, --vae and --whisper")
     if any(published) and args.ckpt:
         raise InputError("use either --ckpt or --unet/--vae/--whisper")
+    ckpt = None
     if not any(published):
-        args.ckpt = args.ckpt or DEMO["ckpt"]
-        _need_file(args.ckpt, "checkpoint", default=args.ckpt == DEMO["ckpt"])
-    if args.generating:
-        args.audio = args.audio or DEMO["audio"]
-        _need_file(args.audio, "audio file", default=args.audio == DEMO["audio"])
-    if args.media:
-        _need_file(args.media, "image" if args.is_image else "video", default=args.media == DEMO["video"])
+        ckpt = args.ckpt or DEMO["ckpt"]
+        _need_file(ckpt, "checkpoint", default=ckpt == DEMO["ckpt"])
+    audio = None
+    if generating:
+        audio = args.audio or DEMO["audio"]
+        _need_file(audio, "audio file", default=audio == DEMO["audio"])
+    if media:
+        _need_file(media, "image" if is_image else "video", default=media == DEMO["video"])
     if args.avatar and not args.prepare_avatar and not (Path(args.avatar) / "avatar_info.json").is_file():
         raise InputError(f"{args.avatar} is not a prepared avatar (make it with --prepare-avatar VIDEO --avatar DIR)")
-    if args.bbox:
-        args.bbox = parse_bbox(args.bbox)
+    bbox = parse_bbox(args.bbox) if args.bbox else None
     if args.batch_size < 1:
         raise InputError("--batch-size must be >= 1")
     if args.smooth is not None and not args.smooth >= 0:
         raise InputError("--smooth must be >= 0 (0 = no smoothing)")
-    if args.generating:
-        if args.out is None:
-            name = Path(args.avatar).name if args.avatar else Path(args.media).stem
-            args.out = DEMO["out"] if demo and args.audio == DEMO["audio"] else \
-                f"results/{name}_{Path(args.audio).stem}.mp4"
-        if Path(args.out).suffix.lower() != ".mp4":
-            raise InputError(f"--out must end in .mp4: {args.out}")
-        _check_writable(Path(args.out).parent)
+    out = None
+    if generating:
+        out = args.out
+        if out is None:
+            name = Path(args.avatar).name if args.avatar else Path(media).stem
+            out = DEMO["out"] if demo and audio == DEMO["audio"] else f"results/{name}_{Path(audio).stem}.mp4"
+        if Path(out).suffix.lower() != ".mp4":
+            raise InputError(f"--out must end in .mp4: {out}")
+        _check_writable(Path(out).parent)
     if args.prepare_avatar:
         check_avatar_folder(args.avatar)
         _check_writable(Path(args.avatar).parent)
-    return args
+    return Inputs(media, is_image, audio, out, ckpt, bbox)
 
 
 def pick_device(args):
@@ -164,18 +179,18 @@ def read_audio(path):
     return wave, seconds
 
 
-def read_media(args, limit=None):
+def read_media(args, inputs: Inputs, limit=None):
     """(frames (N, H, W, 3) uint8, fps, source indices into the file's frames, frames read, read to the end)."""
-    if args.is_image:
-        return read_image(args.media)[None], args.fps or 25.0, np.zeros(1, np.int64), 1, True
-    info = video_info(args.media)
+    if inputs.is_image:
+        return read_image(inputs.media)[None], args.fps or 25.0, np.zeros(1, np.int64), 1, True
+    info = video_info(inputs.media)
     if info.fps <= 0:
-        raise InputError(f"{args.media} has no video stream")
+        raise InputError(f"{inputs.media} has no video stream")
     fps = args.fps or info.fps
     need = None if limit is None else math.floor((limit - 1) * info.fps / fps + 0.5) + 2
-    src = list(itertools.islice(iter_frames(args.media), need))
+    src = list(itertools.islice(iter_frames(inputs.media), need))
     if len(src) < 2:
-        raise InputError(f"{args.media} has {len(src)} frame(s); pass a still picture as --image (with --fps)")
+        raise InputError(f"{inputs.media} has {len(src)} frame(s); pass a still picture as --image (with --fps)")
     idx = resample_indices(len(src), info.fps, fps) if args.fps else np.arange(len(src))
     idx = idx[:limit]
     return np.stack(src)[idx], fps, idx, len(src), need is None or len(src) < need
@@ -189,16 +204,16 @@ def box_options(args, geometry):
     return dict(geometry=geometry, margin=margin, smooth_sigma=args.smooth or 0.0)
 
 
-def face_track(args, frames, idx, n_read, complete, geometry="square"):
+def face_track(args, inputs: Inputs, frames, idx, n_read, complete, geometry="square"):
     """--bbox, else a track file beside the input, else mediapipe."""
     opts = box_options(args, geometry)
-    if args.bbox:
-        return track_frames(frames, BoxTracker(args.bbox), args.bbox_shift, **opts)
-    path = track_file(args.media)
+    if inputs.bbox:
+        return track_frames(frames, BoxTracker(inputs.bbox), args.bbox_shift, **opts)
+    path = track_file(inputs.media)
     if path is not None:
         track = read_track(path, args.bbox_shift, height=frames.shape[1], **opts)
         if len(track) < n_read or (complete and len(track) != n_read):
-            raise InputError(f"{path} has {len(track)} frames but {args.media} has {n_read}"
+            raise InputError(f"{path} has {len(track)} frames but {inputs.media} has {n_read}"
                              f"{'' if complete else ' or more'}")
         return track.select(idx)
     with native_stderr_silenced() as stderr:
@@ -224,58 +239,59 @@ def native_stderr_silenced():
         os.close(saved)
 
 
-def load_model(args, device, dtype):
+def load_model(args, inputs: Inputs, device, dtype):
     if args.unet:
         model = from_published(args.unet, args.vae, args.whisper, device, dtype)
     else:
-        model = load_lipsync(args.ckpt, device, dtype, whisper=args.whisper)
+        model = load_lipsync(inputs.ckpt, device, dtype, whisper=args.whisper)
     model = model.to(device)  # the weights are there already; this also moves the PE buffer
     if args.compile:
         compile_for_inference(model)
     return model
 
 
-def build_avatar(args, model, limit=None):
-    frames, fps, idx, n_read, complete = read_media(args, limit)
-    track = face_track(args, frames, idx, n_read, complete, model.geometry)
+def build_avatar(args, inputs: Inputs, model, limit=None):
+    frames, fps, idx, n_read, complete = read_media(args, inputs, limit)
+    track = face_track(args, inputs, frames, idx, n_read, complete, model.geometry)
     with tqdm(total=int(track.face.sum()), desc="prepare", unit="frame", disable=None, leave=False) as bar:
-        return prepare_avatar(frames, fps, track, model, args.batch_size, source=args.media, bar=bar)
+        return prepare_avatar(frames, fps, track, model, args.batch_size, source=inputs.media, bar=bar)
 
 
 def run(args):
-    args = resolve(args)
+    inputs = resolve_inputs(args)
     device, dtype = pick_device(args)
     wave = seconds = None
-    if args.generating:
-        wave, seconds = read_audio(args.audio)
+    if inputs.audio:
+        wave, seconds = read_audio(inputs.audio)
     fps = None
-    if args.media:
-        fps = args.fps or (25.0 if args.is_image else video_info(args.media).fps)
+    if inputs.media:
+        fps = args.fps or (25.0 if inputs.is_image else video_info(inputs.media).fps)
         if fps <= 0:
-            raise InputError(f"{args.media} has no video stream")
+            raise InputError(f"{inputs.media} has no video stream")
         if seconds is not None and math.floor(seconds * fps) < 2:
-            raise InputError(f"{args.audio} lasts under two frames at {fps:g} fps")
-    model = load_model(args, device, dtype)
+            raise InputError(f"{inputs.audio} lasts under two frames at {fps:g} fps")
+    model = load_model(args, inputs, device, dtype)
     if args.version and model.geometry != "musetalk":
-        raise InputError(f"--version picks MuseTalk's crop margin; {args.ckpt} was trained on {model.geometry} crops")
+        raise InputError(f"--version picks MuseTalk's crop margin; {inputs.ckpt} was trained on {model.geometry} "
+                         f"crops")
     start = time.perf_counter()
     if args.prepare_avatar:
-        avatar = build_avatar(args, model)
+        avatar = build_avatar(args, inputs, model)
         save_avatar(avatar, args.avatar)
         print(f"avatar: {len(avatar)} frames -> {args.avatar}")
     elif args.avatar:
         avatar = load_avatar(args.avatar, model)
     else:
-        avatar = build_avatar(args, model, limit=math.floor(seconds * fps))
-    if not args.generating:
+        avatar = build_avatar(args, inputs, model, limit=math.floor(seconds * fps))
+    if not inputs.audio:
         return
     n = math.floor(seconds * avatar.fps)
     windows = model.audio_windows(wave, n, avatar.fps)
-    frames = tqdm(avatar_frames(model, avatar, windows, args.batch_size, static=args.compile), total=n, desc="lip-sync",
-                  unit="frame", disable=None, leave=False)
-    write_video(args.out, frames, avatar.fps, audio=args.audio, crf=args.crf)
+    frames = tqdm(avatar_frames(model, avatar, windows, args.batch_size, static=args.compile), total=n,
+                  desc="lip-sync", unit="frame", disable=None, leave=False)
+    write_video(inputs.out, frames, avatar.fps, audio=inputs.audio, crf=args.crf)
     took = time.perf_counter() - start
-    print(f"wrote {args.out}: {n} frames at {avatar.fps:g} fps ({seconds:.2f} s) in {took:.1f} s")
+    print(f"wrote {inputs.out}: {n} frames at {avatar.fps:g} fps ({seconds:.2f} s) in {took:.1f} s")
 
 
 def main(argv=None):
