@@ -272,3 +272,21 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(x, 0, ctx).square().mean().backward()
     for a, p in zip(plain, model.parameters()):
         assert torch.allclose(a, p.grad, atol=1e-6)
+
+
+def test_lipsync_forward_adds_the_sinusoidal_position_code_once_and_runs_the_unet_at_t0():
+    """LipSync.forward = decode(UNet(unet_in, t=0, windows + PE)), PE[p, 2i] = sin(p / 10000^(2i/d)), cos for 2i+1."""
+    import numpy as np
+    from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
+    from lipsync.model import LipSync
+    torch.manual_seed(0)
+    model = LipSync(UNet(UNetConfig.tiny()), AutoencoderKL(VAEConfig.tiny()), MelEncoder(MelEncoderConfig.tiny()),
+                    64).eval()
+    unet_in, windows = torch.randn(2, 8, 16, 16), torch.randn(2, 50, 128)
+    p, i = np.arange(50)[:, None], np.arange(0, 128, 2)[None]
+    pe = np.zeros((50, 128))
+    pe[:, 0::2], pe[:, 1::2] = np.sin(p / 10000 ** (i / 128)), np.cos(p / 10000 ** (i / 128))
+    with torch.no_grad():
+        expected = model.face.decode(model.unet(unet_in, torch.zeros(2), windows + torch.tensor(pe).float()))
+        got = model(unet_in, windows)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
