@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lipsync import checks
+from lipsync.checks import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from lipsync.audio import load_audio
 from lipsync.model import compile_for_inference, from_published, load_lipsync
 from lipsync.pipeline import check_avatar_folder, generate, load_avatar, prepare_avatar, read_track, save_avatar
@@ -42,7 +44,6 @@ from lipsync.video import SAMPLE_RATE, iter_frames, read_image, resample_indices
 
 DEMO = {"video": "assets/demo.mp4", "audio": "assets/demo.wav", "ckpt": "assets/demo.pt", "out": "results/demo.mp4"}
 MIN_AUDIO_SECONDS = 0.5
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
 
 class InputError(ValueError):
@@ -85,12 +86,15 @@ def parse_args(argv):
 
 
 def _need_file(path, what, default=False):
+    if Path(path).is_dir():
+        raise InputError(f"{what} is a folder, not a file: {path}")
     if not Path(path).is_file():
         hint = " (the bundled demo file; pass your own inputs or see the README)" if default else ""
         raise InputError(f"{what} not found: {path}{hint}")
 
 
 def _check_writable(folder):
+    checks.creatable(folder)
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -119,6 +123,9 @@ def resolve(args):
         raise InputError("official weights need all three: --unet, --vae and --whisper")
     if any(published) and args.ckpt:
         raise InputError("use either --ckpt or --unet/--vae/--whisper")
+    for flag, path in (("--unet", args.unet), ("--vae", args.vae), ("--whisper", args.whisper)):
+        if path and not Path(path).exists():
+            raise InputError(f"{flag} {path} not found")
     if not any(published):
         args.ckpt = args.ckpt or DEMO["ckpt"]
         _need_file(args.ckpt, "checkpoint", default=args.ckpt == DEMO["ckpt"])
@@ -127,14 +134,29 @@ def resolve(args):
         _need_file(args.audio, "audio file", default=args.audio == DEMO["audio"])
     if args.media:
         _need_file(args.media, "image" if args.is_image else "video", default=args.media == DEMO["video"])
+        suffix = Path(args.media).suffix.lower()
+        if args.image and suffix in VIDEO_SUFFIXES:
+            raise InputError(f"--image {args.image} is a video; pass it as --video")
+        if args.video and suffix in IMAGE_SUFFIXES:
+            raise InputError(f"--video {args.video} is an image; pass it as --image (with --fps)")
     if args.avatar and not args.prepare_avatar and not (Path(args.avatar) / "avatar_info.json").is_file():
         raise InputError(f"{args.avatar} is not a prepared avatar (make it with --prepare-avatar VIDEO --avatar DIR)")
     if args.bbox:
         args.bbox = parse_bbox(args.bbox)
     if args.batch_size < 1:
-        raise InputError("--batch-size must be >= 1")
+        raise InputError(f"--batch-size must be >= 1, not {args.batch_size}")
     if args.smooth is not None and not args.smooth >= 0:
         raise InputError("--smooth must be >= 0 (0 = no smoothing)")
+    if args.fps is not None:
+        args.fps = checks.positive(args.fps, "--fps")
+    if not math.isfinite(args.bbox_shift):
+        raise InputError(f"--bbox-shift must be a number of pixels, not {args.bbox_shift}")
+    if not 0 <= args.crf <= 51:
+        raise InputError(f"--crf must be 0 (lossless) to 51, not {args.crf}")
+    args.device = checks.pick_device(args.device)
+    inputs = {"video" if not args.is_image else "image": args.media, "audio": args.audio, "checkpoint": args.ckpt,
+              "UNet": args.unet, "VAE": args.vae, "whisper model": args.whisper,
+              "avatar": None if args.prepare_avatar else args.avatar}
     if args.generating:
         if args.out is None:
             name = Path(args.avatar).name if args.avatar else Path(args.media).stem
@@ -142,16 +164,18 @@ def resolve(args):
                 f"results/{name}_{Path(args.audio).stem}.mp4"
         if Path(args.out).suffix.lower() != ".mp4":
             raise InputError(f"--out must end in .mp4: {args.out}")
+        checks.refuse_overwrite(args.out, inputs)
         _check_writable(Path(args.out).parent)
     if args.prepare_avatar:
+        checks.refuse_overwrite(args.avatar, inputs, "--avatar")
+        checks.refuse_overwrite(os.path.abspath(args.avatar) + ".partial", inputs, "--avatar")  # save_avatar's temp
         check_avatar_folder(args.avatar)
         _check_writable(Path(args.avatar).parent)
     return args
 
 
 def pick_device(args):
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = args.device  # checked by resolve
     name = args.dtype if args.dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32")
     return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
@@ -167,7 +191,11 @@ def read_audio(path):
 def read_media(args, limit=None):
     """(frames (N, H, W, 3) uint8, fps, source indices into the file's frames, frames read, read to the end)."""
     if args.is_image:
-        return read_image(args.media)[None], args.fps or 25.0, np.zeros(1, np.int64), 1, True
+        try:
+            image = read_image(args.media)
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot read {args.media} as an image: {err}") from None
+        return image[None], args.fps or 25.0, np.zeros(1, np.int64), 1, True
     info = video_info(args.media)
     if info.fps <= 0:
         raise InputError(f"{args.media} has no video stream")

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .melspec import CHUNK_SAMPLES, HOP, log_mel
+from .weights import read_tensors
 
 
 @dataclass
@@ -142,15 +143,14 @@ def load_whisper_encoder(path, device="cpu"):
     if path.is_dir():
         cfg = WhisperEncoderConfig.from_hf(json.loads((path / "config.json").read_text()))
         if (path / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-            state = load_file(str(path / "model.safetensors"))
+            state = read_tensors(str(path / "model.safetensors"))
         elif (path / "pytorch_model.bin").is_file():
-            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            state = read_tensors(str(path / "pytorch_model.bin"))
         else:
             raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
         state = _encoder_part(state, ("model.encoder.", "encoder."))
     elif path.is_file():
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_tensors(str(path))
         if not (isinstance(ckpt, dict) and "dims" in ckpt and "model_state_dict" in ckpt):
             raise ValueError(f"{path}: not an OpenAI whisper checkpoint (needs 'dims' and 'model_state_dict')")
         cfg = WhisperEncoderConfig.from_openai(ckpt["dims"])
