@@ -332,14 +332,23 @@ def test_face_vae_round_trip_equals_the_vaes_own_and_scales_latents_once(files):
     assert vae.config.scaling_factor == pytest.approx(0.18215)
 
 
-def test_avatar_latents_are_the_unet_input_of_each_frames_own_crop(files, avatar):
-    """prepare_avatar caches, per frame j, [masked crop j, crop j] (MuseTalk's inference reference is the frame)."""
-    model, frames, boxes = files["model"], files["frames"], avatar.track.boxes
+def test_avatar_caches_each_frames_own_unet_input_and_blend(files):
+    """prepare_avatar caches, per frame j, [masked crop j, crop j] (MuseTalk's inference reference is the frame) and
+    the blend of frame j's own landmarks and box: with a face that moves 2 px per frame, no frame can borrow
+    another's."""
+    model, frames = files["model"], files["frames"]
+    lm = template_landmarks(parse_bbox(BBOX))[None] + np.stack([np.array([2.0 * j, 0.0], np.float32)
+                                                                 for j in range(len(frames))])[:, None]
+    track = P.Track(lm, np.ones(len(frames), bool), crop_box(lm), "file")
+    av = P.prepare_avatar(frames, FPS, track, model, batch_size=8)
     for j in (0, 5, 11):
         with torch.no_grad():
-            expect = model.face.unet_input(P.crop_faces(frames[j:j + 1], boxes[j:j + 1], 64))[0]
-        torch.testing.assert_close(avatar.latents[j], expect, atol=1e-5, rtol=0)
-    assert not torch.allclose(avatar.latents[0], avatar.latents[5], atol=1e-3)  # the frames do differ
+            expect = model.face.unet_input(P.crop_faces(frames[j:j + 1], track.boxes[j:j + 1], 64))[0]
+        torch.testing.assert_close(av.latents[j], expect, atol=1e-5, rtol=0)
+        blend = P.make_blend(lm[j], track.boxes[j], frames.shape[1:3])
+        assert av.blends[j].box == pixel_box(track.boxes[j]) and av.blends[j].rect == blend.rect
+        assert np.array_equal(av.blends[j].mask, blend.mask)
+    assert not torch.allclose(av.latents[0], av.latents[5], atol=1e-3)  # the frames do differ
 
 
 def test_every_output_frame_is_the_unet_on_its_source_latents_and_its_own_audio_decoded_and_pasted(

@@ -1,4 +1,6 @@
-"""train.py: every stage learns on a fixed batch, resume is exact, checkpoints are atomic, DDP replicas agree."""
+"""train.py: resume is bit-exact (also after kill -9), checkpoints are atomic, DDP replicas agree, the critics learn
+only from their own loss. The "reduces loss on a fixed batch" tests are smoke tests (each stage runs and its gradients
+point somewhere useful); what each loss computes is pinned down exactly in test_training.py."""
 
 import json
 import os
@@ -236,6 +238,43 @@ def test_kill_9_mid_step_then_resume_is_bit_identical_to_an_uninterrupted_run(tr
     resumed = start(outs["killed"])
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
     assert_same_run(outs["straight"], outs["killed"], "vae", ("vae.pt", "vae.final.pt"), after=2)
+
+
+def test_batch_at_depends_on_step_and_rank_and_on_nothing_else(data):
+    ds = Stage1Dataset(data, "train")
+    a = train.batch_at(ds, 5, 4, seed=0, rank=0)
+    assert all(torch.equal(a[k], train.batch_at(ds, 5, 4, seed=0, rank=0)[k]) for k in a)  # resumable
+    for other in (dict(step=6, rank=0), dict(step=5, rank=1)):
+        b = train.batch_at(ds, other["step"], 4, seed=0, rank=other["rank"])
+        assert not torch.equal(torch.stack([a["clip"], a["frame"]]), torch.stack([b["clip"], b["frame"]])), other
+
+
+@pytest.fixture(scope="module")
+def stage1_run(train_only, vae_run, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("stage1_run"))
+    shutil.copy(os.path.join(vae_run, "vae.final.pt"), out)
+    train.main(common_args(train_only, out) + ["--stage", "stage1", "--stage1_steps", "1"])
+    return out
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_stage2_critics_learn_only_from_their_own_loss_and_the_generator_uses_stage2_lr(train_only, stage1_run,
+                                                                                       tmp_path):
+    """One stage-2 step with and without the generator's adversarial terms: the critics' update must be the same
+    (the generator's GAN loss must not train them), the generator's must not (it does see those terms)."""
+    states = {}
+    for name, extra in (("gan", []), ("no_gan", ["--gan_weight=0", "--mouth_gan_weight=0", "--fm_weight=0"])):
+        out = str(tmp_path / name)
+        shutil.copytree(stage1_run, out)
+        train.main(common_args(train_only, out) + ["--stage", "stage2", "--stage2_steps", "1", "--stage2_batch", "1",
+                                                   "--sync_weight", "0", "--start_gan", "0", "--stage2_lr", "3e-4"]
+                   + extra)
+        states[name] = torch.load(os.path.join(out, "stage2.pt"), weights_only=True)["modules"]
+        record = [r for r in read_metrics(out) if r.get("stage") == "stage2"][-1]
+        assert record["lr"] == pytest.approx(3e-4 * train.lr_lambda(2, 1, 0.1)(1))  # the generator's schedule
+    assert_identical(states["gan"]["discriminators"], states["no_gan"]["discriminators"])
+    unet = [k for k in states["gan"]["generator"] if k.startswith("unet.")]
+    assert any(not torch.equal(states["gan"]["generator"][k], states["no_gan"]["generator"][k]) for k in unet)
 
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -206,3 +206,26 @@ def test_training_gives_the_unet_the_inference_image_input_and_audio_tokens(data
             tokens = model.tokens_from_wave(clip.wave, len(clip), fps)[f]
         torch.testing.assert_close(unet_in[b], image, atol=1e-5, rtol=0)
         torch.testing.assert_close(ctx[b], tokens, atol=1e-4, rtol=0)
+
+
+def test_every_generator_loss_term_sends_gradient_to_the_unet(data):
+    """Each term alone (the others weighted 0) must reach the generator: a detached branch would leave the loss
+    value unchanged and the term silently untrained. Real (tiny) critics and SyncNet, GAN on."""
+    from lipsync.losses import PatchDiscriminator
+    from lipsync.syncnet import SyncNet, SyncNetConfig
+    batch = train.batch_at(Stage2Dataset(data, "train", T=5, seed=0), 0, 1, seed=0, rank=0)
+    torch.manual_seed(0)
+    discs = torch.nn.ModuleDict({k: PatchDiscriminator(channels=(8, 16, 32, 32)) for k in ("face", "mouth")})
+    discs.requires_grad_(False)
+    syncnet = SyncNet(SyncNetConfig.tiny()).requires_grad_(False)
+    zero = {k: 0.0 for k in ("l1_weight", "perceptual_weight", "gan_weight", "mouth_gan_weight", "fm_weight",
+                             "sync_weight")}
+    for term in zero:
+        model = tiny_model()
+        cfg = train.TrainConfig(**dict(zero, **{term: 1.0}, start_gan=0))
+        loss, *_ = generator_losses(model, batch, cfg, stub_perceptual if term != "perceptual_weight" else
+                                    (lambda p, t: (p - t).abs().mean()), 0, discs, syncnet)
+        loss.backward()
+        grad = sum(p.grad.abs().sum() for p in model.unet.parameters() if p.grad is not None)
+        assert grad > 0, term
+        assert all(p.grad is None for p in discs.parameters())  # the critics are not trained by this loss
