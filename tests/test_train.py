@@ -277,6 +277,17 @@ def test_stage2_critics_learn_only_from_their_own_loss_and_the_generator_uses_st
     assert any(not torch.equal(states["gan"]["generator"][k], states["no_gan"]["generator"][k]) for k in unet)
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_stage2_starts_from_the_stage1_generator(train_only, stage1_run, tmp_path):
+    """With a zero learning rate the stage-2 generator stays exactly what stage 1 wrote."""
+    out = str(tmp_path / "stage2")
+    shutil.copytree(stage1_run, out)
+    train.main(common_args(train_only, out) + ["--stage", "stage2", "--stage2_steps", "1", "--stage2_batch", "1",
+                                               "--sync_weight", "0", "--stage2_lr", "0"])
+    stage1 = torch.load(os.path.join(out, "stage1.pt"), weights_only=True)["modules"]["generator"]
+    assert_identical(torch.load(os.path.join(out, "stage2.pt"), weights_only=True)["modules"]["generator"], stage1)
+
+
 def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "stage1.pt")
     atomic_save({"step": 1, "w": torch.ones(3)}, path)

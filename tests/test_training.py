@@ -211,21 +211,44 @@ def test_training_gives_the_unet_the_inference_image_input_and_audio_tokens(data
 def test_every_generator_loss_term_sends_gradient_to_the_unet(data):
     """Each term alone (the others weighted 0) must reach the generator: a detached branch would leave the loss
     value unchanged and the term silently untrained. Real (tiny) critics and SyncNet, GAN on."""
-    from lipsync.losses import PatchDiscriminator
+    from lipsync.losses import PatchDiscriminator, PerceptualLoss
     from lipsync.syncnet import SyncNet, SyncNetConfig
     batch = train.batch_at(Stage2Dataset(data, "train", T=5, seed=0), 0, 1, seed=0, rank=0)
     torch.manual_seed(0)
     discs = torch.nn.ModuleDict({k: PatchDiscriminator(channels=(8, 16, 32, 32)) for k in ("face", "mouth")})
     discs.requires_grad_(False)
     syncnet = SyncNet(SyncNetConfig.tiny()).requires_grad_(False)
+    perceptual = PerceptualLoss(None, size=None)
     zero = {k: 0.0 for k in ("l1_weight", "perceptual_weight", "gan_weight", "mouth_gan_weight", "fm_weight",
                              "sync_weight")}
     for term in zero:
         model = tiny_model()
         cfg = train.TrainConfig(**dict(zero, **{term: 1.0}, start_gan=0))
-        loss, *_ = generator_losses(model, batch, cfg, stub_perceptual if term != "perceptual_weight" else
-                                    (lambda p, t: (p - t).abs().mean()), 0, discs, syncnet)
+        loss, *_ = generator_losses(model, batch, cfg, perceptual, 0, discs, syncnet)
         loss.backward()
         grad = sum(p.grad.abs().sum() for p in model.unet.parameters() if p.grad is not None)
         assert grad > 0, term
         assert all(p.grad is None for p in discs.parameters())  # the critics are not trained by this loss
+
+
+def test_training_on_precomputed_whisper_features_gives_the_inference_tokens(data, tmp_path, monkeypatch):
+    """features="whisper": the dataset's slice of <clip>/whisper.npy, through training, reaches the UNet as the same
+    tokens (PE included) that inference makes from the encoder's output on the whole file, at every frame."""
+    rng = np.random.default_rng(0)
+    feats = {}
+    for name in ("train_0", "train_1"):
+        shutil.copytree(data / name, tmp_path / name)
+        feats[name] = rng.standard_normal((100, 5, 128)).astype(np.float32)  # (T50 = 2 s * 50, L, D)
+        np.save(tmp_path / name / "whisper.npy", feats[name])
+    ds = Stage1Dataset(tmp_path, "train", seed=0, features="whisper")
+    batch = train.batch_at(ds, 0, 4, seed=0, rank=0)
+    model = tiny_model().eval()
+    calls = spy_unet(model, monkeypatch)
+    generator_losses(model, batch, train.TrainConfig(), stub_perceptual, 0)
+    (_, ctx), = calls
+    for b in range(4):
+        clip = ds.clips[int(batch["clip"][b])]
+        whole = torch.from_numpy(feats[clip.name]).permute(1, 0, 2)[None]  # what an encoder gives: (1, L, T, D)
+        monkeypatch.setattr(model.audio, "encode", lambda wave: whole)
+        tokens = model.tokens_from_wave(clip.wave, len(clip), clip.fps)[int(batch["frame"][b])]
+        torch.testing.assert_close(ctx[b], tokens, atol=1e-6, rtol=0)
