@@ -137,6 +137,11 @@ def test_missing_mediapipe_says_how_to_install_it_or_use_bbox(monkeypatch):
     assert 'pip install mediapipe==0.10.21 "numpy<2"' in str(err.value) and "--bbox" in str(err.value)
 
 
+def test_pixel_box_rounds_the_float_box_to_whole_pixels():
+    assert T.pixel_box((10.6, 20.4, 74.6, 84.4)) == (11, 20, 64, 64)
+    assert T.pixel_box((-3.7, 5.5, 0.2, 5.6)) == (-4, 6, 4, 1)  # sides at least 1 px
+
+
 def test_mesh_to_ibug68_table_has_68_distinct_entries_of_mesh_vertices():
     assert len(T.MESH_TO_IBUG68) == 68
     ids = [i for pair in T.MESH_TO_IBUG68 for i in pair]
