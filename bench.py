@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from lipsync import checks
 from lipsync.audio import WhisperEncoder
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
 from lipsync.model import LipSync, export
@@ -101,7 +102,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=["tiny", "musetalk"])
     p.add_argument("--batch", default=None, help="comma list of batch sizes (default 1,8,32; musetalk on CPU: 1)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto = fp32 on CPU, fp16 on GPU")
     p.add_argument("--channels-last", default="on", choices=["on", "off"], help="conv weight layout (ours)")
@@ -113,8 +114,10 @@ def main(argv=None):
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    try:
+        device = checks.pick_device(args.device)
+    except ValueError as err:
+        p.exit(2, f"error: {err}\n")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
         args.dtype, torch.float16 if device.type == "cuda" else torch.float32)
     batches = [int(b) for b in (args.batch or ("1" if args.preset == "musetalk" and device.type == "cpu"

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lipsync import checks
+from lipsync.checks import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from lipsync.audio import load_audio
 from lipsync.model import compile_for_inference, from_published, load_lipsync
 from lipsync.pipeline import avatar_frames, check_avatar_folder, load_avatar, prepare_avatar, read_track, save_avatar
@@ -43,7 +45,6 @@ from lipsync.video import SAMPLE_RATE, iter_frames, read_image, resample_indices
 
 DEMO = {"video": "assets/demo.mp4", "audio": "assets/demo.wav", "ckpt": "assets/demo.pt", "out": "results/demo.mp4"}
 MIN_AUDIO_SECONDS = 0.5
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
 
 class InputError(ValueError):
@@ -87,12 +88,15 @@ def parse_args(argv):
 
 
 def _need_file(path, what, default=False):
+    if Path(path).is_dir():
+        raise InputError(f"{what} is a folder, not a file: {path}")
     if not Path(path).is_file():
         hint = " (the bundled demo file; pass your own inputs or see the README)" if default else ""
         raise InputError(f"{what} not found: {path}{hint}")
 
 
 def _check_writable(folder):
+    checks.creatable(folder)
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -111,6 +115,8 @@ class Inputs:
     out: str | None  # the mp4 to write; None when only preparing an avatar
     ckpt: str | None  # our checkpoint; None with --unet/--vae/--whisper
     bbox: tuple | None  # the fixed face box of --bbox
+    fps: float | None  # --fps, checked
+    device: torch.device  # --device, checked: one that exists here
 
 
 def resolve_inputs(args) -> Inputs:
@@ -132,6 +138,9 @@ def resolve_inputs(args) -> Inputs:
         raise InputError("official weights need all three: --unet, --vae and --whisper")
     if any(published) and args.ckpt:
         raise InputError("use either --ckpt or --unet/--vae/--whisper")
+    for flag, path in (("--unet", args.unet), ("--vae", args.vae), ("--whisper", args.whisper)):
+        if path and not Path(path).exists():
+            raise InputError(f"{flag} {path} not found")
     ckpt = None
     if not any(published):
         ckpt = args.ckpt or DEMO["ckpt"]
@@ -142,13 +151,26 @@ def resolve_inputs(args) -> Inputs:
         _need_file(audio, "audio file", default=audio == DEMO["audio"])
     if media:
         _need_file(media, "image" if is_image else "video", default=media == DEMO["video"])
+        suffix = Path(media).suffix.lower()
+        if args.image and suffix in VIDEO_SUFFIXES:
+            raise InputError(f"--image {args.image} is a video; pass it as --video")
+        if args.video and suffix in IMAGE_SUFFIXES:
+            raise InputError(f"--video {args.video} is an image; pass it as --image (with --fps)")
     if args.avatar and not args.prepare_avatar and not (Path(args.avatar) / "avatar_info.json").is_file():
         raise InputError(f"{args.avatar} is not a prepared avatar (make it with --prepare-avatar VIDEO --avatar DIR)")
     bbox = parse_bbox(args.bbox) if args.bbox else None
     if args.batch_size < 1:
-        raise InputError("--batch-size must be >= 1")
+        raise InputError(f"--batch-size must be >= 1, not {args.batch_size}")
     if args.smooth is not None and not args.smooth >= 0:
         raise InputError("--smooth must be >= 0 (0 = no smoothing)")
+    fps = checks.positive(args.fps, "--fps") if args.fps is not None else None
+    if not math.isfinite(args.bbox_shift):
+        raise InputError(f"--bbox-shift must be a number of pixels, not {args.bbox_shift}")
+    if not 0 <= args.crf <= 51:
+        raise InputError(f"--crf must be 0 (lossless) to 51, not {args.crf}")
+    device = checks.pick_device(args.device)
+    read = {"video" if not is_image else "image": media, "audio": audio, "checkpoint": ckpt, "UNet": args.unet,
+            "VAE": args.vae, "whisper model": args.whisper, "avatar": None if args.prepare_avatar else args.avatar}
     out = None
     if generating:
         out = args.out
@@ -157,18 +179,19 @@ def resolve_inputs(args) -> Inputs:
             out = DEMO["out"] if demo and audio == DEMO["audio"] else f"results/{name}_{Path(audio).stem}.mp4"
         if Path(out).suffix.lower() != ".mp4":
             raise InputError(f"--out must end in .mp4: {out}")
+        checks.refuse_overwrite(out, read)
         _check_writable(Path(out).parent)
     if args.prepare_avatar:
+        checks.refuse_overwrite(args.avatar, read, "--avatar")
+        checks.refuse_overwrite(os.path.abspath(args.avatar) + ".partial", read, "--avatar")  # save_avatar's temp
         check_avatar_folder(args.avatar)
         _check_writable(Path(args.avatar).parent)
-    return Inputs(media, is_image, audio, out, ckpt, bbox)
+    return Inputs(media, is_image, audio, out, ckpt, bbox, fps, device)
 
 
-def pick_device(args):
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    name = args.dtype if args.dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32")
-    return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    name = dtype if dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def read_audio(path):
@@ -182,16 +205,20 @@ def read_audio(path):
 def read_media(args, inputs: Inputs, limit=None):
     """(frames (N, H, W, 3) uint8, fps, source indices into the file's frames, frames read, read to the end)."""
     if inputs.is_image:
-        return read_image(inputs.media)[None], args.fps or 25.0, np.zeros(1, np.int64), 1, True
+        try:
+            image = read_image(inputs.media)
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot read {inputs.media} as an image: {err}") from None
+        return image[None], inputs.fps or 25.0, np.zeros(1, np.int64), 1, True
     info = video_info(inputs.media)
     if info.fps <= 0:
         raise InputError(f"{inputs.media} has no video stream")
-    fps = args.fps or info.fps
+    fps = inputs.fps or info.fps
     need = None if limit is None else math.floor((limit - 1) * info.fps / fps + 0.5) + 2
     src = list(itertools.islice(iter_frames(inputs.media), need))
     if len(src) < 2:
         raise InputError(f"{inputs.media} has {len(src)} frame(s); pass a still picture as --image (with --fps)")
-    idx = resample_indices(len(src), info.fps, fps) if args.fps else np.arange(len(src))
+    idx = resample_indices(len(src), info.fps, fps) if inputs.fps else np.arange(len(src))
     idx = idx[:limit]
     return np.stack(src)[idx], fps, idx, len(src), need is None or len(src) < need
 
@@ -259,13 +286,13 @@ def build_avatar(args, inputs: Inputs, model, limit=None):
 
 def run(args):
     inputs = resolve_inputs(args)
-    device, dtype = pick_device(args)
+    device, dtype = inputs.device, pick_dtype(args.dtype, inputs.device)
     wave = seconds = None
     if inputs.audio:
         wave, seconds = read_audio(inputs.audio)
     fps = None
     if inputs.media:
-        fps = args.fps or (25.0 if inputs.is_image else video_info(inputs.media).fps)
+        fps = inputs.fps or (25.0 if inputs.is_image else video_info(inputs.media).fps)
         if fps <= 0:
             raise InputError(f"{inputs.media} has no video stream")
         if seconds is not None and math.floor(seconds * fps) < 2:

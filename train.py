@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pickle
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from lipsync import checks
 from lipsync.training.data import Stage1Dataset, Stage2Dataset, list_clips
 from lipsync.training.losses import PatchDiscriminator, PerceptualLoss
 from lipsync.blocks import config_from_dict
@@ -223,8 +225,11 @@ def parse_args(argv=None) -> TrainConfig:
         p.error(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     values = dict(PRESETS[preset])
     if config := args.pop("config"):
-        with open(config) as f:
-            values = _merge(values, json.load(f))
+        try:
+            with open(config) as f:
+                values = _merge(values, json.load(f))
+        except (OSError, ValueError) as err:
+            p.error(f"--config {config}: {err}")
         print(f"config file: {config}")
     for name, v in args.items():
         if v is not None:
@@ -252,6 +257,33 @@ def config_from_values(values: dict) -> TrainConfig:
             v = dataclasses.replace(current, **{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()})
         setattr(cfg, name, v)
     return cfg
+
+
+def check_config(cfg: TrainConfig, stages):
+    """Settings that cannot work, and an --out that would replace an input: one ValueError before anything is
+    written."""
+    if cfg.device != "auto":
+        checks.pick_device(cfg.device)
+    sizes = {f"{s}.batch": getattr(cfg, s).batch for s in STAGES} | {"grad_accum": cfg.grad_accum, "T": cfg.T}
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"--{name} must be >= 1, not {value}")
+    if cfg.data != TrainConfig.data and not (os.path.isdir(cfg.data) and list_clips(cfg.data)):
+        raise ValueError(f"no prepared clips in {cfg.data} (make them with python -m lipsync.training.prepare)")
+    checks.creatable(cfg.out)
+    if checks.within(cfg.out, cfg.data):
+        raise ValueError(f"--out {cfg.out} is inside --data {cfg.data}; keep runs apart from the prepared clips")
+    inputs = {"--vae_path": cfg.vae_path, "--whisper": cfg.whisper, "--vgg": cfg.vgg}
+    stages = [s for s in stages if not (s == "vae" and cfg.vae_path)]  # skipped: the given VAE is used
+    written = [f"{s}.pt" for s in stages] + [f"{s}.final.pt" for s in ("vae", "syncnet") if s in stages]
+    written += ["lipsync.pt", "metrics.jsonl", "samples"] if {"stage1", "stage2"} & set(stages) else ["metrics.jsonl"]
+    for flag, path in inputs.items():
+        if path and not os.path.exists(path):
+            raise ValueError(f"{flag} {path} not found")
+        if path and checks.same_file(path, cfg.out):
+            raise ValueError(f"--out {cfg.out} is the {flag} folder; pick another --out")
+        for name in written:
+            checks.refuse_overwrite(os.path.join(cfg.out, name), {f"{flag} input": path or None})
 
 
 # ----------------------------------------------------------------------------- run context
@@ -451,7 +483,7 @@ def load_stage_vae(run: Run) -> AutoencoderKL:
         return load_vae(cfg.vae_path, run.device)
     path = run.path("vae.final")
     if not os.path.exists(path):
-        raise SystemExit(f"no VAE: run the vae stage first (expected {path}) or pass --vae_path")
+        raise SystemExit(f"error: no VAE: run the vae stage first (expected {path}) or pass --vae_path")
     obj = torch.load(path, map_location="cpu", weights_only=True)
     vae = AutoencoderKL(config_from_dict(VAEConfig, obj["config"]))
     vae.load_state_dict(obj["state"])
@@ -485,7 +517,7 @@ def stage_syncnet(run: Run, root):
 def load_stage_syncnet(run: Run) -> SyncNet:
     path = run.path("syncnet.final")
     if not os.path.exists(path):
-        raise SystemExit(f"no SyncNet: run the syncnet stage first (expected {path})")
+        raise SystemExit(f"error: no SyncNet: run the syncnet stage first (expected {path})")
     return load_syncnet(path).to(run.device)
 
 
@@ -567,7 +599,7 @@ def stage2(run: Run, root) -> LipSync:
     data = Stage2Dataset(root, "train", **generator_data(run, model, T=cfg.T))
     init = run.path("stage1")
     if not os.path.exists(init):
-        raise SystemExit(f"stage2 starts from stage 1: expected {init}")
+        raise SystemExit(f"error: stage2 starts from stage 1: expected {init}")
     model.load_state_dict(torch.load(init, map_location="cpu", weights_only=True)["modules"]["generator"])
     perceptual, net, params, opt = generator_setup(run, "stage2", model, cfg.stage2.lr)
     torch.manual_seed(cfg.seed + 1)
@@ -625,10 +657,10 @@ def ensure_data(run: Run):
     if os.path.isdir(cfg.data) and list_clips(cfg.data):
         return
     if cfg.data != TrainConfig.data:
-        raise SystemExit(f"no prepared clips in {cfg.data} (make them with python -m lipsync.training.prepare)")
+        raise SystemExit(f"error: no prepared clips in {cfg.data} (make them with python -m lipsync.training.prepare)")
     if cfg.geometry == "musetalk":
-        raise SystemExit("the synthetic demo clips are square crops; for --geometry musetalk pass --data with clips "
-                         "from python -m lipsync.training.prepare --geometry musetalk")
+        raise SystemExit("error: the synthetic demo clips are square crops; for --geometry musetalk pass --data with "
+                         "clips from python -m lipsync.training.prepare --geometry musetalk")
     run.say(f"no data in {cfg.data}: generating {cfg.synthetic_clips} synthetic clips")
     if run.main:
         from lipsync.tools import synthetic
@@ -655,11 +687,19 @@ def learning_check(run: Run, model: LipSync):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    run = Run(cfg)
-    torch.manual_seed(cfg.seed + run.rank)
     stages = STAGES if cfg.stage == "all" else tuple(cfg.stage.split(","))
     if bad := [s for s in stages if s not in STAGES]:
-        raise SystemExit(f"unknown stage {bad[0]!r}; choose from all, {', '.join(STAGES)}")
+        raise SystemExit(f"error: unknown stage {bad[0]!r}; choose from all, {', '.join(STAGES)}")
+    try:
+        check_config(cfg, stages)
+        run_stages(cfg, stages)
+    except (OSError, ValueError, pickle.UnpicklingError) as err:  # bad inputs: missing or unreadable files
+        raise SystemExit(f"error: {' '.join(str(err).split())[:600]}") from None
+
+
+def run_stages(cfg: TrainConfig, stages):
+    run = Run(cfg)
+    torch.manual_seed(cfg.seed + run.rank)
     ensure_data(run)
     geometry = clip_geometry(cfg)
     run.say(f"lipsync training: preset {cfg.preset}, stages {', '.join(stages)}, device {run.device}"

@@ -20,7 +20,7 @@ from .mel_encoder import MelEncoder, MelEncoderConfig
 from .tracking import GEOMETRIES
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, FaceVAE, VAEConfig
-from .weights import CheckpointError, assign_weights, load_unet, load_vae
+from .weights import CheckpointError, assign_weights, load_unet, load_vae, read_tensors
 
 FORMAT = "lipsync-v1"
 
@@ -111,10 +111,7 @@ def export(model: LipSync, path: str, dtype=torch.float32, extra: dict | None = 
 def read_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}") from None
+    obj = read_tensors(path)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a lipsync checkpoint (use --unet/--vae/--whisper for published weights)")
     return obj

@@ -8,7 +8,9 @@ tensors are assigned in place, so the 3.4 GB UNet is held once.
 
 import json
 import os
+import pickle
 import re
+import warnings
 
 import torch
 
@@ -54,17 +56,30 @@ def read_safetensors(path: str) -> dict:
     return out
 
 
+def read_tensors(path: str):
+    """A .safetensors file, or torch.load of plain tensors and containers (never code); any failure is one
+    CheckpointError."""
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty")
+    try:
+        if str(path).endswith(".safetensors"):
+            return read_safetensors(path)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise before the one-line error
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's text would suggest weights_only=False, which could run the file's code
+        raise CheckpointError(f"cannot read checkpoint {path}: not plain saved tensors (a file that needs code to "
+                              "load is refused, never run)") from None
+    except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
+        raise CheckpointError(f"cannot read checkpoint {path} (damaged, incomplete or not a checkpoint): "
+                              f"{type(e).__name__}: {str(e)[:200]}") from None
+
+
 def read_state_dict(path: str) -> dict:
     """Tensors of a .safetensors / .bin / .pth / .pt file (unwrapping a {"state_dict": ...} container)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        if path.endswith(".safetensors"):
-            sd = read_safetensors(path)
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}") from None
+    sd = read_tensors(path)
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .melspec import CHUNK_SAMPLES, HOP, log_mel
-from .weights import read_state_dict
+from .weights import read_tensors
 
 
 @dataclass
@@ -142,13 +142,16 @@ def load_whisper_encoder(path, device="cpu"):
     path = Path(path)
     if path.is_dir():
         cfg = WhisperEncoderConfig.from_hf(json.loads((path / "config.json").read_text()))
-        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
-        if not found:
+        if (path / "model.safetensors").is_file():
+            state = read_tensors(str(path / "model.safetensors"))
+        elif (path / "pytorch_model.bin").is_file():
+            state = read_tensors(str(path / "pytorch_model.bin"))
+        else:
             raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
         state = read_state_dict(str(found[0]))
         state = _encoder_part(state, ("model.encoder.", "encoder."))
     elif path.is_file():
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_tensors(str(path))
         if not (isinstance(ckpt, dict) and "dims" in ckpt and "model_state_dict" in ckpt):
             raise ValueError(f"{path}: not an OpenAI whisper checkpoint (needs 'dims' and 'model_state_dict')")
         cfg = WhisperEncoderConfig.from_openai(ckpt["dims"])

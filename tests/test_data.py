@@ -179,3 +179,69 @@ def test_fps_other_than_25_uses_time_not_frame_counts(root, tmp_path):
     assert torch.allclose(item["sync_mel"], ds.mel_span(0, round(f0 * 100 / 30), round(f0 * 100 / 30) + 20))
     n = math.ceil(50 / 30) * 5  # steps per window
     assert item["mel"].shape == (6, 80, 2 * n)
+
+
+# ----------------------------------------------------------------------------- item content, frame by frame
+
+
+def image(clip, f):
+    """Crop f of a clip as the model sees it: (3, S, S) float in [-1, 1]."""
+    return torch.from_numpy(np.array(clip.crops[f])).permute(2, 0, 1).float() / 127.5 - 1
+
+
+_MELS = {}
+
+
+def mel_frames(clip, lo, hi):
+    """log-mel frames [lo, hi) of the clip's audio (100 per second), the file's minimum outside it."""
+    if clip.path not in _MELS:
+        _MELS[clip.path] = log_mel(clip.wave, dynamic_floor=False)
+    mel = _MELS[clip.path]
+    return torch.stack([mel[:, j] if 0 <= j < mel.shape[1] else torch.full((80,), float(mel.min()))
+                        for j in range(lo, hi)], 1)
+
+
+def test_stage1_item_holds_its_target_frame_its_reference_frame_and_its_own_audio(root):
+    ds = Stage1Dataset(root, "train", seed=0, mel_context=4)
+    for i in range(12):
+        item = ds[i]
+        clip = ds.clips[int(item["clip"])]
+        f, r = int(item["frame"]), int(item["ref_frame"])
+        assert torch.equal(item["target"], image(clip, f))
+        assert torch.equal(item["reference"], image(clip, r)) and r != f
+        assert not torch.equal(item["reference"], item["target"])
+        # 25 fps: steps [2f - 4, 2f + 6) + 4 steps of context each side = mel frames [4f - 16, 4f + 20)
+        assert torch.allclose(item["mel"], mel_frames(clip, 4 * f - 16, 4 * f + 20)), (i, f)
+
+
+def test_stage2_frames_are_consecutive_and_each_has_its_own_crop_reference_and_audio(root):
+    T = 5
+    ds = Stage2Dataset(root, "train", T=T, seed=1, mel_context=4)
+    for i in range(6):
+        item = ds[i]
+        clip = ds.clips[int(item["clip"])]
+        frames, refs = item["frame"].tolist(), item["ref_frame"].tolist()
+        assert frames == list(range(frames[0], frames[0] + T))
+        for t, (f, r) in enumerate(zip(frames, refs)):
+            assert torch.equal(item["target"][t], image(clip, f))
+            assert torch.equal(item["reference"][t], image(clip, r)) and abs(r - f) >= 5
+            assert torch.allclose(item["mel"][t], mel_frames(clip, 4 * f - 16, 4 * f + 20)), (i, t)
+        # the SyncNet's mel covers exactly the T frames: 4 mel frames per video frame at 25 fps
+        assert torch.allclose(item["sync_mel"], mel_frames(clip, 4 * frames[0], 4 * frames[0] + 4 * T))
+
+
+def test_stage2_audio_at_30_fps_follows_each_frames_time(root, tmp_path):
+    shutil.copytree(root / "heldout_0001", tmp_path / "clip30")
+    meta = json.loads((tmp_path / "clip30" / "meta.json").read_text())
+    meta["fps"] = 30.0
+    (tmp_path / "clip30" / "meta.json").write_text(json.dumps(meta))
+    ds = Stage2Dataset([tmp_path / "clip30"], None, T=6, seed=0, mel_context=1)
+    clip = ds.clips[0]
+    for i in range(4):
+        item = ds[i]
+        frames = item["frame"].tolist()
+        for t, f in enumerate(frames):
+            s0 = math.floor(f * 50 / 30) - 2 * 2  # ceil(50 / 30) = 2 steps per frame, 2 frames of left context
+            assert torch.allclose(item["mel"][t], mel_frames(clip, 2 * (s0 - 1), 2 * (s0 + 10 + 1))), (f, t)
+        lo = round(frames[0] * 100 / 30)
+        assert torch.allclose(item["sync_mel"], mel_frames(clip, lo, lo + 20))

@@ -9,12 +9,11 @@ from lipsync.tools import dubcheck
 from lipsync.tools import puppet as P
 from lipsync.video import write_video
 
-pytest.importorskip("mediapipe")  # the check's tracker; installed with the dev requirements, so CI runs these
-
 
 @pytest.fixture(scope="module")
 def puppets(source):
     """Two 4 s puppets of the demo face at 256 px with their own (different) formant speech."""
+    pytest.importorskip("mediapipe")  # the check's tracker; installed with the dev requirements, so CI runs these
     return [P.make_puppet_clip(source, i, "train", seconds=4.0, size=256, seed=3) for i in (0, 1)]
 
 
@@ -48,6 +47,7 @@ def test_lag_search_finds_a_delayed_mouth():
 
 
 def test_no_face_is_one_clear_error(tmp_path):
+    pytest.importorskip("mediapipe")
     video = tmp_path / "grey.mp4"
     write_video(str(video), np.full((10, 64, 64, 3), 128, np.uint8), 25.0, audio=np.zeros(6400, np.float32))
     with pytest.raises(SystemExit, match="dubcheck: a face was found in 0 of 10 frames"):

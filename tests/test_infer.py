@@ -71,6 +71,20 @@ def psnr(a, b):
     return 10 * np.log10(255.0 ** 2 / np.mean((a.astype(np.float64) - b) ** 2))
 
 
+def nearest_source(frame, sources, keep):
+    """Index of the source frame most like `frame` on the pixels `keep` (neighbouring frames of the clip differ by
+    ~46 dB there, so a fixed PSNR threshold cannot tell them apart; the best match can)."""
+    return int(np.argmax([psnr(frame[keep], s[keep]) for s in sources]))
+
+
+def face_box_lower_half_excluded(shape):
+    lm = template_landmarks(parse_bbox(BBOX))
+    x0, y0, w, h = pixel_box(crop_box(lm))
+    keep = np.ones(shape, bool)
+    keep[y0 + h // 2: y0 + h, x0: x0 + w] = False  # everything but the lower half of the face box
+    return keep
+
+
 def whole_mask(avatar, i):
     m = np.zeros(avatar.frames.shape[1:3], np.float32)
     t, left, b, r = avatar.blends[i].rect
@@ -103,6 +117,7 @@ def test_cli_writes_h264_aac_at_source_size_and_fps_with_the_audio_length_and_pi
     keep[y0 + h // 2: y0 + h, x0: x0 + w] = False  # everything but the lower half of the face box
     for i, j in enumerate(PING_PONG):  # h264 both ways: >= 40 dB in every frame, not only on average
         assert psnr(frames[i][keep], src[j][keep]) >= 40.0, i
+    assert [nearest_source(f, src, keep) for f in frames] == PING_PONG
 
 
 def test_still_image_becomes_a_video_at_the_requested_fps(files, capsys, tmp_path):
@@ -124,6 +139,10 @@ def test_fps_resamples_a_video_to_the_requested_rate(files, capsys, tmp_path):
     assert code == 0, err
     frames, fps = read_video(out)
     assert fps == 12.5 and frames.shape == (12, 304, 176, 3)  # floor(1.0 s * 12.5)
+    keep = face_box_lower_half_excluded(frames.shape[1:3])
+    src = files["frames"]  # 12 frames at 25 fps -> 6 at 12.5 fps (every other one), played forward then back
+    expect = [0, 2, 4, 6, 8, 10, 10, 8, 6, 4, 2, 0]
+    assert [nearest_source(f, src, keep) for f in frames] == expect
 
 
 def test_avatar_mode_prepares_once_then_dubs_from_the_cache(files, capsys, tmp_path):
@@ -310,3 +329,135 @@ def test_no_arguments_runs_the_bundled_demo_or_names_the_missing_file(capsys, tm
     code, err = run_cli([], capsys)
     assert code != 0 and err.count("\n") == 1 and "assets/demo.pt" in err and "bundled demo" in err
     assert not (tmp_path / "results" / "demo.mp4").exists()
+
+
+# ----------------------------------------------------------------------------- what inference puts inside the mask
+
+
+def test_face_vae_round_trip_equals_the_vaes_own_and_scales_latents_once(files):
+    """FaceVAE scales latents by scaling_factor on the way in and divides on the way out: decode(encode(x)) is the
+    plain VAE's decode(posterior mean), and the latents themselves are mean * scale (a missing or doubled scale on
+    either side breaks one of the two)."""
+    face, vae = files["model"].face, files["model"].vae
+    crops = P.crop_faces(files["frames"][:2], P.track_frames(files["frames"][:2], BoxTracker(parse_bbox(BBOX))).boxes,
+                         64)
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        mean = vae.encode(x).mean
+        torch.testing.assert_close(face.encode(x), mean * vae.config.scaling_factor, atol=1e-6, rtol=0)
+        torch.testing.assert_close(face.decode(face.encode(x)), vae.decode(mean), atol=1e-5, rtol=0)
+        z = torch.randn(2, 4, 16, 16)
+        torch.testing.assert_close(face.decode(z), vae.decode(z / vae.config.scaling_factor), atol=1e-6, rtol=0)
+    assert vae.config.scaling_factor == pytest.approx(0.18215)
+
+
+def test_avatar_caches_each_frames_own_unet_input_and_blend(files):
+    """prepare_avatar caches, per frame j, [masked crop j, crop j] (MuseTalk's inference reference is the frame) and
+    the blend of frame j's own landmarks and box: with a face that moves 2 px per frame, no frame can borrow
+    another's."""
+    model, frames = files["model"], files["frames"]
+    lm = template_landmarks(parse_bbox(BBOX))[None] + np.stack([np.array([2.0 * j, 0.0], np.float32)
+                                                                 for j in range(len(frames))])[:, None]
+    track = P.Track(lm, np.ones(len(frames), bool), crop_box(lm), "file")
+    av = P.prepare_avatar(frames, FPS, track, model, batch_size=8)
+    for j in (0, 5, 11):
+        with torch.no_grad():
+            expect = model.face.unet_input(P.crop_faces(frames[j:j + 1], track.boxes[j:j + 1], 64))[0]
+        torch.testing.assert_close(av.latents[j], expect, atol=1e-5, rtol=0)
+        blend = P.make_blend(lm[j], track.boxes[j], frames.shape[1:3])
+        assert av.blends[j].box == pixel_box(track.boxes[j]) and av.blends[j].rect == blend.rect
+        assert np.array_equal(av.blends[j].mask, blend.mask)
+    assert not torch.allclose(av.latents[0], av.latents[5], atol=1e-3)  # the frames do differ
+
+
+def test_every_output_frame_is_the_unet_on_its_source_latents_and_its_own_audio_decoded_and_pasted(
+        files, avatar, monkeypatch):
+    """Spy on the UNet: output frame i gets avatar.latents[ping-pong source of i] and tokens[i]; the frame written
+    is that UNet output, unscaled, decoded by the VAE and pasted with the source frame's blend."""
+    model = files["model"]
+    windows = model.audio_windows(files["wave"], 25, FPS)
+    tokens = model.pe(windows)  # what the UNet attends to
+    calls = []
+    unet_forward = model.unet.forward
+
+    def spy(x, t, ctx):
+        out = unet_forward(x, t, ctx)
+        calls.append((x.clone(), ctx.clone(), out.clone()))
+        return out
+    monkeypatch.setattr(model.unet, "forward", spy)
+    frames = list(P.avatar_frames(model, avatar, windows, batch_size=5))
+    monkeypatch.undo()
+    assert len(frames) == 25 and [len(c[0]) for c in calls] == [5] * 5
+    unet_in = torch.cat([c[0] for c in calls])
+    ctx = torch.cat([c[1] for c in calls])
+    for i, j in enumerate(PING_PONG):
+        assert torch.equal(unet_in[i], avatar.latents[j]), i
+        assert torch.equal(ctx[i], tokens[i]), i
+    vae, scale = model.vae, model.vae.config.scaling_factor
+    for k, (_, _, out) in enumerate(calls):
+        with torch.no_grad():
+            crops = ((vae.decode(out / scale).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        for b in range(5):
+            i = 5 * k + b
+            j = PING_PONG[i]
+            expect = P.paste(files["frames"][j], crops[b], avatar.blends[j])
+            assert np.array_equal(frames[i], expect), i
+
+
+def smooth_frame(h, w):
+    """A frame with only low spatial frequencies (resampling is nearly exact on it) but steep enough that a shift of
+    a few pixels changes it by tens of levels."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    r = 128 + 60 * np.sin(2 * np.pi * x / 37) * np.cos(2 * np.pi * y / 53)
+    g = 128 + 60 * np.cos(2 * np.pi * (x + y) / 41)
+    b = 128 + 60 * np.sin(2 * np.pi * (x - 2 * y) / 61)
+    return np.stack([r, g, b], -1).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("size", [64, 256])
+@pytest.mark.parametrize("colour", [False, True])
+def test_pasting_a_crop_of_the_frame_back_gives_the_frame_inside_the_mask(size, colour):
+    frame = smooth_frame(304, 176)
+    lm = template_landmarks(parse_bbox(BBOX))
+    box = crop_box(lm)
+    blend = P.make_blend(lm, box, frame.shape[:2])
+    crop = P.crop_faces(frame[None], box[None], size)[0]
+    out = P.paste(frame, crop, blend, colour)
+    t, left, b, r = blend.rect
+    inside = blend.mask > 0.5
+    assert inside.sum() > 500  # the mask covers the lower face
+    diff = np.abs(out[t:b, left:r].astype(int) - frame[t:b, left:r])[inside]
+    assert diff.max() <= 2, diff.max()
+    shifted = np.roll(frame, 4, axis=1)  # the same content 4 px to the side is far off: the test can see it
+    assert np.abs(shifted[t:b, left:r].astype(int) - frame[t:b, left:r])[inside].mean() > 10
+
+
+# ----------------------------------------------------------------------------- frame rates other than 25
+
+
+@pytest.mark.parametrize("fps", [30, 24])
+def test_cli_keeps_a_video_frame_rate_other_than_25(fps, files, capsys, tmp_path, monkeypatch):
+    """A 12-frame clip at 30 or 24 fps and 1.0 s of speech, no --fps: the output keeps the clip's rate, has
+    floor(1.0 * fps) frames that ping-pong through the source, and frame i gets the audio window of time i / fps."""
+    video = tmp_path / f"clip{fps}.mp4"
+    write_video(video, files["frames"], fps)
+    seen = {}
+    real_avatar_frames = infer.avatar_frames
+
+    def spy(model, avatar, windows, *args, **kwargs):
+        seen["fps"], seen["windows"] = avatar.fps, windows
+        return real_avatar_frames(model, avatar, windows, *args, **kwargs)
+    monkeypatch.setattr(infer, "avatar_frames", spy)
+    out = tmp_path / "out.mp4"
+    code, err = run_cli(["--video", video, "--audio", files["audio"], "--ckpt", files["ckpt"], "--bbox", BBOX,
+                         "--out", out], capsys)
+    assert code == 0, err
+    frames, out_fps = read_video(out)
+    assert out_fps == fps and frames.shape == (fps, 304, 176, 3)  # floor(1.0 s * fps)
+    assert seen["fps"] == fps
+    expect = files["model"].audio_windows(infer.load_audio(files["audio"]), fps, fps)
+    torch.testing.assert_close(seen["windows"], expect, atol=1e-5, rtol=0)
+    source, _ = read_video(video)
+    keep = face_box_lower_half_excluded(frames.shape[1:3])
+    expect = [i if i < 12 else 23 - i if i < 24 else i - 24 for i in range(fps)]  # ping-pong over 12 frames
+    assert [nearest_source(f, source, keep) for f in frames] == expect

@@ -1,5 +1,4 @@
 import json
-import time
 
 import numpy as np
 import pytest
@@ -78,11 +77,9 @@ def test_landmarks_follow_the_rendered_mouth_and_crop_puts_nose_on_midline(clips
     assert pix[wide].mean(1).max() < 60  # mouth interior is dark where the landmarks say it is
 
 
-def test_generation_speed_small_case():
-    t = time.perf_counter()
+def test_a_2_s_clip_has_50_frames_and_32000_samples():  # speed belongs in bench.py, not here
     clip = make_synthetic_clip(3, "train", seconds=2)
-    assert len(clip["crops"]) == 50
-    assert time.perf_counter() - t < 5.0  # ~0.2 s on an idle core; 20 x 10 s in well under a minute on 2
+    assert len(clip["crops"]) == len(clip["landmarks"]) == 50 and len(clip["wave"]) == 32000
 
 
 def test_cli_writes_loadable_clips_skips_complete_and_replaces_incomplete(tmp_path):

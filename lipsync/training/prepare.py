@@ -14,6 +14,7 @@ extra_margin, docs/geometry.md), so a model trained on them can run in MuseTalk'
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -25,7 +26,9 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+from lipsync import checks
 from lipsync.audio import load_audio
+from lipsync.checks import IMAGE_SUFFIXES
 from lipsync.tracking import GEOMETRIES, BoxTracker, MediapipeMissing, MeshTracker, crop_face, face_boxes
 from lipsync.tracking import parse_bbox, track_and_fill
 from lipsync.video import SAMPLE_RATE, fit_length, iter_frames, resample_indices, select_frames, video_info
@@ -59,6 +62,8 @@ def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=
     video, out_dir = Path(video), Path(out_dir)
     name = name or video.stem
     final = out_dir / name
+    for replaced in (final, out_dir / f".{name}.partial"):
+        checks.refuse_overwrite(replaced, {"video": video, "audio": audio}, "--out")
     if (final / "meta.json").is_file():
         meta = json.loads((final / "meta.json").read_text())
         return Prepared(final, meta["frames"], int((~np.load(final / "track.npz")["face"]).sum()), skipped=True)
@@ -125,6 +130,29 @@ def _bbox_arg(text):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def check_args(args):
+    """Options that cannot work, and an --out that would replace an input, before anything is written."""
+    if args.fps != 0:  # 0 keeps the source rate
+        checks.positive(args.fps, "--fps")
+    if args.crop_size < 1:
+        raise ValueError(f"--crop-size must be >= 1 pixel, not {args.crop_size}")
+    if not (math.isfinite(args.bbox_shift) and math.isfinite(args.margin)):
+        raise ValueError("--bbox-shift and --margin must be numbers of pixels")
+    checks.creatable(args.out)
+    out, inputs = Path(args.out), [("video", v) for v in args.videos] + [("audio", args.audio)]
+    for what, path in inputs:
+        if path and Path(path).is_dir():
+            raise ValueError(f"{what} {path} is a folder, not a file")
+        if what == "video" and Path(path).suffix.lower() in IMAGE_SUFFIXES:
+            raise ValueError(f"{path} is an image; prepare needs a video (a still face: infer.py --image)")
+    for video in args.videos:
+        if checks.same_file(out, Path(video).parent):
+            raise ValueError(f"--out {args.out} is the folder of {video}; prepared clips need a folder of their own")
+        for replaced in (out / Path(video).stem, out / f".{Path(video).stem}.partial"):
+            for what, path in inputs:
+                checks.refuse_overwrite(replaced, {what: path})
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m lipsync.training.prepare", description=__doc__.split("\n")[0])
     p.add_argument("videos", nargs="+", metavar="VIDEO")
@@ -135,7 +163,7 @@ def main(argv=None):
                    "for every frame instead of mediapipe tracking")
     p.add_argument("--bbox-shift", type=float, default=0, help="move the crop's midline from the nose point, "
                    "in source pixels (+ = down: the mask hides less, the mouth opens more)")
-    p.add_argument("--crop-size", type=int, default=256)
+    p.add_argument("--crop-size", type=int, default=256, help="side of the square face crops, in pixels")
     p.add_argument("--margin", type=float, default=10, help="pixels below the chin (source scale); with "
                    "--geometry musetalk MuseTalk's extra_margin: 10 for v1.5, 0 for v1")
     p.add_argument("--geometry", choices=GEOMETRIES, default="square", help="crop geometry: square (our default) "
@@ -148,6 +176,11 @@ def main(argv=None):
     stems = [Path(v).stem for v in args.videos]
     if len(set(stems)) < len(stems):
         p.error("two VIDEOs share a file name; clips are named by it")
+    try:
+        check_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
     failed = 0
     for video in args.videos:
