@@ -142,13 +142,10 @@ def load_whisper_encoder(path, device="cpu"):
     path = Path(path)
     if path.is_dir():
         cfg = WhisperEncoderConfig.from_hf(json.loads((path / "config.json").read_text()))
-        if (path / "model.safetensors").is_file():
-            state = read_tensors(str(path / "model.safetensors"))
-        elif (path / "pytorch_model.bin").is_file():
-            state = read_tensors(str(path / "pytorch_model.bin"))
-        else:
+        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+        if not found:
             raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
-        state = read_state_dict(str(found[0]))
+        state = read_tensors(str(found[0]))
         state = _encoder_part(state, ("model.encoder.", "encoder."))
     elif path.is_file():
         ckpt = read_tensors(str(path))
