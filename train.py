@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from lipsync import checks
+from lipsync.augment import AugmentConfig
 from lipsync.data import Stage1Dataset, Stage2Dataset, list_clips
 from lipsync.losses import PatchDiscriminator, PerceptualLoss
 from lipsync.mel_encoder import MelEncoderConfig
@@ -91,6 +92,7 @@ class TrainConfig:
     sync_context: int = 4  # frames of extra audio each side for shifted SyncNet negatives
     mel_context: int = 4  # 50 Hz steps of MelEncoder context around each window
     mel_augment: float = 0.0  # fraction of samples whose log-mel gets random level/EQ/shift/noise floor
+    augment: float = 0.0  # fraction of items whose target and reference share one colour/geometry/blur/noise/JPEG draw
     # run
     device: str = "auto"
     dtype: str = "auto"  # bf16 autocast on GPU, fp32 on CPU
@@ -432,13 +434,17 @@ def build_generator(run: Run) -> LipSync:
     return model
 
 
+def augment_config(cfg: TrainConfig) -> AugmentConfig | None:
+    return AugmentConfig(p=cfg.augment) if cfg.augment > 0 else None
+
+
 def stage_generator(run: Run, root, stage: str):
     """stage1 (single frames, L1 + perceptual) or stage2 (T frames, + GAN, mouth GAN, sync)."""
     cfg = run.cfg
     model = build_generator(run)
     two = stage == "stage2"
     kwargs = dict(seed=cfg.seed, crop_size=cfg.crop_size, mel_context=cfg.mel_context,
-                  features="whisper" if cfg.whisper else "mel")
+                  features="whisper" if cfg.whisper else "mel", augment=augment_config(cfg))
     data = Stage2Dataset(root, "train", T=cfg.T, **kwargs) if two else Stage1Dataset(root, "train", **kwargs)
     if two:
         init = run.path("stage1")
@@ -574,7 +580,8 @@ def run_stages(cfg: TrainConfig, stages):
             if cfg.vae_path:
                 run.say(f"[vae] using {cfg.vae_path}; stage skipped")
                 continue
-            stage_vae(run, Stage1Dataset(cfg.data, "train", seed=cfg.seed, crop_size=cfg.crop_size))
+            stage_vae(run, Stage1Dataset(cfg.data, "train", seed=cfg.seed, crop_size=cfg.crop_size,
+                                         augment=augment_config(cfg)))
         elif stage == "syncnet":
             stage_syncnet(run, cfg.data)
         else:
