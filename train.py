@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from lipsync import checks
+from lipsync.training.augment import AugmentConfig
 from lipsync.training.data import Stage1Dataset, Stage2Dataset, list_clips
 from lipsync.training.losses import PatchDiscriminator, PerceptualLoss
 from lipsync.blocks import config_from_dict
@@ -73,6 +74,12 @@ class LossWeights:
 
 
 @dataclass
+class AugmentRates:  # fractions of training items augmented
+    image: float = 0.0
+    mel: float = 0.0
+
+
+@dataclass
 class TrainConfig:
     preset: str = "tiny"
     stage: str = "all"
@@ -101,7 +108,7 @@ class TrainConfig:
     T: int = 5
     sync_context: int = 4
     mel_context: int = 4
-    mel_augment: float = 0.0
+    augment: AugmentRates = field(default_factory=AugmentRates)
     # run
     device: str = "auto"
     dtype: str = "auto"
@@ -160,7 +167,8 @@ HELP = {
     "T": "stage 2: consecutive frames per clip (= the SyncNet window)",
     "sync_context": "syncnet stage: frames of extra audio each side, for shifted negatives",
     "mel_context": "50 Hz steps of audio context the MelEncoder sees around each window",
-    "mel_augment": "fraction of samples whose log-mel gets random level, EQ, shift and noise floor",
+    "augment.image": "fraction of items whose target and reference share one colour/geometry/blur/noise/JPEG draw",
+    "augment.mel": "fraction of samples whose log-mel gets random level, EQ, shift and noise floor",
     "device": "auto (cuda when available), cpu, cuda, ...",
     "dtype": "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32",
     "compile": "torch.compile the generator's loss",
@@ -539,10 +547,14 @@ def build_generator(run: Run) -> LipSync:
     return model
 
 
+def augment_config(cfg: TrainConfig) -> AugmentConfig | None:
+    return AugmentConfig(p=cfg.augment.image) if cfg.augment.image > 0 else None
+
+
 def generator_data(run: Run, model: LipSync, **kwargs) -> dict:
     cfg = run.cfg
     return dict(seed=cfg.seed, crop_size=model.crop_size, mel_context=cfg.mel_context,
-                features="whisper" if cfg.whisper else "mel", **kwargs)
+                features="whisper" if cfg.whisper else "mel", augment=augment_config(cfg), **kwargs)
 
 
 def generator_setup(run: Run, stage: str, model: LipSync, lr: float):
@@ -712,7 +724,7 @@ def run_stages(cfg: TrainConfig, stages):
                 run.say(f"[vae] using {cfg.vae_path}; stage skipped")
                 continue
             crop = model_configs(cfg)[1].sample_size
-            stage_vae(run, Stage1Dataset(cfg.data, "train", seed=cfg.seed, crop_size=crop))
+            stage_vae(run, Stage1Dataset(cfg.data, "train", seed=cfg.seed, crop_size=crop, augment=augment_config(cfg)))
         elif stage == "syncnet":
             stage_syncnet(run, cfg.data)
         else:

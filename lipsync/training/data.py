@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from lipsync.audio import load_audio, log_mel, window_layout, window_start
+from lipsync.training.augment import AugmentConfig, apply, draw, map_points
 from lipsync.tracking import to_crop_coords
 
 MIN_GAP = 5  # reference frames are at least this many frames from the target
@@ -141,10 +142,10 @@ class _ClipFrames(Dataset):
     T = 1
 
     def __init__(self, root_or_clips, split="train", crop_size=None, seed=0, mel_context=4, left=2, right=2,
-                 sample="pose_mouth", length=None, features="mel", val_fraction=0.1):
+                 sample="pose_mouth", length=None, features="mel", val_fraction=0.1, augment: AugmentConfig | None = None):
         assert sample in ("pose_mouth", "random") and features in ("mel", "whisper")
         self.seed, self.epoch, self.mel_context, self.left, self.right = seed, 0, mel_context, left, right
-        self.sample, self.features = sample, features
+        self.sample, self.features, self.augment = sample, features, augment
         split = {"heldout": "val"}.get(split, split)
         if isinstance(root_or_clips, (str, Path)):
             root_or_clips = list_clips(root_or_clips, split, val_fraction)
@@ -242,15 +243,23 @@ class _ClipFrames(Dataset):
 
     def frames_item(self, ci, frames, rng):
         """Targets, masked targets, references and audio for `frames` of clip ci, each stacked over frames."""
+        return self._frames_item(ci, frames, rng)[0]
+
+    def _frames_item(self, ci, frames, rng):
+        """frames_item and the augmentation drawn for it (None when off): one draw for targets and references."""
         refs = [self.reference(ci, int(f), rng) for f in frames]
-        target = self.images(ci, frames)
+        target, reference = self.images(ci, frames), self.images(ci, refs)
+        params = draw(rng, self.augment) if self.augment is not None else None
+        if params is not None:
+            both = apply(np.concatenate([target, reference]), params).numpy()  # (2 len, 3, S, S)
+            target, reference = both[:len(frames)], both[len(frames):]
         masked = target.copy()
         masked[:, :, self.crop_size // 2:] = -1  # (len, 3, S, S), lower half masked
         key = "mel" if self.features == "mel" else "audio"
         return {"target": torch.from_numpy(target), "masked": torch.from_numpy(masked),
-                "reference": torch.from_numpy(self.images(ci, refs)),
+                "reference": torch.from_numpy(reference),
                 key: torch.stack([self.audio(ci, int(f)) for f in frames]),
-                "clip": torch.tensor(ci), "frame": torch.as_tensor(np.asarray(frames)), "ref_frame": torch.tensor(refs)}
+                "clip": torch.tensor(ci), "frame": torch.as_tensor(np.asarray(frames)), "ref_frame": torch.tensor(refs)}, params
 
 
 class Stage1Dataset(_ClipFrames):
@@ -276,8 +285,10 @@ class Stage2Dataset(_ClipFrames):
         rng = self._rng(index)
         ci, f0 = self._pick_start(rng)
         clip, frames = self.clips[ci], np.arange(f0, f0 + self.T)
-        item = self.frames_item(ci, frames, rng)
+        item, params = self._frames_item(ci, frames, rng)
         lips = to_crop_coords(clip.landmarks[frames, 48:68], clip.boxes[frames], self.crop_size)
+        if params is not None:  # the lips move with the augmentation's warp
+            lips = map_points(params, lips, self.crop_size)
         item["mouth_box"] = torch.from_numpy(mouth_box(lips, self.crop_size))
         lo = round(f0 * 100 / clip.fps)
         item["sync_mel"] = self.mel_span(ci, lo, lo + round(self.T * 100 / clip.fps))

@@ -131,9 +131,9 @@ def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=No
     """Stage 1 (discs/syncnet None) or stage 2 generator loss. Returns (loss, logs, generated, target)."""
     B, T = batch["target"].shape[:2] if batch["target"].dim() == 5 else (batch["target"].shape[0], 1)
     batch = frames_of(batch)
-    if cfg.mel_augment and "mel" in batch:
+    if cfg.augment.mel and "mel" in batch:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        batch = dict(batch, mel=augment_mel(batch["mel"], cfg.mel_augment, g))
+        batch = dict(batch, mel=augment_mel(batch["mel"], cfg.augment.mel, g))
     pred, target = generate_batch(model, batch, cfg.mel_context), batch["target"]
     l1 = weighted_l1(pred, target, cfg.loss.lower)
     p = perceptual(pred, target)
