@@ -4,7 +4,8 @@ An `Avatar` holds what MuseTalk's realtime mode caches (docs/musetalk.md §6): t
 face track, the UNet's image input per frame -- latents of [masked crop, reference crop], the reference being the
 frame itself as in MuseTalk's inference -- and the blend masks (lipsync.blend). Output frame i shows source frame
 `avatar.source_index(i)`: the video plays forward then backward (ping-pong, 2N cycle), so audio longer than the video
-loops without a jump. Per frame the loop then runs only audio windows -> LipSync.forward (PE, UNet, VAE decode) -> paste.
+loops without a jump. Per frame the loop then runs only audio windows -> LipSync.forward (PE, UNet, VAE decode) ->
+paste.
 
     track = track_frames(frames, tracker)                 # or read_track(...) / a BoxTracker for --bbox
     avatar = prepare_avatar(frames, fps, track, model)    # save_avatar(avatar, DIR) / load_avatar(DIR, model)
