@@ -154,6 +154,21 @@ def test_vae_loss_is_l1_plus_weighted_perceptual_plus_weighted_kl(data):
     assert loss.item() == pytest.approx(logs["l1"] + 0.7 * PERCEPTUAL + 0.01 * logs["kl"], rel=1e-6)
 
 
+def test_vae_step_reconstructs_from_the_posterior_mean(data):
+    """The decoder is trained on what inference feeds it (FaceVAE.encode's mean), so the step draws no noise."""
+    batch = train.batch_at(Stage1Dataset(data, "train", seed=0), 0, 2, seed=0, rank=0)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig.tiny())
+    losses = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        losses.append(vae_step(vae, batch, stub_perceptual)[1]["l1"])
+    x = torch.cat([batch["target"], batch["reference"]])
+    with torch.no_grad():
+        expected = (vae.decode(vae.encode(x).mean) - x).abs().mean().item()
+    assert losses[0] == losses[1] == pytest.approx(expected, rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- training feeds what inference feeds
 
 

@@ -58,7 +58,9 @@ class Objective(torch.nn.Module):
 def vae_step(vae, batch, perceptual, kl_weight=1e-6, perceptual_weight=0.1):
     x = torch.cat([batch["target"], batch["reference"]])  # (2B, 3, S, S)
     post = vae.encode(x)
-    rec = vae.decode(post.sample())
+    # the posterior mean, as the UNet path sees it (FaceVAE.encode): with a 1e-6 KL weight, sampling buries the
+    # low-variance latent channels (colour) in unit noise early on, and the decoder learns to ignore them
+    rec = vae.decode(post.mean)
     rec_l1 = F.l1_loss(rec, x)
     p = perceptual(rec, x)
     kl = post.kl().mean()
