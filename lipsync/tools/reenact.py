@@ -1,0 +1,176 @@
+"""Self-reenactment of real talking clips: each clip dubbed with its own speech, compared with its real frames.
+
+    python -m lipsync.tools.eval --ckpt assets/demo.pt --reenact talk1.mp4 talk2.mp4 --out results/reenact
+
+On full frames, RGB uint8, with mediapipe's face mesh (468 points):
+- mouth region: on the REAL frame, the square centred on the mean of the lip points MOUTH_POINTS, side 1.6 x the
+  larger of their x and y extents; mouth PSNR over it (of the MSE averaged over the clip's frames), mean SSIM over it;
+- lower-face colour error: |mean RGB generated - mean RGB real| over the rectangle from cheek point 234 to 454 and
+  from the nose tip (1) to the chin (152), averaged over frames, largest channel, in levels of 255;
+- mouth opening: inner-lip gap |p13 - p14| / face height |p10 - p152|; r = Pearson r of generated vs real openings.
+Rows: the model as infer.py runs it (MuseTalk's inference: each frame's own crop is the reference, so the real mouth
+is in view), the model with a far reference (the frame half a clip away, as in training: the mouth must come from
+the audio), and two baselines: the VAE round trip of each real crop (the ceiling) and the clip's first-frame mouth
+pasted on every frame.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from ..blend import paste
+from ..pipeline import avatar_frames, prepare_avatar
+from ..tracking import _face_mesh_module, crop_faces
+from ..vae import to_model_images, to_uint8_images
+from .metrics import pearson, region_ssim
+
+MOUTH_POINTS = [61, 291, 0, 17, 13, 14, 78, 308, 37, 267, 84, 314]
+
+
+def mesh_points(frames, progress=None):
+    """Frames (N, H, W, 3) uint8 -> mediapipe face-mesh points (N, 468, 2) in pixels (NaN without a face)."""
+    mesh = _face_mesh_module().FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=False,
+                                        min_detection_confidence=0.5, min_tracking_confidence=0.5)
+    out = np.full((len(frames), 468, 2), np.nan, np.float32)
+    try:
+        for i, f in enumerate(frames):
+            h, w = f.shape[:2]
+            res = mesh.process(np.ascontiguousarray(f))
+            if res.multi_face_landmarks:
+                out[i] = [(p.x * w, p.y * h) for p in res.multi_face_landmarks[0].landmark]
+            if progress is not None:
+                progress.update(1)
+    finally:
+        mesh.close()
+    return out
+
+
+def mouth_squares(mesh, shape):
+    """Mesh points (N, 468, 2) -> int squares (N, 4) x1, y1, x2, y2 clipped to the frame (H, W)."""
+    lips = mesh[:, MOUTH_POINTS]
+    centre = lips.mean(1)
+    side = 1.6 * (lips.max(1) - lips.min(1)).max(1)
+    lo = np.round(centre - side[:, None] / 2).astype(np.int64)
+    hi = np.round(centre + side[:, None] / 2).astype(np.int64)
+    h, w = shape
+    return np.stack([np.clip(lo[:, 0], 0, w - 1), np.clip(lo[:, 1], 0, h - 1), np.clip(hi[:, 0], 1, w),
+                     np.clip(hi[:, 1], 1, h)], 1)
+
+
+def lower_face_rects(mesh, shape):
+    """Mesh points (N, 468, 2) -> int rectangles (N, 4): x from cheek point 234 to 454, y from nose tip 1 to chin
+    152."""
+    x = np.sort(np.stack([mesh[:, 234, 0], mesh[:, 454, 0]], 1), 1)
+    r = np.stack([x[:, 0], mesh[:, 1, 1], x[:, 1], mesh[:, 152, 1]], 1).round().astype(np.int64)
+    h, w = shape
+    return np.clip(r, 0, [w - 1, h - 1, w, h])
+
+
+def openings(mesh):
+    """Inner-lip gap / face height per frame (N,)."""
+    gap = np.linalg.norm(mesh[:, 13] - mesh[:, 14], axis=-1)
+    return gap / np.linalg.norm(mesh[:, 10] - mesh[:, 152], axis=-1)
+
+
+def score(generated, real, real_mesh, gen_mesh) -> dict:
+    """Generated vs real frames (N, H, W, 3) uint8 with both meshes -> the clip's numbers: mouth PSNR (of the mean
+    MSE over frames, so +inf only for identical mouths), mean mouth SSIM, lower-face colour error (largest channel
+    of the mean |difference of means|, in levels), r of the openings, frames scored."""
+    shape = real.shape[1:3]
+    ok = ~np.isnan(real_mesh).any((1, 2))
+    squares, rects = mouth_squares(np.nan_to_num(real_mesh), shape), lower_face_rects(np.nan_to_num(real_mesh), shape)
+    mse, ssims, colour = [], [], []
+    for i in np.flatnonzero(ok):
+        x1, y1, x2, y2 = squares[i]
+        a, b = generated[i, y1:y2, x1:x2].astype(np.float64), real[i, y1:y2, x1:x2].astype(np.float64)
+        mse.append(((a - b) ** 2).mean())
+        ssims.append(region_ssim(generated[i], real[i], squares[i]))
+        x1, y1, x2, y2 = rects[i]
+        colour.append(np.abs(generated[i, y1:y2, x1:x2].reshape(-1, 3).mean(0)
+                             - real[i, y1:y2, x1:x2].reshape(-1, 3).astype(np.float64).mean(0)))
+    both = ok & ~np.isnan(gen_mesh).any((1, 2))
+    m = float(np.mean(mse))
+    return {"psnr": math.inf if m == 0 else 10 * math.log10(255 ** 2 / m), "ssim": float(np.mean(ssims)),
+            "colour": float(np.mean(colour, 0).max()),
+            "r": pearson(openings(gen_mesh[both]), openings(real_mesh[both])) if both.sum() > 2 else math.nan,
+            "frames": int(ok.sum())}
+
+
+def far_reference(n):
+    """Frame i's reference in the far row: the frame half a clip away."""
+    return (np.arange(n) + n // 2) % n
+
+
+@torch.inference_mode()
+def reenact_clip(model, frames, fps, wave, track, batch_size=16):
+    """One real clip and its own speech -> {row: frames (N, H, W, 3) uint8} for the rows in the module doc."""
+    n = len(frames)
+    avatar = prepare_avatar(frames, fps, track, model, batch_size)
+    windows = model.audio_windows(wave, n, fps)
+    rows = {"model, own frame as reference": np.stack(list(avatar_frames(model, avatar, windows, batch_size)))}
+    own = avatar.latents
+    far = own[torch.from_numpy(far_reference(n)).to(own.device)]
+    avatar.latents = torch.cat([own[:, :4], far[:, 4:]], 1)  # [masked own frame, far frame as reference]
+    rows["model, far reference"] = np.stack(list(avatar_frames(model, avatar, windows, batch_size)))
+    avatar.latents = own
+    crops = crop_faces(frames, track.boxes, model.crop_size, lanczos=model.geometry == "musetalk")
+    p = next(model.vae.parameters())
+    trip = np.concatenate([to_uint8_images(model.face.decode(model.face.encode(
+        to_model_images(crops[k:k + batch_size]).to(p.device, p.dtype)))) for k in range(0, n, batch_size)])
+    first = crops[int(np.flatnonzero(track.face)[0])]
+
+    def pasted(crop_of):
+        return np.stack([paste(frames[i], crop_of(i), avatar.blends[i]) if track.face[i] else frames[i]
+                         for i in range(n)])
+
+    rows["ceiling: VAE round trip of the real crop"] = pasted(lambda i: trip[i])
+    rows["baseline: first frame's mouth on every frame"] = pasted(lambda i: first)
+    return rows
+
+
+def mouth_montage(real, rows, squares, k=8, side=96) -> np.ndarray:
+    """k frames of a clip: its real mouth squares on top, then one row per entry of rows -> uint8 image."""
+    import torch.nn.functional as F
+    idx = np.linspace(0, len(real) - 1, k).round().astype(int)
+
+    def tile(frames, i):
+        x1, y1, x2, y2 = squares[i]
+        t = torch.from_numpy(np.ascontiguousarray(frames[i, y1:y2, x1:x2])).permute(2, 0, 1)[None].float()
+        return F.interpolate(t, size=(side, side), mode="bilinear", antialias=True)[0].permute(1, 2, 0)
+
+    lines = [real] + list(rows.values())
+    return torch.cat([torch.cat([tile(f, i) for i in idx], 1) for f in lines], 0).round().clamp(0, 255).byte().numpy()
+
+
+def reenact(model, videos, out_dir=None, batch_size=16, progress=True) -> dict:
+    """Self-reenact each talking clip with its own audio -> {clip: {row: score}} plus "mean" over clips; with
+    out_dir, also reenact.json and one montage PNG per clip (real mouth on top, then the rows)."""
+    import json
+    from pathlib import Path
+
+    import imageio.v3 as iio
+    from tqdm import tqdm
+
+    from ..audio import load_audio
+    from ..pipeline import track_frames
+    from ..tracking import MeshTracker
+    from ..video import read_video
+    results = {}
+    for video in tqdm(videos, desc="reenact", unit="clip", disable=not progress):
+        frames, fps = read_video(video)
+        wave = load_audio(video)
+        track = track_frames(frames, MeshTracker(), geometry=model.geometry)
+        rows = reenact_clip(model, frames, fps, wave, track, batch_size)
+        real_mesh = mesh_points(frames)
+        results[str(video)] = {name: score(gen, frames, real_mesh, mesh_points(gen)) for name, gen in rows.items()}
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            squares = mouth_squares(np.nan_to_num(real_mesh), frames.shape[1:3])
+            iio.imwrite(Path(out_dir) / f"{Path(video).stem}_mouths.png", mouth_montage(frames, rows, squares))
+    names = next(iter(results.values())).keys()
+    results["mean"] = {name: {k: float(np.mean([r[name][k] for r in results.values()])) for k in
+                              ("psnr", "ssim", "colour", "r")} for name in names}
+    if out_dir is not None:
+        (Path(out_dir) / "reenact.json").write_text(json.dumps(results, indent=1))
+    return results

@@ -1,0 +1,74 @@
+"""Self-reenactment metrics (lipsync.tools.reenact): known answers, hand-computed regions, and the CLI end to end."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from lipsync.tools import reenact
+from lipsync.video import read_video, write_video
+from media import ROOT, SPEECH, VIDEO
+
+
+def flat_mesh(n=3):
+    """A mesh (n, 468, 2) whose named points are placed by hand."""
+    mesh = np.zeros((n, 468, 2), np.float32)
+    mesh[:, :] = (100, 100)
+    lips = np.array([[80, 200], [120, 200], [100, 190], [100, 216], [100, 198], [100, 204], [85, 200], [115, 200],
+                     [95, 191], [105, 191], [95, 214], [105, 214]], np.float32)
+    mesh[:, reenact.MOUTH_POINTS] = lips  # x 80..120 (40 px), y 190..216 (26 px), mean (100, 201.5)
+    mesh[:, 10], mesh[:, 152] = (100, 100), (100, 160)  # face height 60
+    mesh[:, 234], mesh[:, 454], mesh[:, 1] = (130, 150), (70, 150), (100, 140)
+    return mesh
+
+
+def test_mouth_square_is_centred_on_the_lips_with_side_1_6_times_their_extent():
+    sq = reenact.mouth_squares(flat_mesh(), (480, 640))
+    side = 1.6 * 40
+    assert sq[0].tolist() == [round(100 - side / 2), round(201.5 - side / 2), round(100 + side / 2),
+                              round(201.5 + side / 2)]
+
+
+def test_lower_face_is_cheek_to_cheek_and_nose_to_chin():
+    assert reenact.lower_face_rects(flat_mesh(), (480, 640))[0].tolist() == [70, 140, 130, 160]
+
+
+def test_opening_is_the_inner_lip_gap_over_the_face_height():
+    assert reenact.openings(flat_mesh()) == pytest.approx([6 / 60] * 3)
+
+
+def test_a_video_against_itself_gives_infinite_psnr_ssim_1_no_colour_error_and_r_1():
+    pytest.importorskip("mediapipe")
+    frames, _ = read_video(VIDEO)
+    frames = frames[:40:2]
+    mesh = reenact.mesh_points(frames)
+    s = reenact.score(frames, frames, mesh, mesh)
+    assert s["psnr"] == math.inf and s["ssim"] == pytest.approx(1.0) and s["colour"] == 0.0
+    assert s["r"] == pytest.approx(1.0) and s["frames"] == len(frames)
+    # and a known error: + 8 levels on every pixel of the generated frames
+    brighter = np.clip(frames.astype(np.int16) + 8, 0, 255).astype(np.uint8)
+    s = reenact.score(brighter, frames, mesh, mesh)
+    assert s["colour"] == pytest.approx(8.0, abs=0.3) and s["psnr"] == pytest.approx(10 * math.log10(255 ** 2 / 64),
+                                                                                      abs=0.3)
+
+
+def test_reenact_cli_scores_every_row_and_writes_a_montage(tmp_path):
+    pytest.importorskip("mediapipe")
+    import soundfile as sf
+    from lipsync.tools import eval as evaluate
+    frames, fps = read_video(VIDEO)
+    wave, sr = sf.read(SPEECH, dtype="float32")
+    clip = tmp_path / "talk.mp4"
+    write_video(clip, frames[:20], fps, audio=wave[:int(20 / fps * sr)])
+    res = evaluate.main(["--ckpt", str(ROOT / "assets" / "demo.pt"), "--reenact", str(clip), "--out",
+                         str(tmp_path / "out"), "--device", "cpu"])
+    rows = res[str(clip)]
+    assert set(rows) == {"model, own frame as reference", "model, far reference",
+                         "ceiling: VAE round trip of the real crop", "baseline: first frame's mouth on every frame"}
+    for v in rows.values():
+        assert 10 < v["psnr"] < 60 and 0 < v["ssim"] <= 1 and v["colour"] >= 0 and v["frames"] == 20
+    saved = json.loads((tmp_path / "out" / "reenact.json").read_text())
+    assert saved["mean"]["model, far reference"]["psnr"] == pytest.approx(rows["model, far reference"]["psnr"])
+    import imageio.v3 as iio
+    assert iio.imread(tmp_path / "out" / "talk_mouths.png").shape == (5 * 96, 8 * 96, 3)
