@@ -125,7 +125,8 @@ class TrainConfig:
 # One line per flag for --help: what it does. Grouped fields are set as --group.field (e.g. --stage1.lr 1e-4).
 HELP = {
     "config": "JSON file of TrainConfig fields (groups as objects, e.g. {\"stage1\": {\"lr\": 1e-4}})",
-    "preset": "model sizes and recipe: tiny (CPU demo) or musetalk (the published sizes and hyperparameters)",
+    "preset": "model sizes and recipe: tiny (CPU demo, 64 px), face128 (tiny networks on 128 px crops with image and "
+              "mel augmentation: the any-face CPU model) or musetalk (the published sizes and hyperparameters)",
     "stage": "what to run: all, or a comma list of vae, syncnet, stage1, stage2",
     "data": "folder of prepared clips; the default folder is filled with synthetic clips when empty",
     "out": "run folder: stage checkpoints, metrics.jsonl, samples/ and the final lipsync.pt",
@@ -183,6 +184,7 @@ HELP = {
 
 PRESETS = {
     "tiny": {},
+    "face128": dict(out="runs/face128", augment=dict(image=0.8, mel=0.5)),
     "musetalk": dict(
         out="runs/musetalk", vae=dict(steps=100_000), syncnet=dict(steps=100_000, batch=32),
         stage1=dict(steps=250_000, batch=32, lr=2e-5), stage2=dict(steps=250_000, batch=2, lr=5e-6), d_lr=5e-6,
@@ -193,9 +195,12 @@ PRESETS = {
 
 
 def model_configs(cfg: TrainConfig):
-    if cfg.preset == "tiny":
-        return UNetConfig.tiny(), VAEConfig.tiny(), MelEncoderConfig.tiny(), SyncNetConfig.tiny()
-    return UNetConfig(), VAEConfig(), MelEncoderConfig(), SyncNetConfig()
+    if cfg.preset == "musetalk":
+        return UNetConfig(), VAEConfig(), MelEncoderConfig(), SyncNetConfig()
+    vae = VAEConfig.tiny()
+    if cfg.preset == "face128":  # 128 px crops -> (4, 32, 32) latents
+        vae = dataclasses.replace(vae, sample_size=128)
+    return UNetConfig.tiny(), vae, MelEncoderConfig.tiny(), SyncNetConfig.tiny()
 
 
 def _flag_type(default):
@@ -560,7 +565,7 @@ def generator_data(run: Run, model: LipSync, **kwargs) -> dict:
 def generator_setup(run: Run, stage: str, model: LipSync, lr: float):
     """Perceptual loss, the loss module (compiled / DDP-wrapped), trainable parameters and their optimizer."""
     cfg = run.cfg
-    perceptual = PerceptualLoss(cfg.vgg or None, size=None if cfg.preset == "tiny" else 224).to(run.device)
+    perceptual = PerceptualLoss(cfg.vgg or None, size=None if cfg.preset != "musetalk" else 224).to(run.device)
     run.say(f"[{stage}] perceptual loss: {perceptual.name}; "
             f"audio: {'whisper (frozen)' if cfg.whisper else 'MelEncoder'}")
     net = wrap(maybe_compile(model, cfg), generator_losses, run)
@@ -615,7 +620,7 @@ def stage2(run: Run, root) -> LipSync:
     model.load_state_dict(torch.load(init, map_location="cpu", weights_only=True)["modules"]["generator"])
     perceptual, net, params, opt = generator_setup(run, "stage2", model, cfg.stage2.lr)
     torch.manual_seed(cfg.seed + 1)
-    small = (32, 64, 128, 128) if cfg.preset == "tiny" else (64, 128, 256, 512)
+    small = (32, 64, 128, 128) if cfg.preset != "musetalk" else (64, 128, 256, 512)
     discs = torch.nn.ModuleDict({k: PatchDiscriminator(channels=small) for k in ("face", "mouth")}).to(run.device)
     d_net, d_opt = wrap(discs, discriminator_loss, run), optimizer(discs.parameters(), cfg.d_lr, cfg)
     syncnet = load_stage_syncnet(run) if cfg.loss.sync > 0 else None

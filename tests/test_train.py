@@ -340,3 +340,15 @@ def test_torchrun_two_ranks_keep_identical_weights(data, tmp_path):
     checks = [r for r in read_metrics(out) if "replicas_identical" in r]
     assert checks and checks[0]["replicas_identical"] is True
     assert len(checks[0]["checksums"]) == 2
+
+
+def test_face128_preset_is_the_tiny_networks_on_128_px_crops_with_image_and_mel_augmentation():
+    from lipsync.mel_encoder import MelEncoderConfig
+    from lipsync.unet import UNetConfig
+    from lipsync.vae import VAEConfig
+    cfg = train.parse_args(["--preset", "face128"])
+    unet, vae, mel, _ = train.model_configs(cfg)
+    assert vae.sample_size == 128 and vae.block_out_channels == VAEConfig.tiny().block_out_channels
+    assert unet == UNetConfig.tiny() and mel == MelEncoderConfig.tiny()
+    assert cfg.augment.image == 0.8 and cfg.augment.mel == 0.5 and cfg.out == "runs/face128"
+    assert train.model_configs(train.parse_args([]))[1].sample_size == 64
