@@ -93,13 +93,6 @@ def test_mouth_boxes_cover_the_lips_in_whole_pixels():
     assert all(isinstance(v, np.integer) for v in (x1, y1, x2, y2))
 
 
-def test_lip_gap_reads_the_inner_lip_distance():
-    lm = np.zeros((1, 68, 2), np.float32)
-    lm[0, [61, 62, 63], 1] = 40
-    lm[0, [67, 66, 65], 1] = [44, 46, 48]
-    assert metrics.lip_gap(lm, 64)[0] == pytest.approx(6 / 64)
-
-
 # ----------------------------------------------------------------------------- silence
 
 

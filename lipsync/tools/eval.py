@@ -41,6 +41,7 @@ from lipsync.tools.eval_report import SCALE_NOTE, clip_record, print_report, str
 from lipsync.training.data import MIN_GAP, list_clips, load_clip
 from lipsync.melspec import log_mel
 from lipsync.tools.metrics import pearson
+from lipsync.tools.puppet import opening_from_landmarks
 from lipsync.tools.synthetic import measure_opening
 from lipsync.training.syncnet import load_syncnet
 from lipsync.tracking import to_crop_coords
@@ -137,7 +138,8 @@ def model_crops(clip, n: int, size: int) -> np.ndarray:
 
 
 def mouth_opening(crops, synthetic: bool):
-    """Opening per frame (fraction of crop height; NaN where unmeasurable) or None when no measure is available."""
+    """Opening per frame (synthetic: fraction of the crop height read from the pixels; real: inner-lip gap over the
+    eye distance, puppet.opening_from_landmarks; NaN where unmeasurable), or None when no measure is available."""
     if synthetic:
         return measure_opening(crops)
     from lipsync.tracking import MediapipeMissing, MeshTracker, track_landmarks
@@ -150,7 +152,7 @@ def mouth_opening(crops, synthetic: bool):
     finally:
         tracker.close()
     out = np.full(len(crops), np.nan, np.float32)
-    out[face] = metrics.lip_gap(lm[face], crops.shape[1])
+    out[face] = opening_from_landmarks(lm[face])
     return out
 
 

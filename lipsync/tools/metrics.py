@@ -8,7 +8,6 @@
   11 px window (mouths in 64 px crops are ~10 px wide).
 - `silence_masks`: per video frame, silent = audio RMS (40 ms around the frame) more than `threshold_db` below the
   clip's 95th-percentile frame RMS, kept only in runs of >= `min_frames`; speech = at or above the threshold.
-- `lip_gap`: mouth opening from iBUG-68 inner-lip landmarks, as a fraction of the crop height.
 - `sync_score`: `lipsync.training.syncnet.sync_offsets` on a crop sequence: LSE-D/LSE-C-style numbers on OUR SyncNet's
   scale (distances between unit embeddings, 0..2), comparable only between videos scored by the same SyncNet.
 """
@@ -110,13 +109,6 @@ def silence_masks(wave, n_frames: int, fps: float, threshold_db: float = -30.0, 
         return np.ones(n_frames, bool), np.zeros(n_frames, bool), rms
     quiet = rms < ref * 10 ** (threshold_db / 20)
     return _runs_at_least(quiet, min_frames), ~quiet, rms
-
-
-def lip_gap(landmarks, size: int) -> np.ndarray:
-    """iBUG-68 landmarks (N, 68, 2) in crop pixels -> inner-lip gap (mean of 61-67, 62-66, 63-65) / size, (N,)."""
-    lm = np.asarray(landmarks, np.float64)
-    gap = (lm[:, [67, 66, 65], 1] - lm[:, [61, 62, 63], 1]).mean(1)
-    return (np.clip(gap, 0, None) / size).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- SyncNet offsets
