@@ -296,3 +296,28 @@ def test_lipsync_forward_adds_the_sinusoidal_position_code_once_and_runs_the_une
         expected = model.face.decode(model.unet(unet_in, torch.zeros(2), windows + torch.tensor(pe).float()))
         got = model(unet_in, windows)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_bundled_face_vae_128_loads_as_the_face128_presets_vae_and_reconstructs_a_face():
+    """assets/face_vae_128 (the any-face model's VAE, trained by train.py) keeps loading through load_vae with the
+    face128 architecture, and it is a trained VAE: a random one gives ~10 dB on a face crop."""
+    import dataclasses
+
+    import numpy as np
+    import train
+    from lipsync.tools.metrics import psnr
+    from lipsync.weights import load_vae
+    from lipsync.tracking import crop_faces
+    from lipsync.vae import FaceVAE, to_model_images, to_uint8_images
+    from lipsync.video import read_video
+    from media import ROOT, VIDEO
+    vae = load_vae(ROOT / "assets" / "face_vae_128")
+    expected = train.model_configs(train.parse_args(["--preset", "face128"]))[1]
+    assert dataclasses.replace(vae.config, scaling_factor=expected.scaling_factor) == expected
+    frames, _ = read_video(VIDEO)
+    track = np.load(ROOT / "assets" / "demo.track.npz")
+    crops = crop_faces(frames[:4], track["boxes"][:4], 128)
+    face = FaceVAE(vae)
+    with torch.no_grad():
+        back = to_uint8_images(face.decode(face.encode(to_model_images(crops))))
+    assert psnr(back, crops) > 22
