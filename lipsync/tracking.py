@@ -88,13 +88,17 @@ class MeshTracker:
         self.first = np.array([ids[0] for ids in MESH_TO_IBUG68])
         self.last = np.array([ids[-1] for ids in MESH_TO_IBUG68])
 
-    def __call__(self, frame):
+    def points468(self, frame):
+        """Frame (H, W, 3) uint8 -> the face mesh's (468, 2) points in pixels, or None without a face."""
         h, w = frame.shape[:2]
         result = self.mesh.process(np.ascontiguousarray(frame))
         if not result.multi_face_landmarks:
             return None
-        mesh = np.array([(p.x * w, p.y * h) for p in result.multi_face_landmarks[0].landmark], np.float32)
-        return 0.5 * (mesh[self.first] + mesh[self.last])  # (468, 2) -> (68, 2)
+        return np.array([(p.x * w, p.y * h) for p in result.multi_face_landmarks[0].landmark], np.float32)
+
+    def __call__(self, frame):
+        mesh = self.points468(frame)
+        return None if mesh is None else 0.5 * (mesh[self.first] + mesh[self.last])  # (468, 2) -> (68, 2)
 
     def close(self):
         self.mesh.close()

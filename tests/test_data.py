@@ -167,11 +167,16 @@ def test_whisper_features_give_time_major_then_layer_tokens(root):
     assert "audio" in ds[0] and "mel" not in ds[0]
 
 
-def test_fps_other_than_25_uses_time_not_frame_counts(root, tmp_path):
+def clip30(root, tmp_path):
+    """A copy of a held-out clip that says it runs at 30 fps: tmp_path / "clip30"."""
     shutil.copytree(root / "heldout_0001", tmp_path / "clip30")
     meta = json.loads((tmp_path / "clip30" / "meta.json").read_text())
     meta["fps"] = 30.0
     (tmp_path / "clip30" / "meta.json").write_text(json.dumps(meta))
+
+
+def test_fps_other_than_25_uses_time_not_frame_counts(root, tmp_path):
+    clip30(root, tmp_path)
     ds = Stage2Dataset([tmp_path / "clip30"], None, T=6, seed=0, mel_context=0)
     item = ds[0]
     f0 = int(item["frame"][0])
@@ -231,10 +236,7 @@ def test_stage2_frames_are_consecutive_and_each_has_its_own_crop_reference_and_a
 
 
 def test_stage2_audio_at_30_fps_follows_each_frames_time(root, tmp_path):
-    shutil.copytree(root / "heldout_0001", tmp_path / "clip30")
-    meta = json.loads((tmp_path / "clip30" / "meta.json").read_text())
-    meta["fps"] = 30.0
-    (tmp_path / "clip30" / "meta.json").write_text(json.dumps(meta))
+    clip30(root, tmp_path)
     ds = Stage2Dataset([tmp_path / "clip30"], None, T=6, seed=0, mel_context=1)
     clip = ds.clips[0]
     for i in range(4):

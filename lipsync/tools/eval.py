@@ -39,6 +39,7 @@ from tqdm import tqdm
 from lipsync.tools import metrics
 from lipsync.tools.eval_report import SCALE_NOTE, clip_record, print_report, strip_image, summarise, to_json
 from lipsync.training.data import MIN_GAP, list_clips, load_clip
+from lipsync.checks import pick_device
 from lipsync.melspec import log_mel
 from lipsync.tools.metrics import pearson
 from lipsync.tools.puppet import opening_from_landmarks
@@ -218,9 +219,8 @@ def reenact_main(args):
     from lipsync.model import load_lipsync
     from lipsync.tools.reenact import reenact
     from lipsync.weights import CheckpointError
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
-        model = load_lipsync(args.ckpt, device, whisper=args.whisper).eval()
+        model = load_lipsync(args.ckpt, pick_device(args.device), whisper=args.whisper).eval()
         res = reenact(model, args.reenact, args.out, min(args.batch_size, 16))
     except (CheckpointError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -269,7 +269,10 @@ def main(argv=None):
         dirs = dirs[:args.max_clips]
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        device = str(pick_device(args.device))
+    except ValueError as e:
+        p.error(str(e))
 
     from lipsync.model import load_lipsync
     from lipsync.weights import CheckpointError

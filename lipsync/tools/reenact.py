@@ -21,28 +21,24 @@ import torch
 
 from ..blend import paste
 from ..pipeline import avatar_frames, prepare_avatar
-from ..tracking import _face_mesh_module, crop_faces
+from ..tracking import MeshTracker, crop_faces
 from ..vae import to_model_images, to_uint8_images
 from .metrics import pearson, region_ssim
 
 MOUTH_POINTS = [61, 291, 0, 17, 13, 14, 78, 308, 37, 267, 84, 314]
 
 
-def mesh_points(frames, progress=None):
+def mesh_points(frames):
     """Frames (N, H, W, 3) uint8 -> mediapipe face-mesh points (N, 468, 2) in pixels (NaN without a face)."""
-    mesh = _face_mesh_module().FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=False,
-                                        min_detection_confidence=0.5, min_tracking_confidence=0.5)
+    tracker = MeshTracker()
     out = np.full((len(frames), 468, 2), np.nan, np.float32)
     try:
-        for i, f in enumerate(frames):
-            h, w = f.shape[:2]
-            res = mesh.process(np.ascontiguousarray(f))
-            if res.multi_face_landmarks:
-                out[i] = [(p.x * w, p.y * h) for p in res.multi_face_landmarks[0].landmark]
-            if progress is not None:
-                progress.update(1)
+        for i, frame in enumerate(frames):
+            points = tracker.points468(frame)
+            if points is not None:
+                out[i] = points
     finally:
-        mesh.close()
+        tracker.close()
     return out
 
 
@@ -154,7 +150,6 @@ def reenact(model, videos, out_dir=None, batch_size=16, progress=True) -> dict:
 
     from ..audio import load_audio
     from ..pipeline import track_frames
-    from ..tracking import MeshTracker
     from ..video import read_video
     results = {}
     for video in tqdm(videos, desc="reenact", unit="clip", disable=not progress):

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lipsync.blend import gaussian_kernel
+
 
 @dataclass
 class AugmentConfig:
@@ -81,8 +83,7 @@ def map_points(params: dict, xy: np.ndarray, size: int) -> np.ndarray:
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     r = max(1, math.ceil(2.5 * sigma))
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
-    k = (k / k.sum()).to(x.dtype)
+    k = gaussian_kernel(sigma, r).to(x.dtype)
     c = x.shape[1]
     x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
     return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
