@@ -14,9 +14,13 @@ from media import SPEECH_48K, VIDEO
 BBOX = "30,20,98,80"  # brows-to-chin box inside the 96x128 test frames
 
 
-def make_video(path, n=15, fps=30.0, audio=True, h=96, w=128):
+def make_frame(h, w, k=0):
     grad = np.linspace(0, 90, w)[None, :, None] + np.linspace(0, 60, h)[:, None, None]
-    frames = [np.clip(grad + 9 * k, 0, 255).repeat(3, axis=2).astype(np.uint8) for k in range(n)]
+    return np.clip(grad + 9 * k, 0, 255).repeat(3, axis=2).astype(np.uint8)
+
+
+def make_video(path, n=15, fps=30.0, audio=True, h=96, w=128):
+    frames = [make_frame(h, w, k) for k in range(n)]
     wave = 0.3 * np.sin(np.arange(16000 * 2) / 7.0).astype(np.float32) if audio else None
     write_video(path, frames, fps, audio=wave)
     return path
@@ -48,6 +52,16 @@ def test_prepare_writes_the_spec_layout_with_one_crop_per_frame(tmp_path):
     idx = resample_indices(15, 30.0, 25.0)
     expected = T.crop_faces(frames[idx], track["boxes"], 32)
     assert np.abs(crops.astype(int) - expected).max() <= 1  # crop j comes from the nearest source frame
+
+
+def test_a_photo_gives_a_one_frame_silent_clip(tmp_path):
+    import imageio.v3 as iio
+    photo = tmp_path / "me.jpg"
+    iio.imwrite(photo, make_frame(96, 128))
+    r = P.prepare_clip(photo, tmp_path / "out", bbox=T.parse_bbox(BBOX), crop_size=16, progress=False)
+    assert r.frames == 1 and json.loads((r.path / "meta.json").read_text())["frames"] == 1
+    wave, _ = sf.read(r.path / "audio.wav")
+    assert len(wave) == 640 and not wave.any()  # one silent frame at 25 fps
 
 
 def test_fps_zero_keeps_the_source_rate_of_a_12_5_fps_video(tmp_path):

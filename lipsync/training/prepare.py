@@ -1,4 +1,5 @@
 """Clip preparation: a talking-head video (+ audio) -> DIR/<clip>/ with crops, track, audio and meta (spec layout).
+A photo gives a one-frame clip (silent unless --audio): a still face for `python -m lipsync.tools.puppet` to animate.
 
     python -m lipsync.training.prepare VIDEO [VIDEO ...] --out DIR [--audio WAV] [--fps 25] [--bbox x1,y1,x2,y2]
                                        [--bbox-shift N] [--crop-size 256] [--geometry square|musetalk]
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
 from tqdm import tqdm
 
 from lipsync import checks
@@ -76,7 +78,11 @@ def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=
     if info.fps <= 0:
         raise ValueError(f"{video}: no video stream")
     dst_fps = float(fps) if fps else info.fps
-    wave = load_audio(audio if audio is not None else video)  # fail fast, before tracking
+    still = video.suffix.lower() in IMAGE_SUFFIXES
+    if audio is None and still:  # a photo has no sound: one silent frame
+        wave = torch.zeros(round(SAMPLE_RATE / dst_fps))
+    else:
+        wave = load_audio(audio if audio is not None else video)  # fail fast, before tracking
     tracker = BoxTracker(bbox) if bbox is not None else MeshTracker()
 
     partial = out_dir / f".{name}.partial"
@@ -143,8 +149,6 @@ def check_args(args):
     for what, path in inputs:
         if path and Path(path).is_dir():
             raise ValueError(f"{what} {path} is a folder, not a file")
-        if what == "video" and Path(path).suffix.lower() in IMAGE_SUFFIXES:
-            raise ValueError(f"{path} is an image; prepare needs a video (a still face: infer.py --image)")
     for video in args.videos:
         if checks.same_file(out, Path(video).parent):
             raise ValueError(f"--out {args.out} is the folder of {video}; prepared clips need a folder of their own")
@@ -155,7 +159,7 @@ def check_args(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m lipsync.training.prepare", description=__doc__.split("\n")[0])
-    p.add_argument("videos", nargs="+", metavar="VIDEO")
+    p.add_argument("videos", nargs="+", metavar="VIDEO", help="talking-head videos, or photos (one-frame clips to animate with lipsync.tools.puppet)")
     p.add_argument("--out", required=True, help="output folder, one sub-folder per clip")
     p.add_argument("--audio", help="audio file to use instead of the video's own track (one VIDEO only)")
     p.add_argument("--fps", type=float, default=25.0, help="target frame rate (0 keeps the source rate)")
