@@ -34,7 +34,7 @@ from lipsync.training.data import Stage1Dataset, Stage2Dataset, list_clips
 from lipsync.training.losses import PatchDiscriminator, PerceptualLoss
 from lipsync.blocks import config_from_dict
 from lipsync.mel_encoder import MelEncoderConfig
-from lipsync.model import LipSync, atomic_save, export
+from lipsync.model import LipSync, atomic_save, export, load_lipsync
 from lipsync.training.syncnet import SyncNet, SyncNetConfig, load_syncnet
 from lipsync.tracking import GEOMETRIES
 from lipsync.training.steps import (Objective, discriminator_loss, frames_of, generator_losses, latent_scale, lr_lambda,
@@ -44,6 +44,8 @@ from lipsync.vae import AutoencoderKL, VAEConfig
 from lipsync.weights import load_vae
 
 STAGES = ("vae", "syncnet", "stage1", "stage2")
+SYNTHETIC_CLIPS, SYNTHETIC_SECONDS = 40, 10.0  # what an empty default --data is filled with
+BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo.pt")
 
 
 @dataclass
@@ -85,8 +87,6 @@ class TrainConfig:
     stage: str = "all"
     data: str = "data/synthetic"
     out: str = "runs/tiny"
-    synthetic_clips: int = 40
-    synthetic_seconds: float = 10.0
     geometry: str = "auto"
     seed: int = 41
     resume: bool = False
@@ -94,6 +94,8 @@ class TrainConfig:
     vae_path: str = ""
     whisper: str = ""
     vgg: str = ""
+    init: str = ""
+    personalize: str = ""
     # stages: steps, batch, learning rate
     vae: StageConfig = field(default_factory=lambda: StageConfig(320, 8, 1e-3))
     syncnet: StageConfig = field(default_factory=lambda: StageConfig(300, 16, 3e-4))  # lr 1e-3 collapses it
@@ -130,14 +132,15 @@ HELP = {
     "stage": "what to run: all, or a comma list of vae, syncnet, stage1, stage2",
     "data": "folder of prepared clips; the default folder is filled with synthetic clips when empty",
     "out": "run folder: stage checkpoints, metrics.jsonl, samples/ and the final lipsync.pt",
-    "synthetic_clips": "how many synthetic clips to generate into an empty default --data",
-    "synthetic_seconds": "length of each generated synthetic clip in seconds",
     "geometry": "crop geometry the clips must have (meta.json): auto (whatever they have), square or musetalk",
     "seed": "seed for initialisation, batches and augmentation (the same seed gives the same run)",
     "resume": "continue each stage from its checkpoint in --out, exactly where it stopped",
     "vae_path": "a local sd-vae-ft-mse (folder or file) to use frozen; skips the vae stage",
     "whisper": "a local whisper-tiny folder: condition on its frozen features instead of training our MelEncoder",
     "vgg": "a local torchvision vgg19 state dict for MuseTalk's VGG perceptual loss (else an L1 + SSIM pyramid)",
+    "init": "a lipsync.pt to fine-tune: stage 1 starts from its UNet and audio encoder, on its frozen VAE and sizes",
+    "personalize": "a video or photo of one person: fine-tune --init (default the bundled model) on puppets of that "
+                   "face with synthesised speech, in about 15 minutes on a CPU; writes OUT/lipsync.pt",
     "vae.steps": "optimizer steps of the vae stage (our own small AutoencoderKL)",
     "vae.batch": "vae stage: frames per step (each step encodes targets and references, so twice this)",
     "vae.lr": "vae stage: peak learning rate",
@@ -194,13 +197,22 @@ PRESETS = {
 }
 
 
+# --personalize: stage 1 only, a short fine-tune of --init on puppets of one person; flags still override these.
+PERSONALIZE = dict(stage="stage1", stage1=dict(steps=300, batch=8, lr=2e-4), optim=dict(warmup=10),
+                   augment=dict(image=0.5, mel=0.5), log_every=5, sample_every=100, ckpt_every=50)
+PERSONALIZE_MINUTES = 14.0  # the whole command: tracking + puppets + fine-tune (+ export) on 2 CPU cores
+PERSONALIZE_CLIPS = dict(clips=4, seconds=6.0)
+
+
 def model_configs(cfg: TrainConfig):
     if cfg.preset == "musetalk":
         return UNetConfig(), VAEConfig(), MelEncoderConfig(), SyncNetConfig()
-    vae = VAEConfig.tiny()
-    if cfg.preset == "face128":  # 128 px crops -> (4, 32, 32) latents
+    vae, sync = VAEConfig.tiny(), SyncNetConfig.tiny()
+    if cfg.preset == "face128":  # 128 px crops -> (4, 32, 32) latents; SyncNet: one more halving first
         vae = dataclasses.replace(vae, sample_size=128)
-    return UNetConfig.tiny(), vae, MelEncoderConfig.tiny(), SyncNetConfig.tiny()
+        sync = dataclasses.replace(sync, crop_size=128, visual_channels=(8,) + sync.visual_channels,
+                                   visual_factors=(2,) + sync.visual_factors)
+    return UNetConfig.tiny(), vae, MelEncoderConfig.tiny(), sync
 
 
 def _flag_type(default):
@@ -237,6 +249,8 @@ def parse_args(argv=None) -> TrainConfig:
     if preset not in PRESETS:
         p.error(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     values = dict(PRESETS[preset])
+    if args["personalize"]:
+        values = _merge(values, PERSONALIZE)
     if config := args.pop("config"):
         try:
             with open(config) as f:
@@ -286,8 +300,8 @@ def check_config(cfg: TrainConfig, stages):
     checks.creatable(cfg.out)
     if checks.within(cfg.out, cfg.data):
         raise ValueError(f"--out {cfg.out} is inside --data {cfg.data}; keep runs apart from the prepared clips")
-    inputs = {"--vae_path": cfg.vae_path, "--whisper": cfg.whisper, "--vgg": cfg.vgg}
-    stages = [s for s in stages if not (s == "vae" and cfg.vae_path)]  # skipped: the given VAE is used
+    inputs = {"--vae_path": cfg.vae_path, "--whisper": cfg.whisper, "--vgg": cfg.vgg, "--init": cfg.init}
+    stages = [s for s in stages if not (s == "vae" and (cfg.vae_path or cfg.init))]  # the given VAE is used
     written = [f"{s}.pt" for s in stages] + [f"{s}.final.pt" for s in ("vae", "syncnet") if s in stages]
     written += ["lipsync.pt", "metrics.jsonl", "samples"] if {"stage1", "stage2"} & set(stages) else ["metrics.jsonl"]
     for flag, path in inputs.items():
@@ -535,8 +549,14 @@ def load_stage_syncnet(run: Run) -> SyncNet:
 
 
 def build_generator(run: Run) -> LipSync:
-    """Fresh UNet and audio encoder (seeded) on the stage VAE; crops are the VAE's sample size."""
+    """Fresh UNet and audio encoder (seeded) on the stage VAE, or --init's; crops are the VAE's sample size."""
     cfg = run.cfg
+    if cfg.init:
+        model = load_lipsync(cfg.init)
+        model.geometry = clip_geometry(cfg)
+        model.vae.requires_grad_(False)
+        model.unet.gradient_checkpointing = run.grad_ckpt
+        return model.to(run.device)
     unet_cfg, _, audio_cfg, _ = model_configs(cfg)
     torch.manual_seed(cfg.seed)
     vae = load_stage_vae(run)
@@ -582,7 +602,11 @@ def export_generator(run: Run, stage: str, model: LipSync):
     """OUT/lipsync.pt for infer.py, with the run's SyncNet (for evaluation) when there is one."""
     if run.main:
         sync = run.path("syncnet.final")
-        extra = {"syncnet": torch.load(sync, map_location="cpu", weights_only=True)} if os.path.exists(sync) else {}
+        if os.path.exists(sync):
+            extra = {"syncnet": torch.load(sync, map_location="cpu", weights_only=True)}
+        else:  # a fine-tune keeps --init's SyncNet
+            from lipsync.model import read_checkpoint
+            extra = {k: v for k, v in read_checkpoint(run.cfg.init).items() if k == "syncnet"} if run.cfg.init else {}
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[run.cfg.export_dtype]
         export(model, os.path.join(run.cfg.out, "lipsync.pt"), dtype=dtype, extra=extra)
         run.say(f"[{stage}] generator written to {os.path.join(run.cfg.out, 'lipsync.pt')}")
@@ -678,11 +702,11 @@ def ensure_data(run: Run):
     if cfg.geometry == "musetalk":
         raise SystemExit("error: the synthetic demo clips are square crops; for --geometry musetalk pass --data with "
                          "clips from python -m lipsync.training.prepare --geometry musetalk")
-    run.say(f"no data in {cfg.data}: generating {cfg.synthetic_clips} synthetic clips")
+    run.say(f"no data in {cfg.data}: generating {SYNTHETIC_CLIPS} synthetic clips")
     if run.main:
         from lipsync.tools import synthetic
-        synthetic.main(["--out", cfg.data, "--clips", str(cfg.synthetic_clips), "--seconds",
-                        str(cfg.synthetic_seconds), "--size", str(model_configs(cfg)[1].sample_size),
+        synthetic.main(["--out", cfg.data, "--clips", str(SYNTHETIC_CLIPS), "--seconds",
+                        str(SYNTHETIC_SECONDS), "--size", str(model_configs(cfg)[1].sample_size),
                         "--seed", str(cfg.seed)])
     if run.world > 1:
         dist.barrier()
@@ -708,10 +732,35 @@ def main(argv=None):
     if bad := [s for s in stages if s not in STAGES]:
         raise SystemExit(f"error: unknown stage {bad[0]!r}; choose from all, {', '.join(STAGES)}")
     try:
+        if cfg.personalize:
+            cfg = personalize(cfg, stages)
         check_config(cfg, stages)
         run_stages(cfg, stages)
     except (OSError, ValueError, pickle.UnpicklingError) as err:  # bad inputs: missing or unreadable files
         raise SystemExit(f"error: {' '.join(str(err).split())[:600]}") from None
+
+
+def personalize(cfg: TrainConfig, stages) -> TrainConfig:
+    """Make OUT/clips (puppets of the --personalize face at --init's crop size) and point the run at them: stage 1
+    from --init (the bundled model by default), stopped in time for the whole command to fit PERSONALIZE_MINUTES."""
+    t0 = time.time()
+    if stages != ("stage1",):
+        raise ValueError("--personalize fine-tunes stage 1 only; leave --stage out")
+    if not os.path.isfile(cfg.personalize):
+        raise ValueError(f"--personalize {cfg.personalize}: no such file")
+    init = cfg.init or BUNDLED
+    if not os.path.isfile(init):
+        raise ValueError(f"--init {init} not found")
+    if cfg.device != "auto":
+        checks.pick_device(cfg.device)
+    checks.creatable(cfg.out)
+    from lipsync.model import read_checkpoint
+    from lipsync.tools.personalize import make_clips
+    crop = read_checkpoint(init)["config"]["crop_size"]
+    data = make_clips(cfg.personalize, cfg.out, crop, seed=cfg.seed, say=tqdm.write, **PERSONALIZE_CLIPS)
+    left = PERSONALIZE_MINUTES - (time.time() - t0) / 60 - 0.5  # 0.5 min for loading and the export
+    minutes = min(cfg.max_minutes, left) if cfg.max_minutes else left
+    return dataclasses.replace(cfg, init=init, data=str(data), max_minutes=max(minutes, 0.5))
 
 
 def run_stages(cfg: TrainConfig, stages):
@@ -725,8 +774,8 @@ def run_stages(cfg: TrainConfig, stages):
     model = None
     for stage in stages:
         if stage == "vae":
-            if cfg.vae_path:
-                run.say(f"[vae] using {cfg.vae_path}; stage skipped")
+            if cfg.vae_path or cfg.init:
+                run.say(f"[vae] using {cfg.vae_path or cfg.init}; stage skipped")
                 continue
             crop = model_configs(cfg)[1].sample_size
             stage_vae(run, Stage1Dataset(cfg.data, "train", seed=cfg.seed, crop_size=crop, augment=augment_config(cfg)))

@@ -1,0 +1,61 @@
+"""train.py --personalize: a person's video or photo -> puppet clips -> stage 1 fine-tuned from --init -> lipsync.pt."""
+
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import train
+from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
+from lipsync.model import LipSync, export, load_lipsync
+from lipsync.unet import UNet, UNetConfig
+from lipsync.vae import AutoencoderKL, VAEConfig
+from lipsync.video import read_video, write_video
+from media import VIDEO
+
+pytest.importorskip("mediapipe")  # the face tracker: a test dependency (requirements-dev.txt), so this runs in CI
+
+
+@pytest.fixture(scope="module")
+def init(tmp_path_factory):
+    torch.manual_seed(0)
+    model = LipSync(UNet(UNetConfig.tiny()), AutoencoderKL(VAEConfig.tiny()), MelEncoder(MelEncoderConfig.tiny()), 64)
+    path = tmp_path_factory.mktemp("init") / "init.pt"
+    export(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["video", "photo"])
+def test_personalize_fine_tunes_the_init_model_on_puppets_of_the_face(tmp_path, init, kind, monkeypatch):
+    frames, _ = read_video(VIDEO)
+    if kind == "video":  # a silent 10-frame clip of the demo face
+        source = tmp_path / "me.mp4"
+        write_video(source, frames[:10], 25.0)
+    else:
+        source = tmp_path / "me.jpg"
+        iio.imwrite(source, frames[0])
+    monkeypatch.setattr(train, "PERSONALIZE_CLIPS", dict(clips=2, seconds=0.6))
+    out = tmp_path / "run"
+    train.main(["--personalize", str(source), "--out", str(out), "--init", str(init), "--stage1.steps", "3",
+                "--stage1.batch", "2", "--log_every", "1"])
+
+    clips = sorted((out / "clips").iterdir())
+    assert [c.name for c in clips] == ["me_0000", "me_0001"]
+    for c in clips:  # puppets at the init model's crop size, each with its own synthesised speech
+        meta = json.loads((c / "meta.json").read_text())
+        assert meta["tracker"] == "puppet" and meta["crop_size"] == 64 and meta["frames"] == 15
+        assert np.load(c / "crops.npy").shape == (15, 64, 64, 3)
+        assert np.abs(sf.read(c / "audio.wav")[0]).max() > 0.01
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if s["stage"] == "stage1"] == [1, 2, 3]
+
+    before, after = load_lipsync(str(init)), load_lipsync(str(out / "lipsync.pt"))
+    assert after.crop_size == 64
+    for name, p in before.vae.state_dict().items():  # the VAE is the init's, frozen
+        assert torch.equal(p, after.vae.state_dict()[name]), name
+    moved = [(after.unet.state_dict()[k] - p).abs().max().item() for k, p in before.unet.state_dict().items()]
+    assert max(moved) > 0  # trained ...
+    assert max(moved) < 0.01  # ... from the init weights (3 steps at lr 2e-4), not from a fresh random UNet
