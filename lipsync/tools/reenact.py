@@ -2,6 +2,8 @@
 
     python -m lipsync.tools.eval --ckpt assets/demo.pt --reenact talk1.mp4 talk2.mp4 --out results/reenact
 
+A clip without sound, or a photo (one frame), is dubbed with silence: the generated mouth must match the real one.
+
 On full frames, RGB uint8, with mediapipe's face mesh (468 points):
 - mouth region: on the REAL frame, the square centred on the mean of the lip points MOUTH_POINTS, side 1.6 x the
   larger of their x and y extents; mouth PSNR over it (of the MSE averaged over the clip's frames), mean SSIM over it;
@@ -150,11 +152,12 @@ def reenact(model, videos, out_dir=None, batch_size=16, progress=True) -> dict:
 
     from ..audio import load_audio
     from ..pipeline import track_frames
-    from ..video import read_video
+    from ..video import SAMPLE_RATE, read_video, video_info
     results = {}
     for video in tqdm(videos, desc="reenact", unit="clip", disable=not progress):
         frames, fps = read_video(video)
-        wave = load_audio(video)
+        info = video_info(video)  # a photo or a video without sound is dubbed with silence: the mouth must stay put
+        wave = load_audio(video) if info.has_audio else torch.zeros(round(len(frames) / fps * SAMPLE_RATE))
         track = track_frames(frames, MeshTracker(), geometry=model.geometry)
         rows = reenact_clip(model, frames, fps, wave, track, batch_size)
         real_mesh = mesh_points(frames)
@@ -164,8 +167,8 @@ def reenact(model, videos, out_dir=None, batch_size=16, progress=True) -> dict:
             squares = mouth_squares(np.nan_to_num(real_mesh), frames.shape[1:3])
             iio.imwrite(Path(out_dir) / f"{Path(video).stem}_mouths.png", mouth_montage(frames, rows, squares))
     names = next(iter(results.values())).keys()
-    results["mean"] = {name: {k: float(np.mean([r[name][k] for r in results.values()])) for k in
-                              ("psnr", "ssim", "colour", "r")} for name in names}
+    results["mean"] = {name: {k: float(np.nanmean([r[name][k] for r in results.values()])) for k in
+                              ("psnr", "ssim", "colour", "r")} for name in names}  # r: over clips where it exists
     if out_dir is not None:
         (Path(out_dir) / "reenact.json").write_text(json.dumps(results, indent=1))
     return results
