@@ -41,9 +41,8 @@ from lipsync.tools.eval_report import SCALE_NOTE, clip_record, print_report, str
 from lipsync.training.data import MIN_GAP, list_clips, load_clip
 from lipsync.checks import pick_device
 from lipsync.melspec import log_mel
-from lipsync.tools.metrics import pearson
-from lipsync.tools.puppet import opening_from_landmarks
-from lipsync.tools.synthetic import measure_opening
+from lipsync.tools.metrics import lip_opening_68, pearson
+from lipsync.tools.synthetic_face import dark_mouth_height
 from lipsync.training.syncnet import load_syncnet
 from lipsync.tracking import to_crop_coords
 from lipsync.vae import to_uint8_images
@@ -89,14 +88,14 @@ def synthetic_sync(model, clip_dirs, seed: int = 0, max_frames: int | None = Non
     gen, ref, truth = [], [], []
     for d in clip_dirs:
         clip = load_clip(d)
-        if clip.truth is None or clip.meta.get("tracker") != "synthetic":  # measure_opening reads synthetic faces
+        if clip.truth is None or clip.meta.get("tracker") != "synthetic":  # dark_mouth_height reads cartoon faces
             continue
         n = len(clip) if max_frames is None else min(len(clip), max_frames)
         rng = np.random.default_rng([seed, len(truth)])
         refs = far_references(len(clip), rng)[:n]
         windows = model.audio_windows(clip.wave, len(clip), clip.fps)[:n]
-        gen.append(measure_opening(regenerate_crops(model, clip.crops, np.arange(n), refs, windows)))
-        ref.append(measure_opening(np.asarray(clip.crops[refs])))
+        gen.append(dark_mouth_height(regenerate_crops(model, clip.crops, np.arange(n), refs, windows)))
+        ref.append(dark_mouth_height(np.asarray(clip.crops[refs])))
         truth.append(clip.truth["opening"][:n])
     if not truth:
         return None
@@ -139,10 +138,11 @@ def model_crops(clip, n: int, size: int) -> np.ndarray:
 
 
 def mouth_opening(crops, synthetic: bool):
-    """Opening per frame (synthetic: fraction of the crop height read from the pixels; real: inner-lip gap over the
-    eye distance, puppet.opening_from_landmarks; NaN where unmeasurable), or None when no measure is available."""
+    """Opening per frame (synthetic: dark mouth height read from the pixels, a fraction of the crop height; real:
+    inner-lip gap over the eye distance, metrics.lip_opening_68; NaN where unmeasurable), or None when no measure is
+    available."""
     if synthetic:
-        return measure_opening(crops)
+        return dark_mouth_height(crops)
     from lipsync.tracking import MediapipeMissing, MeshTracker, track_landmarks
     try:
         tracker = MeshTracker()
@@ -153,7 +153,7 @@ def mouth_opening(crops, synthetic: bool):
     finally:
         tracker.close()
     out = np.full(len(crops), np.nan, np.float32)
-    out[face] = opening_from_landmarks(lm[face])
+    out[face] = lip_opening_68(lm[face])
     return out
 
 

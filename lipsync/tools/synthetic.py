@@ -3,8 +3,8 @@
 One clip = one phoneme-like control sequence (mouth opening a(t), roundness r(t), consonant noise) rendered twice:
 as frames of a simple face whose lips follow a(t) and r(t), and as 16 kHz audio from a glottal source through formant
 resonators tied to the same mouth shape (F1 ~ opening, F2 ~ roundness). A model that learns lip-sync on these clips can
-be scored exactly: `measure_opening` reads the opening back from rendered crops. Clips are written in the
-prepared-clip layout (`lipsync.training.data.write_clip`).
+be scored exactly: `synthetic_face.dark_mouth_height` reads the opening back from rendered crops. Clips are written
+in the prepared-clip layout (`lipsync.training.data.write_clip`).
 
     python -m lipsync.tools.synthetic --out DIR --clips 20 --seconds 10 [--size 64] [--frame 128] [--seed 0]
                                       [--heldout 0.2]
@@ -23,11 +23,11 @@ import torch
 from tqdm import tqdm
 
 from lipsync.training import data
-from lipsync.tools.synthetic_face import Face, measure_opening, random_motion, render
+from lipsync.tools.synthetic_face import Face, dark_mouth_height, random_motion, render
 from lipsync.tracking import crop_box, crop_faces
 
 __all__ = ["Sequence", "random_sequence", "Voice", "synth_audio", "frame_envelope", "Face", "render",
-           "measure_opening", "make_synthetic_clip", "write_synthetic_clip", "run_jobs", "main"]
+           "make_synthetic_clip", "write_synthetic_clip", "run_jobs", "main"]
 
 RATE = 100.0  # control rate of a Sequence (Hz): 10 ms steps, one mel hop
 SR = 16000
@@ -241,7 +241,7 @@ def _synthetic_job(out, name, index, split, seconds, fps, frame, size, seed):
     clip = make_synthetic_clip(index, split, seconds, fps, frame, size, seed)
     write_synthetic_clip(out, name, clip, fps, split, seed)
     env = frame_envelope(clip["wave"], len(clip["opening"]), fps)
-    return _corr(clip["opening"], measure_opening(clip["crops"])), _corr(clip["opening"], env)
+    return _corr(clip["opening"], dark_mouth_height(clip["crops"])), _corr(clip["opening"], env)
 
 
 def run_jobs(fn, arg_tuples, workers: int, desc: str) -> list:
