@@ -24,13 +24,13 @@ import time
 import torch
 
 from lipsync import checks
-from lipsync.audio import WhisperEncoder
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
 from lipsync.model import LipSync, export
 from lipsync.pipeline import avatar_frames, prepare_avatar, read_track
 from lipsync.unet import UNet, UNetConfig
 from lipsync.vae import AutoencoderKL, VAEConfig, to_uint8_images
 from lipsync.video import read_video
+from lipsync.whisper import WhisperEncoder
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_VIDEO = os.path.join(ROOT, "assets", "demo.mp4")

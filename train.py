@@ -541,7 +541,7 @@ def build_generator(run: Run) -> LipSync:
     torch.manual_seed(cfg.seed)
     vae = load_stage_vae(run)
     if cfg.whisper:
-        from lipsync.audio import load_whisper_encoder
+        from lipsync.whisper import load_whisper_encoder
         audio = load_whisper_encoder(cfg.whisper, run.device).requires_grad_(False)
     else:
         from lipsync.mel_encoder import MelEncoder

@@ -131,7 +131,7 @@ def load_lipsync(path: str, device="cpu", dtype=torch.float32, whisper: str | No
     if audio is None:
         if whisper is None:
             raise CheckpointError(f"{path} was trained on whisper features: pass the whisper-tiny folder")
-        from .audio import load_whisper_encoder
+        from .whisper import load_whisper_encoder
         audio = load_whisper_encoder(whisper, device).to(dtype)
     return LipSync(unet, vae, audio.eval(), cfg["crop_size"], cfg["left"], cfg["right"],
                    cfg.get("geometry", "square")).to(device).eval()
@@ -139,7 +139,7 @@ def load_lipsync(path: str, device="cpu", dtype=torch.float32, whisper: str | No
 
 def from_published(unet: str, vae: str, whisper: str, device="cpu", dtype=torch.float32) -> LipSync:
     """Official MuseTalk UNet + sd-vae-ft-mse + whisper-tiny from local folders/files, used unchanged."""
-    from .audio import load_whisper_encoder
+    from .whisper import load_whisper_encoder
     return LipSync(load_unet(unet, device, dtype), load_vae(vae, device, dtype),
                    load_whisper_encoder(whisper, device).to(dtype), crop_size=256,
                    geometry="musetalk").to(device).eval()

@@ -142,7 +142,7 @@ def reenact(model, videos, out_dir=None, batch_size=16, progress=True) -> dict:
     import imageio.v3 as iio
     from tqdm import tqdm
 
-    from ..audio import load_audio
+    from ..melspec import load_audio
     from ..pipeline import track_frames
     from ..video import read_video
     results = {}

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from lipsync.audio import load_audio, log_mel, window_layout, window_start
+from lipsync.audio import window_layout, window_start
+from lipsync.melspec import load_audio, log_mel
 from lipsync.training.augment import AugmentConfig, apply, draw, map_points
 from lipsync.tracking import to_crop_coords
 

@@ -7,7 +7,7 @@ Architecture after LatentSync's `stable_syncnet` (used frozen by MuseTalk v1.5):
 to L2-normalised embeddings; the score is their cosine similarity, which lies in [0, 1] because of the final ReLU.
 
 Audio input differs from LatentSync's (a Wav2Lip mel, 80 x 52 for 16 frames): ours is the whisper-style
-`lipsync.audio.log_mel(wave, dynamic_floor=False)` at 100 frames/s, so at 25 fps video frame f owns mel frames
+`lipsync.melspec.log_mel(wave, dynamic_floor=False)` at 100 frames/s, so at 25 fps video frame f owns mel frames
 [4f, 4f+4) and a window of T frames starting at f0 pairs with mel[:, 4*f0 : 4*(f0+T)]. The default audio tower reads
 (80, 64) for T = 16 (spatial 80x64 -> 40x32 -> 20x16 -> 10x8 -> 10x8 -> 5x4 -> 2x2 -> 1x1). Other frame rates must
 resample to 25 fps (or pick `mel_per_frame` = 100/fps when that is an integer).
