@@ -25,7 +25,8 @@ import torch
 
 from lipsync import checks
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
-from lipsync.model import LipSync, export
+from lipsync.checkpoint import export
+from lipsync.model import LipSync
 from lipsync.pipeline import avatar_frames, prepare_avatar, read_track
 from lipsync.unet import UNet, UNetConfig
 from lipsync.vae import AutoencoderKL, VAEConfig, to_uint8_images

@@ -34,7 +34,8 @@ from lipsync.training.data import Stage1Dataset, Stage2Dataset, list_clips
 from lipsync.training.losses import PatchDiscriminator, PerceptualLoss
 from lipsync.blocks import config_from_dict
 from lipsync.mel_encoder import MelEncoderConfig
-from lipsync.model import LipSync, atomic_save, export
+from lipsync.checkpoint import atomic_save, export
+from lipsync.model import LipSync
 from lipsync.training.syncnet import SyncNet, SyncNetConfig, load_syncnet
 from lipsync.tracking import GEOMETRIES
 from lipsync.training.steps import (Objective, discriminator_loss, frames_of, generator_losses, latent_scale, lr_lambda,

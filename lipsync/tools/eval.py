@@ -216,7 +216,7 @@ def evaluate_clip(model, syncnet, clip, *, seed=0, holdout=0.2, max_frames=0, ba
 
 
 def reenact_main(args):
-    from lipsync.model import load_lipsync
+    from lipsync.checkpoint import load_lipsync
     from lipsync.tools.reenact import reenact
     from lipsync.weights import CheckpointError
     try:
@@ -274,7 +274,7 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
 
-    from lipsync.model import load_lipsync
+    from lipsync.checkpoint import load_lipsync
     from lipsync.weights import CheckpointError
     try:
         model = load_lipsync(args.ckpt, device, whisper=args.whisper)
