@@ -101,14 +101,17 @@ def diffusers_twins(unet: UNet, vae: AutoencoderKL):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=["tiny", "musetalk"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "musetalk"],
+                   help="model sizes: tiny (the demo's, 64 px crops) or musetalk (the published UNet and VAE)")
     p.add_argument("--batch", default=None, help="comma list of batch sizes (default 1,8,32; musetalk on CPU: 1)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto = fp32 on CPU, fp16 on GPU")
-    p.add_argument("--channels-last", default="on", choices=["on", "off"], help="conv weight layout (ours)")
+    p.add_argument("--channels-last", default="on", choices=["on", "off"],
+                   help="channels-last memory layout for our UNet and VAE")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet and decoder (ours)")
-    p.add_argument("--iters", type=int, default=7)
+    p.add_argument("--iters", type=int, default=7, help="timed calls per measurement after warm-up, median reported "
+                   "(audio and the realtime loop: half as many, at least 3)")
     p.add_argument("--frames", type=int, default=None,
                    help="frames in the realtime-loop measurement (default 48; musetalk on CPU: 4)")
     p.add_argument("--no-infer", action="store_true", help="skip the full infer.py measurement")

@@ -232,8 +232,10 @@ def main(argv=None):
                                 "from the checkpoint's SyncNet, (d) mouth opening in silence vs. speech.")
     p.add_argument("--ckpt", required=True, help="our checkpoint (lipsync.pt from train.py)")
     p.add_argument("--data", help="folder of prepared clips; its held-out ('val') clips are evaluated")
-    p.add_argument("--clip", action="append", default=[], help="a prepared (real) clip folder; repeatable")
-    p.add_argument("--out", default="results/eval")
+    p.add_argument("--clip", action="append", default=[], help="a prepared clip folder to evaluate as well "
+                   "(e.g. a real one); repeatable")
+    p.add_argument("--out", default="results/eval", help="output folder: eval.json and heldout_strip.png (rows per "
+                   "clip: real, generated, copy-reference); with --reenact, reenact.json and mouth montages")
     p.add_argument("--split", default="val", choices=("val", "train", "all"), help="which clips of --data")
     p.add_argument("--syncnet", help="SyncNet file (default: the checkpoint's 'syncnet' entry)")
     p.add_argument("--whisper", help="whisper-tiny folder, for checkpoints trained on whisper features")
@@ -241,9 +243,9 @@ def main(argv=None):
     p.add_argument("--max-frames", type=int, default=1500, help="evaluate at most this many frames per clip (0 = all)")
     p.add_argument("--max-clips", type=int, default=0, help="at most this many clips (0 = all)")
     p.add_argument("--silence-db", type=float, default=-30.0, help="silent: frame RMS this far below the clip's p95")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=32, help="frames per model call (at most 16 with --reenact)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the draw of reference frames")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--reenact", nargs="+", metavar="VIDEO", help="self-reenactment instead: dub each real talking "
                    "clip with its own audio and compare with its frames (lipsync.tools.reenact)")

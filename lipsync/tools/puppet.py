@@ -297,12 +297,12 @@ def main(argv=None):
     p.add_argument("source", metavar="PREPARED_CLIP_DIR",
                    help="a clip written by lipsync.training.prepare (crops at 256)")
     p.add_argument("--out", required=True, help="output directory (one sub-directory per clip)")
-    p.add_argument("--clips", type=int, default=20)
-    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--clips", type=int, default=20, help="number of clips to write (train + held-out)")
+    p.add_argument("--seconds", type=float, default=8.0, help="length of each clip")
     p.add_argument("--size", type=int, default=64, help="crop size S of the written clips")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds each clip's voice, mouth style, sequence and frames")
     p.add_argument("--heldout", type=float, default=0.2, help="fraction of clips with held-out speakers")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="clips made in parallel processes")
     args = p.parse_args(argv)
     meta, crops, _ = _source(args.source)
     if crops.shape[1] < args.size:
