@@ -24,13 +24,14 @@ import time
 import torch
 
 from lipsync import checks
-from lipsync.audio import WhisperEncoder
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
-from lipsync.model import LipSync, export
+from lipsync.checkpoint import export
+from lipsync.model import LipSync
 from lipsync.pipeline import avatar_frames, prepare_avatar, read_track
 from lipsync.unet import UNet, UNetConfig
 from lipsync.vae import AutoencoderKL, VAEConfig, to_uint8_images
 from lipsync.video import read_video
+from lipsync.whisper import WhisperEncoder
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_VIDEO = os.path.join(ROOT, "assets", "demo.mp4")
@@ -100,14 +101,17 @@ def diffusers_twins(unet: UNet, vae: AutoencoderKL):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=["tiny", "musetalk"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "musetalk"],
+                   help="model sizes: tiny (the demo's, 64 px crops) or musetalk (the published UNet and VAE)")
     p.add_argument("--batch", default=None, help="comma list of batch sizes (default 1,8,32; musetalk on CPU: 1)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto = fp32 on CPU, fp16 on GPU")
-    p.add_argument("--channels-last", default="on", choices=["on", "off"], help="conv weight layout (ours)")
+    p.add_argument("--channels-last", default="on", choices=["on", "off"],
+                   help="channels-last memory layout for our UNet and VAE")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet and decoder (ours)")
-    p.add_argument("--iters", type=int, default=7)
+    p.add_argument("--iters", type=int, default=7, help="timed calls per measurement after warm-up, median reported "
+                   "(audio and the realtime loop: half as many, at least 3)")
     p.add_argument("--frames", type=int, default=None,
                    help="frames in the realtime-loop measurement (default 48; musetalk on CPU: 4)")
     p.add_argument("--no-infer", action="store_true", help="skip the full infer.py measurement")

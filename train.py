@@ -34,7 +34,8 @@ from lipsync.training.data import Stage1Dataset, Stage2Dataset, list_clips
 from lipsync.training.losses import PatchDiscriminator, PerceptualLoss
 from lipsync.blocks import config_from_dict
 from lipsync.mel_encoder import MelEncoderConfig
-from lipsync.model import LipSync, atomic_save, export, load_lipsync
+from lipsync.checkpoint import atomic_save, export, load_lipsync, read_checkpoint
+from lipsync.model import LipSync
 from lipsync.training.syncnet import SyncNet, SyncNetConfig, load_syncnet
 from lipsync.tracking import GEOMETRIES
 from lipsync.training.steps import (Objective, discriminator_loss, frames_of, generator_losses, latent_scale, lr_lambda,
@@ -561,7 +562,7 @@ def build_generator(run: Run) -> LipSync:
     torch.manual_seed(cfg.seed)
     vae = load_stage_vae(run)
     if cfg.whisper:
-        from lipsync.audio import load_whisper_encoder
+        from lipsync.whisper import load_whisper_encoder
         audio = load_whisper_encoder(cfg.whisper, run.device).requires_grad_(False)
     else:
         from lipsync.mel_encoder import MelEncoder
@@ -605,7 +606,6 @@ def export_generator(run: Run, stage: str, model: LipSync):
         if os.path.exists(sync):
             extra = {"syncnet": torch.load(sync, map_location="cpu", weights_only=True)}
         else:  # a fine-tune keeps --init's SyncNet
-            from lipsync.model import read_checkpoint
             extra = {k: v for k, v in read_checkpoint(run.cfg.init).items() if k == "syncnet"} if run.cfg.init else {}
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[run.cfg.export_dtype]
         export(model, os.path.join(run.cfg.out, "lipsync.pt"), dtype=dtype, extra=extra)
@@ -754,7 +754,6 @@ def personalize(cfg: TrainConfig, stages) -> TrainConfig:
     if cfg.device != "auto":
         checks.pick_device(cfg.device)
     checks.creatable(cfg.out)
-    from lipsync.model import read_checkpoint
     from lipsync.tools.personalize import make_clips
     crop = read_checkpoint(init)["config"]["crop_size"]
     data = make_clips(cfg.personalize, cfg.out, crop, seed=cfg.seed, say=tqdm.write, **PERSONALIZE_CLIPS)

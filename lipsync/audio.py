@@ -1,8 +1,8 @@
-"""Audio conditioning for the UNet: any audio file -> per-video-frame windows of 50 steps/s encoder features.
+"""Audio conditioning for the UNet: 50 steps/s encoder features -> per-video-frame windows of tokens.
 
-The pieces live in small modules and meet here: `melspec` (loading, resampling, whisper log-mel), `whisper`
-(weight-compatible whisper-tiny encoder), `mel_encoder` (our tiny convolutional encoder). This module adds
-MuseTalk v1.5's per-frame windowing (docs/musetalk.md §4): frame f at `fps` takes the n = ceil(50 / fps) *
+The features come from `whisper` (weight-compatible whisper-tiny encoder) or `mel_encoder` (our tiny convolutional
+encoder), both reading `melspec.log_mel` (loading, resampling, whisper log-mel). This module is MuseTalk v1.5's
+per-frame windowing (docs/musetalk.md §4): frame f at `fps` takes the n = ceil(50 / fps) *
 (left + right + 1) steps starting at floor(f * 50 / fps) - ceil(50 / fps) * left -- [2f - 4, 2f + 6) at 25 fps --
 zero-padded outside the file, flattened time-major then layer (row = L * t + layer); the sinusoidal
 PositionalEncoding added to those tokens; and MelStream, which produces the same windows from audio arriving in chunks.
@@ -13,12 +13,9 @@ import math
 import torch
 import torch.nn as nn
 
-from .mel_encoder import MelEncoder
-from .melspec import HOP, N_FFT, SAMPLE_RATE, load_audio, log_mel, log_mel_frames
-from .whisper import WhisperEncoder, load_whisper_encoder
+from .melspec import HOP, N_FFT, SAMPLE_RATE, log_mel_frames
 
-__all__ = ["load_audio", "log_mel", "WhisperEncoder", "load_whisper_encoder", "MelEncoder", "frame_windows",
-           "PositionalEncoding"]
+__all__ = ["window_layout", "window_start", "frame_windows", "encode_windows", "PositionalEncoding", "MelStream"]
 
 STEPS_PER_SECOND = SAMPLE_RATE // (2 * HOP)  # 50
 

@@ -1,20 +1,9 @@
 """Paste a generated face crop back into its frame: a feathered lower-face mask from the landmarks + colour matching.
 
-MuseTalk blends through a BiSeNet face-parsing mask (skin + lips, below the midline of an expanded square, blurred;
-docs/musetalk.md §6). We build the mask from the 68 tracked landmarks instead, no network:
-- the area inside the jaw line (points 0-16), pulled in a little at the cheeks (the background behind the jaw stays
-  the source's) and let down below the chin (an opening mouth lowers the generated chin);
-- minus the nose, from the midline down to the nostrils;
-- only below the crop's horizontal midline (the nose point), the part the UNet saw masked;
-- feathered by a separable Gaussian truncated at radius r. The hard mask keeps r pixels away from the midline and the
-  crop's edges, so the soft mask is exactly 0 above the midline and outside the crop: there the output is the source
-  frame bit for bit.
-Colour: before blending, the generated pixels are shifted and scaled per channel so that their mean and standard
-deviation over the skin part of the mask (the mask minus a box around the mouth, whose content legitimately differs)
-match the source frame's. This removes the VAE's colour drift, so no seam shows where the mask fades out.
-
-`make_blend` precomputes a `Blend` per frame (avatars cache them); `paste` is the per-frame cost of the realtime loop:
-one resize of the crop and a few passes over the mask's rectangle.
+MuseTalk's paste-back (`musetalk/utils/blending.py:get_image`, docs/musetalk.md §6) with the mask built from the 68
+tracked landmarks instead of a face-parsing network. `make_blend` precomputes a `Blend` per frame (avatars cache
+them); `paste` is the per-frame cost of the realtime loop: one resize of the crop and a few passes over the mask's
+rectangle.
 """
 
 from dataclasses import dataclass
@@ -79,7 +68,8 @@ def inside_polygon(poly: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarr
 
 
 def make_blend(landmarks, box, frame_size, feather_frac=0.06, cheek_inset=0.06, chin_drop=0.15) -> Blend:
-    """Landmarks (68, 2) and crop box (4,) in source pixels, frame (H, W) -> the frame's Blend.
+    """Landmarks (68, 2) and crop box (4,) in source pixels, frame (H, W) -> the frame's Blend: the lower face
+    inside the jaw line, minus the nose, below the crop's midline, feathered.
 
     feather_frac: blur radius as a fraction of the crop side. cheek_inset: the jaw line is pulled towards the face's
     centre by this fraction of its half-width. chin_drop: points below the midline move down by this fraction of
@@ -91,18 +81,22 @@ def make_blend(landmarks, box, frame_size, feather_frac=0.06, cheek_inset=0.06, 
     mid = h / 2  # the crop's midline in box coordinates (source pixel i spans [i, i + 1))
     pts = lm - (x0, y0)
 
+    # the area inside the jaw line, pulled in at the cheeks (the background behind the jaw stays the source's) and let
+    # down below the chin (an opening mouth lowers the generated chin)
     jaw = pts[JAW].copy()
     cx = 0.5 * (jaw[:, 0].min() + jaw[:, 0].max())
     jaw[:, 0] = cx + (jaw[:, 0] - cx) * (1 - cheek_inset)
     below = jaw[:, 1] > mid
     jaw[below, 1] = mid + (jaw[below, 1] - mid) * (1 + chin_drop)
 
-    # hard mask on the lower half of the box, r pixels clear of the midline and the box edges
+    # hard mask on the lower half of the box (the part the UNet saw masked), r pixels clear of the midline and the box
+    # edges: feathered by a Gaussian truncated at r, the soft mask is exactly 0 above the midline and outside the
+    # crop, and there the output is the source frame bit for bit
     top = int(np.ceil(mid))
     xs, ys = np.arange(w) + 0.5, np.arange(top, h) + 0.5
     hard = inside_polygon(jaw, xs, ys)
     hard &= (ys[:, None] >= mid + r) & (ys[:, None] < h - r) & (xs >= r) & (xs < w - r)
-    nose = pts[NOSTRILS]
+    nose = pts[NOSTRILS]  # minus the nose, down to the nostrils
     n_left, n_right = nose[:, 0].min() - r / 2, nose[:, 0].max() + r / 2
     hard &= ~((ys[:, None] < nose[:, 1].max()) & (xs >= n_left) & (xs < n_right))
     soft = feather(torch.from_numpy(hard.astype(np.float32)), r).numpy()  # (h - top, w)
@@ -160,6 +154,8 @@ def paste(frame: np.ndarray, crop: np.ndarray, blend: Blend, colour: bool = True
     src = torch.from_numpy(out[t:b, left:right]).float()
     m = torch.from_numpy(blend.mask).float()
     if colour:
+        # the VAE drifts in colour: match the generated pixels' mean and std to the source's over the skin part of the
+        # mask (minus the mouth, whose content legitimately differs), so no seam shows where the mask fades out
         skin = m.clone()
         mt, ml, mb, mr = blend.mouth
         skin[mt:mb, ml:mr] = 0

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lipsync.tools import synthetic
-from lipsync.audio import log_mel
+from lipsync.melspec import log_mel
 from lipsync.training.data import Stage1Dataset, Stage2Dataset, clip_split, list_clips, load_clip
 from lipsync.tracking import to_crop_coords
 

@@ -6,7 +6,7 @@ import numpy as np
 import soundfile as sf
 
 import infer
-from lipsync.model import load_lipsync
+from lipsync.checkpoint import load_lipsync
 from lipsync.video import read_video, video_info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

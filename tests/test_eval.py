@@ -18,7 +18,8 @@ from lipsync.tools.eval_report import to_json
 from lipsync.training.data import MIN_GAP, load_clip
 from lipsync.training.losses import ssim
 from lipsync.mel_encoder import MelEncoderConfig
-from lipsync.model import build, export, load_lipsync
+from lipsync.checkpoint import export, load_lipsync
+from lipsync.model import build
 from lipsync.training.syncnet import SyncNet, SyncNetConfig, load_syncnet, syncnet_from_entry
 from lipsync.tools.synthetic import SR, make_synthetic_clip, write_synthetic_clip
 from lipsync.unet import UNetConfig

@@ -18,7 +18,8 @@ from lipsync.training import prepare
 from lipsync import tracking as T
 from lipsync.blend import inside_polygon, make_blend
 from lipsync.mel_encoder import MelEncoderConfig
-from lipsync.model import build, export, load_lipsync, read_checkpoint
+from lipsync.checkpoint import export, load_lipsync, read_checkpoint
+from lipsync.model import build
 from lipsync.unet import UNetConfig
 from lipsync.vae import VAEConfig
 from lipsync.video import iter_frames, read_video, write_video

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import infer
 from lipsync import pipeline as P
 from lipsync.mel_encoder import MelEncoderConfig
-from lipsync.model import build, export
+from lipsync.checkpoint import export
+from lipsync.model import build
 from lipsync.tracking import INSTALL_HINT, BoxTracker, MediapipeMissing, crop_box, parse_bbox, pixel_box
 from lipsync.tracking import template_landmarks
 from lipsync.unet import UNetConfig

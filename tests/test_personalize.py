@@ -10,7 +10,8 @@ import torch
 
 import train
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
-from lipsync.model import LipSync, export, load_lipsync
+from lipsync.checkpoint import export, load_lipsync
+from lipsync.model import LipSync
 from lipsync.unet import UNet, UNetConfig
 from lipsync.vae import AutoencoderKL, VAEConfig
 from lipsync.video import read_video, write_video

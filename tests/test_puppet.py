@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from lipsync.tools import puppet as P
+from lipsync.tools.metrics import LOWER_INNER, UPPER_INNER, lip_opening_68
 from lipsync.training.data import load_clip
 from lipsync.tools.synthetic import SR, frame_envelope
 from lipsync.tracking import to_crop_coords
@@ -40,12 +41,12 @@ def test_cli_writes_loadable_clips_with_disjoint_speakers(source, tmp_path):
     assert len(set(speakers.values())) == 3
 
 
-def test_landmark_and_darkness_openings_follow_the_truth(clip):
+def test_landmark_opening_and_dark_mouth_height_follow_the_truth(clip):
     lm = to_crop_coords(clip["landmarks"], clip["boxes"], 64)
     truth = clip["opening"]
-    r_lm = np.corrcoef(P.opening_from_landmarks(lm), truth)[0, 1]
-    r_dark = np.corrcoef(P.dark_opening(clip["crops"], lm), truth)[0, 1]
-    print(f"r(truth, landmark opening) {r_lm:.4f}, r(truth, dark opening) {r_dark:.3f}")
+    r_lm = np.corrcoef(lip_opening_68(lm), truth)[0, 1]
+    r_dark = np.corrcoef(P.dark_mouth_height(clip["crops"], lm), truth)[0, 1]
+    print(f"r(truth, landmark opening) {r_lm:.4f}, r(truth, dark mouth height) {r_dark:.3f}")
     assert r_lm > 0.99 and r_dark > 0.8
     assert truth.min() < 0.02 and truth.max() > 0.8
 
@@ -79,16 +80,16 @@ def test_audio_envelope_follows_the_opening(clip):
     assert np.corrcoef(env, clip["opening"])[0, 1] > 0.6
 
 
-def test_opening_from_landmarks_ignores_scale_roll_and_translation(source):
+def test_landmark_opening_ignores_scale_roll_and_translation(source):
     with np.load(source / "track.npz") as t:
         lm = t["landmarks"][:5].astype(np.float64)
     a = np.radians(20)
     rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
     moved = 2.5 * lm @ rot.T + np.array([100.0, -40.0])
-    np.testing.assert_allclose(P.opening_from_landmarks(moved), P.opening_from_landmarks(lm), atol=1e-5)
+    np.testing.assert_allclose(lip_opening_68(moved), lip_opening_68(lm), atol=1e-5)
     closed = lm.copy()
-    closed[:, P.LOWER] = closed[:, P.UPPER]
-    assert np.abs(P.opening_from_landmarks(closed)).max() < 1e-6
+    closed[:, LOWER_INNER] = closed[:, UPPER_INNER]
+    assert np.abs(lip_opening_68(closed)).max() < 1e-6
 
 
 def test_pingpong_walks_back_and_forth():
@@ -108,7 +109,7 @@ def test_mediapipe_sees_the_puppeted_mouth_open_and_close(source):
     finally:
         tracker.close()
     assert found.mean() > 0.95
-    measured = P.opening_from_landmarks(lm[found])
+    measured = lip_opening_68(lm[found])
     r = np.corrcoef(measured, clip["opening"][found])[0, 1]
     print(f"r(truth, mediapipe opening on 256 px puppet crops) {r:.3f}")
     assert r > 0.8

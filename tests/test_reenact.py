@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lipsync.tools import reenact
+from lipsync.tools.metrics import lip_opening_468
 from lipsync.video import read_video, write_video
 from media import ROOT, SPEECH, VIDEO
 
@@ -35,7 +36,7 @@ def test_lower_face_is_cheek_to_cheek_and_nose_to_chin():
 
 
 def test_opening_is_the_inner_lip_gap_over_the_face_height():
-    assert reenact.openings(flat_mesh()) == pytest.approx([6 / 60] * 3)
+    assert lip_opening_468(flat_mesh()) == pytest.approx([6 / 60] * 3)
 
 
 def test_a_video_against_itself_gives_infinite_psnr_ssim_1_no_colour_error_and_r_1():

@@ -15,7 +15,8 @@ import torch
 
 import train
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
-from lipsync.model import LipSync, atomic_save
+from lipsync.checkpoint import atomic_save
+from lipsync.model import LipSync
 from lipsync.tools import synthetic
 from lipsync.training.data import Stage1Dataset, Stage2Dataset
 from lipsync.training.losses import PatchDiscriminator, PerceptualLoss

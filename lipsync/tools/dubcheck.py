@@ -4,7 +4,7 @@
     python -m lipsync.tools.dubcheck dubbed.mp4 --audio speech.wav --json check.json
 
 Per frame, mediapipe's face mesh (the optional tracker, lipsync.tracking) gives the inner-lip gap over the eye
-distance (`puppet.opening_from_landmarks`); the speech gives the RMS envelope in a 40 ms window at the frame's time
+distance (`metrics.lip_opening_68`); the speech gives the RMS envelope in a 40 ms window at the frame's time
 (`synthetic.frame_envelope`). Reported: the Pearson r between opening and envelope, and between opening and the
 envelope in dB (speech loudness is closer to logarithmic), and the mean opening on silent stretches (frame RMS more
 than 30 dB below the clip's 95th percentile for >= 3 frames, `metrics.silence_masks`) vs. speech. A mouth that
@@ -18,9 +18,8 @@ import json
 import numpy as np
 from tqdm import tqdm
 
-from lipsync.audio import load_audio
-from lipsync.tools.metrics import pearson, silence_masks
-from lipsync.tools.puppet import opening_from_landmarks
+from lipsync.melspec import load_audio
+from lipsync.tools.metrics import lip_opening_68, pearson, silence_masks
 from lipsync.tools.synthetic import frame_envelope
 from lipsync.tracking import MediapipeMissing, MeshTracker, track_landmarks
 from lipsync.video import read_video
@@ -45,7 +44,7 @@ def check(frames: np.ndarray, fps: float, wave: np.ndarray, max_lag: int = 2, si
         raise ValueError(f"a face was found in {int(face.sum())} of {len(frames)} frames: nothing to measure")
     n = len(frames)
     opening = np.full(n, np.nan, np.float32)
-    opening[face] = opening_from_landmarks(landmarks[face])
+    opening[face] = lip_opening_68(landmarks[face])
     envelope = frame_envelope(wave, n, fps)
     silent, speech, _ = silence_masks(wave, n, fps, silence_db)
     db = 20 * np.log10(np.maximum(envelope, 1e-4 * max(float(envelope.max()), 1e-12)))

@@ -1,28 +1,11 @@
 """Evaluation: does the generated mouth follow the audio, and how close is it to the real frames?
 
-Every evaluated clip is regenerated once, frame by frame, from its own audio: the model sees the frame's upper half
-(the lower half masked, as always) and a reference frame drawn (seeded) from the clip's first 80 %, at least
-MIN_GAP frames from the target. The last 20 % of frames are thus held out: neither their lower halves nor any
-reference comes from them. Four groups, each next to baselines:
-
-(a) synthetic held-out clips (ground-truth opening known): Pearson r between the mouth opening measured in the
-    generated frames and the true opening; the same for the copy-reference baseline (the reference frame as the
-    prediction) and for the real frames (the measurement's ceiling). A constant mean-mouth predictor has no r, so
-    L1 to the opening measured on the real frames is also given, with the mean-mouth predictor = the clip's mean
-    measured opening over its first 80 %.
-(b) the held-out last 20 %: mouth-region PSNR / SSIM / L1 against the real frames (lipsync.tools.metrics), generated vs.
-    copy-reference. Real prepared clips come from --clip; without them the synthetic held-out clips are used.
-(c) sync: best audio offset in +-15 frames, distance there (LSE-D-like) and median minus minimum (LSE-C-like) from
-    OUR SyncNet (the one in the checkpoint), for generated, real and copy-reference video. The scale is our SyncNet's
-    only: not comparable with published LSE-C / LSE-D numbers.
-(d) silence: mean mouth opening on silent stretches (audio RMS below a threshold) vs. speech, generated, real and
-    copy-reference. Opening = dark-interior height on synthetic faces; mediapipe inner-lip gap on real clips.
+Each clip is regenerated from its own audio with references from its first 80 % only, and scored in four groups next
+to baselines (`evaluate_clip`): (a) mouth opening vs. the true one, (b) held-out mouth PSNR / SSIM / L1, (c) the
+audio-video offset as SyncNet-eval's LSE-D / LSE-C measure it, but with our own SyncNet, (d) mouth opening in silence
+vs. speech. The maths is in lipsync/tools/metrics.py, pooling and printing in lipsync/tools/eval_report.py.
 
     python -m lipsync.tools.eval --ckpt runs/tiny/lipsync.pt --data data/synthetic [--clip CLIP ...] --out results/eval
-
-Writes OUT/eval.json and OUT/heldout_strip.png (rows per clip: real, generated, copy-reference); pooling and printing
-live in lipsync/eval_report.py, the metric maths in lipsync/metrics.py. `synthetic_sync` is the quick check train.py
-runs at the end of training (references from anywhere in the clip).
 """
 
 import argparse
@@ -41,9 +24,8 @@ from lipsync.tools.eval_report import SCALE_NOTE, clip_record, print_report, str
 from lipsync.training.data import MIN_GAP, list_clips, load_clip
 from lipsync.checks import pick_device
 from lipsync.melspec import log_mel
-from lipsync.tools.metrics import pearson
-from lipsync.tools.puppet import opening_from_landmarks
-from lipsync.tools.synthetic import measure_opening
+from lipsync.tools.metrics import lip_opening_68, pearson
+from lipsync.tools.synthetic_face import dark_mouth_height
 from lipsync.training.syncnet import load_syncnet
 from lipsync.tracking import to_crop_coords
 from lipsync.vae import to_uint8_images
@@ -85,18 +67,19 @@ def regenerate_crops(model, crops, targets, refs, windows, batch_size: int = 32,
 
 
 def synthetic_sync(model, clip_dirs, seed: int = 0, max_frames: int | None = None):
-    """Held-out synthetic clips -> {'r', 'r_reference', 'clips', 'frames'}; None when no clip has ground truth."""
+    """The quick check train.py runs at the end of training, references from anywhere in the clip: held-out synthetic
+    clips -> {'r', 'r_reference', 'clips', 'frames'}; None when no clip has ground truth."""
     gen, ref, truth = [], [], []
     for d in clip_dirs:
         clip = load_clip(d)
-        if clip.truth is None or clip.meta.get("tracker") != "synthetic":  # measure_opening reads synthetic faces
+        if clip.truth is None or clip.meta.get("tracker") != "synthetic":  # dark_mouth_height reads cartoon faces
             continue
         n = len(clip) if max_frames is None else min(len(clip), max_frames)
         rng = np.random.default_rng([seed, len(truth)])
         refs = far_references(len(clip), rng)[:n]
         windows = model.audio_windows(clip.wave, len(clip), clip.fps)[:n]
-        gen.append(measure_opening(regenerate_crops(model, clip.crops, np.arange(n), refs, windows)))
-        ref.append(measure_opening(np.asarray(clip.crops[refs])))
+        gen.append(dark_mouth_height(regenerate_crops(model, clip.crops, np.arange(n), refs, windows)))
+        ref.append(dark_mouth_height(np.asarray(clip.crops[refs])))
         truth.append(clip.truth["opening"][:n])
     if not truth:
         return None
@@ -139,10 +122,11 @@ def model_crops(clip, n: int, size: int) -> np.ndarray:
 
 
 def mouth_opening(crops, synthetic: bool):
-    """Opening per frame (synthetic: fraction of the crop height read from the pixels; real: inner-lip gap over the
-    eye distance, puppet.opening_from_landmarks; NaN where unmeasurable), or None when no measure is available."""
+    """Opening per frame (synthetic: dark mouth height read from the pixels, a fraction of the crop height; real:
+    inner-lip gap over the eye distance, metrics.lip_opening_68; NaN where unmeasurable), or None when no measure is
+    available."""
     if synthetic:
-        return measure_opening(crops)
+        return dark_mouth_height(crops)
     from lipsync.tracking import MediapipeMissing, MeshTracker, track_landmarks
     try:
         tracker = MeshTracker()
@@ -153,13 +137,18 @@ def mouth_opening(crops, synthetic: bool):
     finally:
         tracker.close()
     out = np.full(len(crops), np.nan, np.float32)
-    out[face] = opening_from_landmarks(lm[face])
+    out[face] = lip_opening_68(lm[face])
     return out
 
 
 def evaluate_clip(model, syncnet, clip, *, seed=0, holdout=0.2, max_frames=0, batch_size=32, silence_db=-30.0,
                   bar=None) -> dict:
-    """Regenerate one clip and measure it -> dict of per-clip results and the per-frame arrays for pooling."""
+    """Regenerate one clip and measure it -> dict of per-clip results and the per-frame arrays for pooling.
+
+    The model sees each frame's upper half (the lower half masked, as always) and a reference frame drawn (seeded)
+    from the clip's first 1 - holdout, at least MIN_GAP frames from the target, so the last `holdout` of the frames
+    are held out: no reference comes from them and their lower halves are never seen. Baselines: the reference frame
+    itself as the prediction (copy-reference) and the real frames (the measurement's ceiling)."""
     S = model.crop_size
     n = len(clip) if not max_frames else min(len(clip), max_frames)
     cut = n - max(1, round(holdout * n))
@@ -175,13 +164,15 @@ def evaluate_clip(model, syncnet, clip, *, seed=0, holdout=0.2, max_frames=0, ba
     res = {"name": clip.name, "path": str(clip.path), "kind": "synthetic" if synthetic else "real", "frames": n,
            "heldout_from": cut, "fps": clip.fps}
 
-    # (a) opening vs. the true opening
+    # (a) synthetic clips, whose true opening is known: r of the opening measured in each video vs. the truth. A
+    # constant mean-mouth predictor (the clip's mean measured opening over the reference part) has no r, so the L1
+    # to the opening measured on the real frames is given too
     opening = {k: mouth_opening(v, synthetic) for k, v in videos.items()}
     if clip.truth is not None and synthetic:
         res["a"] = {"truth": clip.truth["opening"][:n].astype(np.float64), **opening,
                     "mean_mouth": np.full(n, float(np.mean(opening["ground_truth"][:cut])))}
 
-    # (b) held-out tail, mouth region, frames with a face
+    # (b) held-out tail, frames with a face: mouth-region PSNR / SSIM / L1 against the real frames
     tail = np.arange(cut, n)[clip.face[cut:n]]
     lips = to_crop_coords(clip.landmarks[tail, 48:68], clip.boxes[tail], S)
     boxes = metrics.mouth_boxes(lips, S)
@@ -189,7 +180,8 @@ def evaluate_clip(model, syncnet, clip, *, seed=0, holdout=0.2, max_frames=0, ba
     pick = cut + np.unique(np.linspace(0, n - cut - 1, STRIP_FRAMES).round().astype(int))
     res["strip"] = {k: v[pick] for k, v in videos.items()}
 
-    # (c) sync offsets
+    # (c) sync: best audio offset in +-15 frames, the distance there (LSE-D-like) and median minus minimum (LSE-C-like)
+    # from OUR SyncNet (the checkpoint's): on its scale only, not comparable with published LSE-C / LSE-D numbers
     res["c"] = None
     if syncnet is not None:
         c = syncnet.config
@@ -206,7 +198,7 @@ def evaluate_clip(model, syncnet, clip, *, seed=0, holdout=0.2, max_frames=0, ba
                 mel = F.pad(mel, (0, need - mel.shape[1]), value=float(mel.min()))
             res["c"] = {k: metrics.sync_score(syncnet, v, mel[:, :need]) for k, v in videos.items()}
 
-    # (d) silence vs. speech
+    # (d) mean opening on silent stretches (audio RMS below a threshold) vs. speech
     silent, speech, _ = metrics.silence_masks(clip.wave.numpy(), n, clip.fps, silence_db)
     res["d"] = None if opening["generated"] is None else {"silent": silent, "speech": speech, **opening}
     return res
@@ -216,7 +208,7 @@ def evaluate_clip(model, syncnet, clip, *, seed=0, holdout=0.2, max_frames=0, ba
 
 
 def reenact_main(args):
-    from lipsync.model import load_lipsync
+    from lipsync.checkpoint import load_lipsync
     from lipsync.tools.reenact import reenact
     from lipsync.weights import CheckpointError
     try:
@@ -235,11 +227,15 @@ def reenact_main(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m lipsync.tools.eval", description=__doc__.split("\n\n")[0],
-                                epilog="Groups (a)-(d) are described in the module docstring.")
+                                epilog="Groups, each next to baselines: (a) mouth opening vs. the true one (synthetic "
+                                "clips), (b) mouth PSNR/SSIM/L1 on each clip's held-out end, (c) audio-video offset "
+                                "from the checkpoint's SyncNet, (d) mouth opening in silence vs. speech.")
     p.add_argument("--ckpt", required=True, help="our checkpoint (lipsync.pt from train.py)")
     p.add_argument("--data", help="folder of prepared clips; its held-out ('val') clips are evaluated")
-    p.add_argument("--clip", action="append", default=[], help="a prepared (real) clip folder; repeatable")
-    p.add_argument("--out", default="results/eval")
+    p.add_argument("--clip", action="append", default=[], help="a prepared clip folder to evaluate as well "
+                   "(e.g. a real one); repeatable")
+    p.add_argument("--out", default="results/eval", help="output folder: eval.json and heldout_strip.png (rows per "
+                   "clip: real, generated, copy-reference); with --reenact, reenact.json and mouth montages")
     p.add_argument("--split", default="val", choices=("val", "train", "all"), help="which clips of --data")
     p.add_argument("--syncnet", help="SyncNet file (default: the checkpoint's 'syncnet' entry)")
     p.add_argument("--whisper", help="whisper-tiny folder, for checkpoints trained on whisper features")
@@ -247,9 +243,9 @@ def main(argv=None):
     p.add_argument("--max-frames", type=int, default=1500, help="evaluate at most this many frames per clip (0 = all)")
     p.add_argument("--max-clips", type=int, default=0, help="at most this many clips (0 = all)")
     p.add_argument("--silence-db", type=float, default=-30.0, help="silent: frame RMS this far below the clip's p95")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=32, help="frames per model call (at most 16 with --reenact)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the draw of reference frames")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--reenact", nargs="+", metavar="VIDEO", help="self-reenactment instead: dub each real talking "
                    "clip with its own audio and compare with its frames (lipsync.tools.reenact)")
@@ -274,7 +270,7 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
 
-    from lipsync.model import load_lipsync
+    from lipsync.checkpoint import load_lipsync
     from lipsync.weights import CheckpointError
     try:
         model = load_lipsync(args.ckpt, device, whisper=args.whisper)

@@ -1,4 +1,4 @@
-"""Pooling, printing and saving `python -m lipsync.tools.eval` results (the groups are described in its docstring).
+"""Pooling, printing and saving `python -m lipsync.tools.eval` results (the groups: `eval.evaluate_clip`).
 
 `summarise` pools per-clip results by kind (synthetic / real): frames are pooled for r, PSNR/SSIM/L1 and mouth
 openings; sync numbers are averaged over clips. `print_report` prints the four groups with their baselines,

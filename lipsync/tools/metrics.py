@@ -8,6 +8,8 @@
   11 px window (mouths in 64 px crops are ~10 px wide).
 - `silence_masks`: per video frame, silent = audio RMS (40 ms around the frame) more than `threshold_db` below the
   clip's 95th-percentile frame RMS, kept only in runs of >= `min_frames`; speech = at or above the threshold.
+- `lip_opening_68`, `lip_opening_468`: the mouth opening from landmarks, one formula (`lip_opening`) for iBUG-68
+  points and for mediapipe's 468-point mesh.
 - `sync_score`: `lipsync.training.syncnet.sync_offsets` on a crop sequence: LSE-D/LSE-C-style numbers on OUR SyncNet's
   scale (distances between unit embeddings, 0..2), comparable only between videos scored by the same SyncNet.
 """
@@ -84,7 +86,7 @@ def mouth_metrics(pred, truth, boxes) -> dict:
     return {k: np.array(v, np.float64) for k, v in out.items()}
 
 
-# ----------------------------------------------------------------------------- audio activity and mouth opening
+# ----------------------------------------------------------------------------- audio activity
 
 
 def _runs_at_least(mask: np.ndarray, n: int) -> np.ndarray:
@@ -109,6 +111,45 @@ def silence_masks(wave, n_frames: int, fps: float, threshold_db: float = -30.0, 
         return np.ones(n_frames, bool), np.zeros(n_frames, bool), rms
     quiet = rms < ref * 10 ** (threshold_db / 20)
     return _runs_at_least(quiet, min_frames), ~quiet, rms
+
+
+# ----------------------------------------------------------------------------- mouth opening from landmarks
+# Lip geometry, for any face with landmarks: iBUG-68 points (tracks, prepared clips, dubcheck) or mediapipe's 468-point
+# mesh (reenact, on full frames). Our own drawn faces are also read from pixels (synthetic_face.dark_height), a
+# different measurement: the height of the dark mouth the model drew, with no landmark tracker in the loop.
+
+UPPER_INNER, LOWER_INNER = [61, 62, 63], [67, 66, 65]  # iBUG-68 inner-lip pairs, left to right
+
+
+def eye_axes(lm):
+    """Unit vectors along the eye line (right) and perpendicular to it (down) of iBUG-68 landmarks (..., 68, 2)
+    -> 2 x (..., 1, 2)."""
+    right = lm[..., 42:48, :].mean(-2) - lm[..., 36:42, :].mean(-2)
+    right = right / np.linalg.norm(right, axis=-1, keepdims=True)
+    return right[..., None, :], np.stack([-right[..., 1], right[..., 0]], -1)[..., None, :]
+
+
+def lip_opening(upper, lower, length, down=None) -> np.ndarray:
+    """Inner-lip gap over a face length per frame: paired inner-lip points upper, lower (N, K, 2) -> the mean over
+    pairs of their distance (or of lower - upper along the unit vectors `down` (N, 1, 2)) / length (N,)."""
+    d = lower - upper
+    gap = np.linalg.norm(d, axis=-1) if down is None else (d * down).sum(-1)
+    return gap.mean(-1) / np.maximum(length, 1e-6)
+
+
+def lip_opening_68(landmarks) -> np.ndarray:
+    """iBUG-68 landmarks (N, 68, 2) in any pixel units -> (N,) float32: the gap of pairs 61-67, 62-66, 63-65
+    perpendicular to the eye line over the distance between the eye centres (yongen: ~0.02 closed, ~0.2 puppeted
+    wide open)."""
+    lm = np.asarray(landmarks, np.float64)
+    _, down = eye_axes(lm)
+    eye_distance = np.linalg.norm(lm[:, 42:48].mean(1) - lm[:, 36:42].mean(1), axis=-1)
+    return lip_opening(lm[:, UPPER_INNER], lm[:, LOWER_INNER], eye_distance, down).astype(np.float32)
+
+
+def lip_opening_468(mesh) -> np.ndarray:
+    """mediapipe face-mesh points (N, 468, 2) -> (N,): inner-lip gap |p13 - p14| over the face height |p10 - p152|."""
+    return lip_opening(mesh[:, [13]], mesh[:, [14]], np.linalg.norm(mesh[:, 10] - mesh[:, 152], axis=-1))
 
 
 # ----------------------------------------------------------------------------- SyncNet offsets

@@ -29,14 +29,15 @@ import torch
 import torch.nn.functional as F
 
 from lipsync.training import data
+from lipsync.tools.metrics import LOWER_INNER, UPPER_INNER, eye_axes, lip_opening_68
 from lipsync.tools.synthetic import HELDOUT_BASE, SR, Voice, frame_envelope, random_sequence, run_jobs, synth_audio
+from lipsync.tools.synthetic_face import dark_height
 from lipsync.tracking import from_crop_coords, to_crop_coords
 
-__all__ = ["MouthStyle", "target_landmarks", "puppet_crops", "opening_from_landmarks", "dark_opening",
-           "pingpong", "make_puppet_clip", "write_puppet_clip", "main"]
+__all__ = ["MouthStyle", "target_landmarks", "puppet_crops", "dark_mouth_height", "pingpong", "make_puppet_clip",
+           "write_puppet_clip", "main"]
 
 PUPPET_BASE = 500_000  # speaker ids: train 500000 + i, held-out HELDOUT_BASE + 500000 + i (never synthetic ones)
-UPPER, LOWER = [61, 62, 63], [67, 66, 65]  # inner-lip pairs, left to right
 MOVED = np.r_[2:15, 48:68]  # jaw 2-14 and all lip points move; the rest of the controls are anchors
 ANCHORS = np.r_[0, 1, 15, 16, 30:36, 36, 39, 42, 45]
 SHAPE = 0.7  # lip profile exponent: 0.5 = elliptical opening, 1 = parabolic
@@ -57,19 +58,12 @@ class MouthStyle:
                    teeth=rng.uniform(0.15, 0.4), dark=rng.uniform(0.7, 1.3))
 
 
-def _axes(lm):
-    """Unit vectors along the eye line (right) and perpendicular to it (down): (..., 68, 2) -> 2 x (..., 1, 2)."""
-    right = lm[..., 42:48, :].mean(-2) - lm[..., 36:42, :].mean(-2)
-    right = right / np.linalg.norm(right, axis=-1, keepdims=True)
-    return right[..., None, :], np.stack([-right[..., 1], right[..., 0]], -1)[..., None, :]
-
-
 def target_landmarks(lm, opening, roundness, style=MouthStyle()):
     """Source landmarks (B, 68, 2) in crop pixels + opening, roundness (B,) in [0, 1] -> target landmarks (B, 68, 2),
     interior height h (B,) in pixels and the fraction of mouth width lost (B,). Only jaw 2-14 and lips 48-67 move;
     the inner-lip gap grows by h."""
     lm = np.asarray(lm, np.float32)
-    right, down = _axes(lm)
+    right, down = eye_axes(lm)
     centre = 0.5 * (lm[:, 48] + lm[:, 54])[:, None]  # (B, 1, 2)
     width = np.linalg.norm(lm[:, 54] - lm[:, 48], axis=-1)
     inner = np.linalg.norm(lm[:, 64] - lm[:, 60], axis=-1)
@@ -132,7 +126,8 @@ def _paint_mouth(img, lm_src, h, narrow, row0, style):
     source lips' contact line (corners and inner-pair midpoints) moved by the lips' profiles: height q(u) h."""
     B, _, R, S = img.shape
     lm = torch.from_numpy(np.asarray(lm_src, np.float32))
-    mid = torch.cat([lm[:, 48:49], 0.5 * (lm[:, UPPER] + lm[:, LOWER]), lm[:, 54:55]], 1)  # (B, 5, 2) contact line
+    pairs = 0.5 * (lm[:, UPPER_INNER] + lm[:, LOWER_INNER])  # inner-pair midpoints
+    mid = torch.cat([lm[:, 48:49], pairs, lm[:, 54:55]], 1)  # (B, 5, 2) contact line
     cx = 0.5 * (lm[:, 48, 0] + lm[:, 54, 0])[:, None]
     hw = (0.5 * (lm[:, 64, 0] - lm[:, 60, 0])).clamp(min=1)[:, None]  # inner corners
     x = torch.arange(S, dtype=torch.float32)[None] + 0.5  # (1, S)
@@ -203,25 +198,13 @@ def puppet_crops(crops, lm, opening, roundness, style=MouthStyle(), size=None):
 # ----------------------------------------------------------------------------- measuring the mouth
 
 
-def opening_from_landmarks(landmarks):
-    """Inner-lip gap (pairs 61-67, 62-66, 63-65, measured perpendicular to the eye line) over the distance between
-    the eye centres: (N, 68, 2) in any pixel units -> (N,) float32. yongen: ~0.02 closed, ~0.2 puppeted wide open."""
-    lm = np.asarray(landmarks, np.float64)
-    _, down = _axes(lm)
-    gap = ((lm[:, LOWER] - lm[:, UPPER]) * down).sum(-1).mean(-1)
-    iod = np.linalg.norm(lm[:, 42:48].mean(1) - lm[:, 36:42].mean(1), axis=-1)
-    return (gap / np.maximum(iod, 1e-6)).astype(np.float32)
-
-
-def dark_opening(crops, landmarks, lo=30.0, hi=80.0):
-    """Height of the dark mouth interior read from pixels: crops (N, S, S, 3) uint8 with landmarks (N, 68, 2) in
-    those crops' pixels. In a box that depends only on points that do not follow the mouth (x: lip corners +- 10 %,
-    y: nose base + 0.1 .. 0.75 eye distances), darkness = how far luma is below `hi` towards `lo`; the mean of the
-    three tallest dark columns over the eye distance -> (N,) float32."""
+def dark_mouth_height(crops, landmarks, lo=30.0, hi=80.0):
+    """Height of the painted dark interior read from pixels (synthetic_face.dark_height, luma `hi` down to `lo`,
+    three tallest columns): crops (N, S, S, 3) uint8 with landmarks (N, 68, 2) in those crops' pixels, in a box that
+    depends only on points that do not follow the mouth (x: lip corners +- 10 %, y: nose base + 0.1 .. 0.75 eye
+    distances) -> (N,) float32 over the eye distance."""
     crops, lm = np.asarray(crops), np.asarray(landmarks, np.float32)
     N, S = crops.shape[:2]
-    luma = crops.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    dark = np.clip((hi - luma) / (hi - lo), 0, 1)  # (N, S, S)
     iod = np.linalg.norm(lm[:, 42:48].mean(1) - lm[:, 36:42].mean(1), axis=-1)
     w = lm[:, 54, 0] - lm[:, 48, 0]
     x0, x1 = lm[:, 48, 0] - 0.1 * w, lm[:, 54, 0] + 0.1 * w
@@ -229,8 +212,7 @@ def dark_opening(crops, landmarks, lo=30.0, hi=80.0):
     c = np.arange(S) + 0.5
     inside = ((c[None, :, None] >= y0[:, None, None]) & (c[None, :, None] < y1[:, None, None])
               & (c[None, None, :] >= x0[:, None, None]) & (c[None, None, :] < x1[:, None, None]))
-    cols = np.sort((dark * inside).sum(1), axis=1)  # (N, S)
-    return (cols[:, -3:].mean(1) / np.maximum(iod, 1e-6)).astype(np.float32)
+    return (dark_height(crops, lo, hi, 3, inside) / np.maximum(iod, 1e-6)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- clips
@@ -299,14 +281,14 @@ def write_puppet_clip(out, name, clip, source, split="train", seed=0):
 
 
 def _puppet_job(source, out, name, index, split, seconds, size, seed, threads):
-    """Make and write one clip -> (r(truth, landmark opening), r(truth, dark opening), r(RMS envelope, truth))."""
+    """Make and write one clip -> (r(truth, landmark opening), r(truth, dark height), r(RMS envelope, truth))."""
     torch.set_num_threads(threads)
     clip = make_puppet_clip(source, index, split, seconds, size, seed)
     write_puppet_clip(out, name, clip, source, split, seed)
     lm = to_crop_coords(clip["landmarks"], clip["boxes"], size)
     env = frame_envelope(clip["wave"], len(clip["opening"]), clip["fps"])
     t = clip["opening"]
-    return (np.corrcoef(t, opening_from_landmarks(lm))[0, 1], np.corrcoef(t, dark_opening(clip["crops"], lm))[0, 1],
+    return (np.corrcoef(t, lip_opening_68(lm))[0, 1], np.corrcoef(t, dark_mouth_height(clip["crops"], lm))[0, 1],
             np.corrcoef(t, env)[0, 1])
 
 
@@ -315,12 +297,12 @@ def main(argv=None):
     p.add_argument("source", metavar="PREPARED_CLIP_DIR",
                    help="a clip written by lipsync.training.prepare (crops at 256)")
     p.add_argument("--out", required=True, help="output directory (one sub-directory per clip)")
-    p.add_argument("--clips", type=int, default=20)
-    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--clips", type=int, default=20, help="number of clips to write (train + held-out)")
+    p.add_argument("--seconds", type=float, default=8.0, help="length of each clip")
     p.add_argument("--size", type=int, default=64, help="crop size S of the written clips")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds each clip's voice, mouth style, sequence and frames")
     p.add_argument("--heldout", type=float, default=0.2, help="fraction of clips with held-out speakers")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="clips made in parallel processes")
     args = p.parse_args(argv)
     meta, crops, _ = _source(args.source)
     if crops.shape[1] < args.size:
@@ -337,8 +319,8 @@ def main(argv=None):
     print(f"{len(todo)} clips written, {len(jobs) - len(todo)} already complete, in {args.out}")
     if results:
         r_lm, r_dark, r_env = np.array(results).T
-        print(f"r(truth, landmark opening): mean {r_lm.mean():.4f}, min {r_lm.min():.4f}; r(truth, dark opening): "
-              f"mean {r_dark.mean():.3f}, min {r_dark.min():.3f}; r(audio RMS envelope, truth): mean "
+        print(f"r(truth, landmark opening): mean {r_lm.mean():.4f}, min {r_lm.min():.4f}; r(truth, dark mouth "
+              f"height): mean {r_dark.mean():.3f}, min {r_dark.min():.3f}; r(audio RMS envelope, truth): mean "
               f"{r_env.mean():.3f}, min {r_env.min():.3f}")
 
 

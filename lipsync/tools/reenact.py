@@ -9,7 +9,8 @@ On full frames, RGB uint8, with mediapipe's face mesh (468 points):
   larger of their x and y extents; mouth PSNR over it (of the MSE averaged over the clip's frames), mean SSIM over it;
 - lower-face colour error: |mean RGB generated - mean RGB real| over the rectangle from cheek point 234 to 454 and
   from the nose tip (1) to the chin (152), averaged over frames, largest channel, in levels of 255;
-- mouth opening: inner-lip gap |p13 - p14| / face height |p10 - p152|; r = Pearson r of generated vs real openings.
+- mouth opening: inner-lip gap |p13 - p14| / face height |p10 - p152| (`metrics.lip_opening_468`); r = Pearson r of
+  generated vs real openings.
 Rows: the model as infer.py runs it (MuseTalk's inference: each frame's own crop is the reference, so the real mouth
 is in view), the model with a far reference (the frame half a clip away, as in training: the mouth must come from
 the audio), and two baselines: the VAE round trip of each real crop (the ceiling) and the clip's first-frame mouth
@@ -25,7 +26,7 @@ from ..blend import paste
 from ..pipeline import avatar_frames, prepare_avatar
 from ..tracking import MeshTracker, crop_faces
 from ..vae import to_model_images, to_uint8_images
-from .metrics import pearson, region_ssim
+from .metrics import lip_opening_468, pearson, region_ssim
 
 MOUTH_POINTS = [61, 291, 0, 17, 13, 14, 78, 308, 37, 267, 84, 314]
 
@@ -65,12 +66,6 @@ def lower_face_rects(mesh, shape):
     return np.clip(r, 0, [w - 1, h - 1, w, h])
 
 
-def openings(mesh):
-    """Inner-lip gap / face height per frame (N,)."""
-    gap = np.linalg.norm(mesh[:, 13] - mesh[:, 14], axis=-1)
-    return gap / np.linalg.norm(mesh[:, 10] - mesh[:, 152], axis=-1)
-
-
 def score(generated, real, real_mesh, gen_mesh) -> dict:
     """Generated vs real frames (N, H, W, 3) uint8 with both meshes -> the clip's numbers: mouth PSNR (of the mean
     MSE over frames, so +inf only for identical mouths), mean mouth SSIM, lower-face colour error (largest channel
@@ -88,11 +83,10 @@ def score(generated, real, real_mesh, gen_mesh) -> dict:
         colour.append(np.abs(generated[i, y1:y2, x1:x2].reshape(-1, 3).mean(0)
                              - real[i, y1:y2, x1:x2].reshape(-1, 3).astype(np.float64).mean(0)))
     both = ok & ~np.isnan(gen_mesh).any((1, 2))
+    r = pearson(lip_opening_468(gen_mesh[both]), lip_opening_468(real_mesh[both])) if both.sum() > 2 else math.nan
     m = float(np.mean(mse))
     return {"psnr": math.inf if m == 0 else 10 * math.log10(255 ** 2 / m), "ssim": float(np.mean(ssims)),
-            "colour": float(np.mean(colour, 0).max()),
-            "r": pearson(openings(gen_mesh[both]), openings(real_mesh[both])) if both.sum() > 2 else math.nan,
-            "frames": int(ok.sum())}
+            "colour": float(np.mean(colour, 0).max()), "r": r, "frames": int(ok.sum())}
 
 
 def far_reference(n):
@@ -150,7 +144,7 @@ def reenact(model, videos, out_dir=None, batch_size=16, progress=True) -> dict:
     import imageio.v3 as iio
     from tqdm import tqdm
 
-    from ..audio import load_audio
+    from ..melspec import load_audio
     from ..pipeline import track_frames
     from ..video import SAMPLE_RATE, read_video, video_info
     results = {}

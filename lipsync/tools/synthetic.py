@@ -3,8 +3,8 @@
 One clip = one phoneme-like control sequence (mouth opening a(t), roundness r(t), consonant noise) rendered twice:
 as frames of a simple face whose lips follow a(t) and r(t), and as 16 kHz audio from a glottal source through formant
 resonators tied to the same mouth shape (F1 ~ opening, F2 ~ roundness). A model that learns lip-sync on these clips can
-be scored exactly: `measure_opening` reads the opening back from rendered crops. Clips are written in the
-prepared-clip layout (`lipsync.training.data.write_clip`).
+be scored exactly: `synthetic_face.dark_mouth_height` reads the opening back from rendered crops. Clips are written
+in the prepared-clip layout (`lipsync.training.data.write_clip`).
 
     python -m lipsync.tools.synthetic --out DIR --clips 20 --seconds 10 [--size 64] [--frame 128] [--seed 0]
                                       [--heldout 0.2]
@@ -23,11 +23,11 @@ import torch
 from tqdm import tqdm
 
 from lipsync.training import data
-from lipsync.tools.synthetic_face import Face, measure_opening, random_motion, render
+from lipsync.tools.synthetic_face import Face, dark_mouth_height, random_motion, render
 from lipsync.tracking import crop_box, crop_faces
 
 __all__ = ["Sequence", "random_sequence", "Voice", "synth_audio", "frame_envelope", "Face", "render",
-           "measure_opening", "make_synthetic_clip", "write_synthetic_clip", "run_jobs", "main"]
+           "make_synthetic_clip", "write_synthetic_clip", "run_jobs", "main"]
 
 RATE = 100.0  # control rate of a Sequence (Hz): 10 ms steps, one mel hop
 SR = 16000
@@ -241,7 +241,7 @@ def _synthetic_job(out, name, index, split, seconds, fps, frame, size, seed):
     clip = make_synthetic_clip(index, split, seconds, fps, frame, size, seed)
     write_synthetic_clip(out, name, clip, fps, split, seed)
     env = frame_envelope(clip["wave"], len(clip["opening"]), fps)
-    return _corr(clip["opening"], measure_opening(clip["crops"])), _corr(clip["opening"], env)
+    return _corr(clip["opening"], dark_mouth_height(clip["crops"])), _corr(clip["opening"], env)
 
 
 def run_jobs(fn, arg_tuples, workers: int, desc: str) -> list:
@@ -265,14 +265,14 @@ def run_jobs(fn, arg_tuples, workers: int, desc: str) -> list:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m lipsync.tools.synthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (one sub-directory per clip)")
-    p.add_argument("--clips", type=int, default=20)
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--size", type=int, default=64, help="crop size S")
-    p.add_argument("--frame", type=int, default=128, help="source frame size (square)")
-    p.add_argument("--fps", type=float, default=25.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clips", type=int, default=20, help="number of clips to write (train + held-out)")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of each clip")
+    p.add_argument("--size", type=int, default=64, help="crop size S of the written clips")
+    p.add_argument("--frame", type=int, default=128, help="side of the square frames rendered before cropping")
+    p.add_argument("--fps", type=float, default=25.0, help="video frame rate of the clips")
+    p.add_argument("--seed", type=int, default=0, help="seeds each clip's face, voice and sequence")
     p.add_argument("--heldout", type=float, default=0.2, help="fraction of clips with held-out faces and speakers")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="clips made in parallel processes")
     args = p.parse_args(argv)
 
     n_held = int(round(args.clips * args.heldout))

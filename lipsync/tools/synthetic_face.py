@@ -5,7 +5,7 @@ brows, a nose, and red lips around a dark mouth interior whose height follows th
 1 - roundness. Every shape is drawn in head-local coordinates (so roll, translation and a sideways "yaw" shift of the
 inner features come for free) over all frames of a chunk at once, and the iBUG-68 landmarks are the same shapes'
 contour points. Colours are constrained so that, in the crop's lower half, only the mouth interior is darker than
-DARK_HI: `measure_opening` reads the opening back from that darkness.
+DARK_HI: `dark_mouth_height` reads the opening back from that darkness.
 """
 
 from dataclasses import dataclass
@@ -232,12 +232,21 @@ def render(face, motion, opening, width, frame=128, chunk=64):
     return frames, lms
 
 
-def measure_opening(crops):
-    """Mouth opening read back from crops (N, S, S, 3) uint8: in the lower half, darkness = how far a pixel's luma is
-    below the lips' (DARK_HI) towards the mouth interior's; the dark region's height is the mean of the two tallest
-    columns. -> (N,) float32 as a fraction of the crop height."""
+def dark_height(crops, lo, hi, tallest, inside=None):
+    """Height in pixels of the dark region of crops (N, H, W, 3) uint8: darkness = how far a pixel's luma is below
+    `hi` towards `lo` (0..1), summed down each column (only where `inside` (N, H, W) is True, when given); the mean
+    of the `tallest` tallest columns -> (N,) float32."""
+    dark = np.clip((hi - _luma(crops)) / (hi - lo), 0, 1)
+    if inside is not None:
+        dark = dark * inside
+    cols = np.sort(dark.sum(1), axis=1)  # (N, W) column heights in pixels
+    return cols[:, -tallest:].mean(1)
+
+
+def dark_mouth_height(crops):
+    """Mouth opening of our cartoon faces read back from crops (N, S, S, 3) uint8: the dark interior's height in the
+    lower half (luma from the lips' DARK_HI down to the interior's; two tallest columns) -> (N,) float32 as a fraction
+    of the crop height."""
     crops = np.asarray(crops)
     S = crops.shape[1]
-    dark = np.clip((DARK_HI - _luma(crops[:, S // 2:])) / (DARK_HI - _luma(MOUTH_RGB)), 0, 1)
-    cols = np.sort(dark.sum(1), axis=1)  # (N, S) column heights in pixels
-    return (cols[:, -2:].mean(1) / S).astype(np.float32)
+    return (dark_height(crops[:, S // 2:], _luma(MOUTH_RGB), DARK_HI, 2) / S).astype(np.float32)

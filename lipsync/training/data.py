@@ -1,27 +1,8 @@
-"""Prepared clips and the two training datasets built on them.
+"""Prepared clips and the two training datasets built on them: MuseTalk v1.5's stage-1 (single frames) and stage-2
+(T consecutive frames) data, with its reference-frame rule (`musetalk/data/dataset.py`, docs/musetalk.md §7).
 
-A prepared clip is a directory written by `write_clip` (for `lipsync.training.prepare` and the generators in
-`lipsync.tools`): crops.npy (N, S, S, 3) uint8, track.npz (boxes (N, 4), face (N,), landmarks (N, 68, 2) in source
-pixels), audio.wav (16 kHz mono), optional truth.npz, and meta.json (fps, sr, ...; written last, so a clip is complete
-iff it exists). `load_clip` reads one; `list_clips` finds complete ones and splits them by clip.
-
-`Stage1Dataset` item: one target frame, its masked copy (rows >= S/2 set to -1), a reference frame of the same clip
-and the audio for the target. `Stage2Dataset` item: T consecutive frames in the same layout, plus the mouth box per
-frame for the mouth GAN and the mel span the SyncNet scores. References follow MuseTalk v1.5 (docs/musetalk.md §7):
-with landmarks normalised to a 256 px crop box, take the k = int(0.51 N) frames with the most similar jaw contour
-(points 0-15) and the k with the most different inner lips (60-66); pick uniformly from their intersection, else
-(sample="random", or an empty intersection) uniformly from the whole clip. Always >= 5 frames away, inside the clip,
-never a frame without a face (no-face frames are never targets either).
-
-Audio per target frame f (fps, window left/right): s0 = floor(f * 50 / fps) - ceil(50 / fps) * left is the first
-50 Hz step of its n-step window; `mel` holds log-mel (dynamic_floor=False) frames [2 (s0 - c), 2 (s0 + n + c)),
-c = mel_context, filled with the clip's minimum outside the file: (80, 36) at 25 fps. With features="whisper" the
-item holds `audio` instead: the (n * L, 384) tokens of <clip>/whisper.npy (T50, L, 384) over steps [s0, s0 + n),
-zeros outside, row = L * t + layer.
-
-Determinism: item i of epoch e draws everything from np.random.default_rng([seed, e, i]), so DataLoader workers and
-resumed runs see the same samples. Splits: meta["split"] ("train" / "heldout") when present, else a hash of the clip
-name (val_fraction of clips are "val").
+`write_clip` / `load_clip` / `list_clips`: the prepared-clip directory that `lipsync.training.prepare` and the
+generators in `lipsync.tools` write. `Stage1Dataset`, `Stage2Dataset`: the training items.
 """
 
 import json
@@ -37,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from lipsync.audio import load_audio, log_mel, window_layout, window_start
+from lipsync.audio import window_layout, window_start
+from lipsync.melspec import load_audio, log_mel
 from lipsync.training.augment import AugmentConfig, apply, draw, map_points
 from lipsync.tracking import to_crop_coords
 
@@ -84,8 +66,10 @@ def load_clip(path):
 
 
 def write_clip(out, name, meta, crops, boxes, face, landmarks, wave, truth=None):
-    """Write DIR/<name>/ in the prepared-clip layout, atomically: everything into DIR/.<name>.partial/ (meta.json
-    last, via meta.json.tmp), then one rename. A previous clip of that name is replaced."""
+    """Write DIR/<name>/ in the prepared-clip layout: crops.npy (N, S, S, 3) uint8, track.npz (boxes (N, 4), face
+    (N,), landmarks (N, 68, 2) in source pixels), audio.wav (16 kHz mono), optional truth.npz, and meta.json (fps,
+    sr, ...). Atomically: everything into DIR/.<name>.partial/ (meta.json last, via meta.json.tmp), then one rename,
+    so a clip is complete iff its meta.json exists. A previous clip of that name is replaced."""
     out = Path(out)
     final, tmp = out / name, out / f".{name}.partial"
     for stale in (tmp, final):
@@ -187,6 +171,8 @@ class _ClipFrames(Dataset):
         return self.length
 
     def _rng(self, index):
+        """Item `index` of this epoch draws everything from here, so DataLoader workers and resumed runs see the same
+        samples."""
         return np.random.default_rng([self.seed, self.epoch, index])
 
     def _pick_start(self, rng):
@@ -195,7 +181,10 @@ class _ClipFrames(Dataset):
         return ci, int(self.starts[ci][k - (self.cum[ci - 1] if ci else 0)])
 
     def reference(self, ci, d, rng):
-        """Reference frame for target d of clip ci (rule in the module doc)."""
+        """Reference frame for target d of clip ci, MuseTalk v1.5's rule: with landmarks normalised to a 256 px crop
+        box, the k = int(0.51 N) frames with the most similar jaw contour (points 0-15) and the k with the most
+        different inner lips (60-66); uniformly from their intersection, else (sample="random", or an empty
+        intersection) from the whole clip. Always >= MIN_GAP frames away and never a frame without a face."""
         clip, lm = self.clips[ci], self.norm_lm[ci]
         n = len(clip)
         far = (np.abs(np.arange(n) - d) >= MIN_GAP) & clip.face
@@ -229,17 +218,18 @@ class _ClipFrames(Dataset):
         return torch.from_numpy(np.where(inside, mel[:, np.clip(idx, 0, mel.shape[1] - 1)], self.floors[ci]))
 
     def audio(self, ci, f):
-        """The target frame's audio: {'mel': (80, 2 (n + 2c))} or {'audio': (n L, 384)} (see the module doc)."""
+        """Frame f's audio: the log-mel span (80, 2 (n + 2c)) around its window, (80, 36) at 25 fps, or with
+        features="whisper" its window's tokens (n L, 384) from <clip>/whisper.npy (T50, L, 384)."""
         fps = self.clips[ci].fps
         n = window_layout(fps, self.left, self.right)[0]
-        s0 = int(window_start(f, fps, self.left))
-        if self.features == "mel":
+        s0 = int(window_start(f, fps, self.left))  # floor(f * 50 / fps) - ceil(50 / fps) * left: first 50 Hz step
+        if self.features == "mel":  # mel frames [2 (s0 - c), 2 (s0 + n + c)), c = mel_context, the minimum outside
             return self.mel_span(ci, 2 * (s0 - self.mel_context), 2 * (s0 + n + self.mel_context))
         feats = self.whisper[ci]  # (T50, L, D)
         steps = np.arange(s0, s0 + n)
         out = np.array(feats[np.clip(steps, 0, len(feats) - 1)], np.float32)
         out[(steps < 0) | (steps >= len(feats))] = 0
-        return torch.from_numpy(out.reshape(-1, out.shape[-1]))  # (n, L, D) -> (n L, D)
+        return torch.from_numpy(out.reshape(-1, out.shape[-1]))  # (n, L, D) -> (n L, D), row = L t + layer
 
     def frames_item(self, ci, frames, rng):
         """Targets, masked targets, references and audio for `frames` of clip ci, each stacked over frames."""

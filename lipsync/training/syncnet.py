@@ -1,22 +1,9 @@
-"""SyncNet: scores whether T lower-half face frames and an audio span are in sync (docs/musetalk.md §7).
+"""SyncNet: scores whether T lower-half face frames and an audio span are in sync; the sync losses and the offset
+search built on it (docs/musetalk.md §7).
 
-Architecture after LatentSync's `stable_syncnet` (used frozen by MuseTalk v1.5): two convolutional towers
-(conv_in, then per stage a ResNet block and an optional stride-k 3x3 downsample, then GroupNorm + ReLU) map
-  visual: T frames x RGB lower halves, stacked on channels  (B, 3T, S/2, S) -> (B, D)
-  audio:  log-mel                                            (B, 1, 80, 4T) -> (B, D)
-to L2-normalised embeddings; the score is their cosine similarity, which lies in [0, 1] because of the final ReLU.
-
-Audio input differs from LatentSync's (a Wav2Lip mel, 80 x 52 for 16 frames): ours is the whisper-style
-`lipsync.audio.log_mel(wave, dynamic_floor=False)` at 100 frames/s, so at 25 fps video frame f owns mel frames
-[4f, 4f+4) and a window of T frames starting at f0 pairs with mel[:, 4*f0 : 4*(f0+T)]. The default audio tower reads
-(80, 64) for T = 16 (spatial 80x64 -> 40x32 -> 20x16 -> 10x8 -> 10x8 -> 5x4 -> 2x2 -> 1x1). Other frame rates must
-resample to 25 fps (or pick `mel_per_frame` = 100/fps when that is an integer).
-
-Losses: `sync_loss` is MuseTalk's generator term BCE(clamp(cos, 0, 1), 1); `syncnet_bce` trains SyncNet on in-sync
-and shifted pairs built by `sync_pairs`. `sync_offsets` slides audio against video over a whole clip (LSE-D/LSE-C
-style). Learning rate matters: tiny preset on synthetic clips, batch 32, AdamW betas (0.5, 0.999), 500 steps:
-lr 1e-4 and 3e-4 reach ~0.8 held-out pair accuracy and find the true offset on every held-out clip; lr 1e-3 swings
-the mean cosine from batch to batch and collapses within ~10 steps to a constant cos = 0.5 (loss 0.693) it never leaves.
+Architecture after LatentSync's `stable_syncnet` (<https://github.com/bytedance/LatentSync>, used frozen by MuseTalk
+v1.5), reading our whisper-style log-mel instead of LatentSync's Wav2Lip mel. We train it ourselves: no pretrained
+weights can be downloaded here.
 """
 
 import os
@@ -34,11 +21,11 @@ class SyncNetConfig:
     n_frames: int = 16  # T video frames per window (25 fps)
     crop_size: int = 256  # S: the visual input is the lower half of an S x S crop, (S/2, S)
     n_mels: int = 80
-    mel_per_frame: int = 4  # 100 mel frames/s / 25 video frames/s
+    mel_per_frame: int = 4  # 100 mel frames/s / 25 video frames/s; other rates resample to 25 fps (or 100 / fps)
     visual_channels: tuple = (64, 128, 256, 256, 512, 1024, 2048, 2048)
     visual_factors: tuple = ((1, 2), 2, 2, 2, 2, 2, 2, 2)  # (h, w) or int stride per stage; 1 = no downsample
     audio_channels: tuple = (32, 64, 128, 256, 512, 1024, 2048)
-    audio_factors: tuple = (2, 2, 2, 1, 2, 2, 2)
+    audio_factors: tuple = (2, 2, 2, 1, 2, 2, 2)  # (80, 64) at T = 16: 40x32, 20x16, 10x8, 10x8, 5x4, 2x2, 1x1
     visual_stem: int = 1  # stride of conv_in; the tiny preset uses 2 to stay fast on CPU
     audio_stem: int = 1
     norm_groups: int = 32
@@ -103,7 +90,8 @@ class StridedConv(nn.Module):
 
 
 class Tower(nn.Module):
-    """(B, C_in, H, W) -> (B, channels[-1]); the given strides must bring H x W down to exactly 1 x 1."""
+    """(B, C_in, H, W) -> (B, channels[-1]): conv_in, then per stage a ResNet block and an optional strided 3x3
+    downsample, then GroupNorm + ReLU; the given strides must bring H x W down to exactly 1 x 1."""
 
     def __init__(self, in_channels: int, size: tuple[int, int], channels, factors, groups: int, stem=1):
         super().__init__()
@@ -130,6 +118,9 @@ class Tower(nn.Module):
 
 
 class SyncNet(nn.Module):
+    """Two towers to L2-normalised embeddings, visual (B, 3T, S/2, S) -> (B, D) and audio (B, 1, 80, 4T) -> (B, D);
+    the score is their cosine similarity, in [0, 1] because of the towers' final ReLU."""
+
     def __init__(self, config: SyncNetConfig):
         super().__init__()
         self.config = c = config
@@ -149,7 +140,9 @@ class SyncNet(nn.Module):
         return F.normalize(self.visual(x), dim=-1)
 
     def embed_audio(self, mel: torch.Tensor) -> torch.Tensor:
-        """mel (B, 80, 4T) log-mel (dynamic_floor=False) -> (B, D) unit vectors."""
+        """mel (B, 80, 4T) -> (B, D) unit vectors. The mel is `lipsync.melspec.log_mel(wave, dynamic_floor=False)`
+        at 100 frames/s (LatentSync reads a Wav2Lip mel, 80 x 52 for 16 frames): at 25 fps video frame f owns mel
+        frames [4f, 4f + 4), and T frames from f0 pair with mel[:, 4 f0 : 4 (f0 + T)]."""
         c = self.config
         if tuple(mel.shape[1:]) != (c.n_mels, c.mel_frames):
             raise ValueError(f"mel must be (B, {c.n_mels}, {c.mel_frames}), got {tuple(mel.shape)}")
@@ -217,7 +210,12 @@ def syncnet_bce(syncnet: SyncNet, frames: torch.Tensor, mel: torch.Tensor, label
     """SyncNet training objective (LatentSync): BCE between cos and labels (kB,), 1 = in sync, 0 = shifted.
     frames (B, T, 3, S/2, S) are embedded once; mel (kB, 80, 4T) may hold k windows per clip: row j pairs with
     frames[j % B] (the layout `sync_pairs` returns). return_cos=True also returns the detached cosines (kB,),
-    e.g. for accuracy = ((cos > 0.5) == labels).mean(), without a second forward pass."""
+    e.g. for accuracy = ((cos > 0.5) == labels).mean(), without a second forward pass.
+
+    The learning rate matters. Tiny preset on synthetic clips, batch 32, AdamW betas (0.5, 0.999), 500 steps: lr 1e-4
+    and 3e-4 reach ~0.8 held-out pair accuracy and find the true offset on every held-out clip; lr 1e-3 swings the
+    mean cosine from batch to batch and collapses within ~10 steps to a constant cos = 0.5 (loss 0.693) it never
+    leaves."""
     v, a = syncnet.embed_visual(frames), syncnet.embed_audio(mel)
     k, rem = divmod(a.shape[0], v.shape[0])
     if rem:

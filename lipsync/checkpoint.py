@@ -1,0 +1,83 @@
+"""Checkpoints: our one-file format for a trained LipSync, and the published MuseTalk weights as a LipSync.
+
+Our checkpoint (`export` / `load_lipsync`) is one torch file: {"format": FORMAT, "config": LipSync.configs(), "unet",
+"vae", "audio": state dicts (audio None for a model on frozen whisper-tiny features)} plus any `extra` entries (train.py
+adds its SyncNet). The config holds the crop geometry the model was trained on (lipsync.tracking.GEOMETRIES; "square"
+when absent). The published MuseTalk UNet + sd-vae-ft-mse + whisper-tiny load through `from_published`, unchanged, and
+use MuseTalk's own crop ("musetalk", docs/geometry.md).
+"""
+
+import os
+import tempfile
+
+import torch
+
+from .blocks import config_from_dict
+from .mel_encoder import MelEncoder, MelEncoderConfig
+from .model import LipSync
+from .unet import UNet, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+from .weights import CheckpointError, assign_weights, load_unet, load_vae, read_tensors
+from .whisper import load_whisper_encoder
+
+FORMAT = "lipsync-v1"
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temp file in the same folder, then rename: a crash never leaves a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def export(model: LipSync, path: str, dtype=torch.float32, extra: dict | None = None) -> None:
+    """Write the generator (and anything in `extra`, e.g. a SyncNet) as one self-describing checkpoint."""
+    def sd(m):
+        return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in m.state_dict().items()}
+    obj = {"format": FORMAT, "config": model.configs(), "unet": sd(model.unet), "vae": sd(model.vae),
+           "audio": sd(model.audio) if model.trainable_audio else None}
+    obj.update(extra or {})
+    atomic_save(obj, path)
+
+
+def read_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    obj = read_tensors(path)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a lipsync checkpoint (use --unet/--vae/--whisper for published weights)")
+    return obj
+
+
+def load_lipsync(path: str, device="cpu", dtype=torch.float32, whisper: str | None = None) -> LipSync:
+    """Our checkpoint -> LipSync in eval mode. A checkpoint trained on frozen whisper features needs `whisper`."""
+    obj = read_checkpoint(path)
+    cfg = obj["config"]
+    with torch.device("meta"):
+        unet = UNet(config_from_dict(UNetConfig, cfg["unet"]))
+        vae = AutoencoderKL(config_from_dict(VAEConfig, cfg["vae"]))
+        audio = MelEncoder(config_from_dict(MelEncoderConfig, cfg["audio"])) if cfg["audio"] else None
+    parts = [(unet, "unet"), (vae, "vae")] + ([(audio, "audio")] if audio is not None else [])
+    for module, key in parts:
+        assign_weights(module, obj[key], dtype, device, f"{path} [{key}]")
+    if audio is None:
+        if whisper is None:
+            raise CheckpointError(f"{path} was trained on whisper features: pass the whisper-tiny folder")
+        audio = load_whisper_encoder(whisper, device).to(dtype)
+    return LipSync(unet, vae, audio.eval(), cfg["crop_size"], cfg["left"], cfg["right"],
+                   cfg.get("geometry", "square")).to(device).eval()
+
+
+def from_published(unet: str, vae: str, whisper: str, device="cpu", dtype=torch.float32) -> LipSync:
+    """Official MuseTalk UNet + sd-vae-ft-mse + whisper-tiny from local folders/files, used unchanged."""
+    return LipSync(load_unet(unet, device, dtype), load_vae(vae, device, dtype),
+                   load_whisper_encoder(whisper, device).to(dtype), crop_size=256,
+                   geometry="musetalk").to(device).eval()
