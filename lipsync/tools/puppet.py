@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from lipsync.training import data
 from lipsync.tools.metrics import LOWER_INNER, UPPER_INNER, eye_axes, lip_opening_68
-from lipsync.tools.synthetic import HELDOUT_BASE, SR, Voice, frame_envelope, random_sequence, run_jobs, synth_audio
+from lipsync.tools.synthetic import (HELDOUT_BASE, SR, Voice, add_clip_set_flags, frame_envelope, random_sequence,
+                                     run_jobs, synth_audio)
 from lipsync.tools.synthetic_face import dark_height
 from lipsync.tracking import from_crop_coords, to_crop_coords
 
@@ -296,13 +297,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m lipsync.tools.puppet", description=__doc__.split("\n\n")[0])
     p.add_argument("source", metavar="PREPARED_CLIP_DIR",
                    help="a clip written by lipsync.training.prepare (crops at 256)")
-    p.add_argument("--out", required=True, help="output directory (one sub-directory per clip)")
-    p.add_argument("--clips", type=int, default=20, help="number of clips to write (train + held-out)")
-    p.add_argument("--seconds", type=float, default=8.0, help="length of each clip")
-    p.add_argument("--size", type=int, default=64, help="crop size S of the written clips")
-    p.add_argument("--seed", type=int, default=0, help="seeds each clip's voice, mouth style, sequence and frames")
-    p.add_argument("--heldout", type=float, default=0.2, help="fraction of clips with held-out speakers")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="clips made in parallel processes")
+    add_clip_set_flags(p, 8.0, "voice, mouth style, sequence and frames", "speakers")
     args = p.parse_args(argv)
     meta, crops, _ = _source(args.source)
     if crops.shape[1] < args.size:

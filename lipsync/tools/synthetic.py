@@ -262,17 +262,22 @@ def run_jobs(fn, arg_tuples, workers: int, desc: str) -> list:
             return [f.result() for f in futures]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m lipsync.tools.synthetic", description=__doc__.split("\n\n")[0])
+def add_clip_set_flags(p: argparse.ArgumentParser, seconds: float, seeds: str, heldout: str):
+    """The flags every generator of training clips takes (this module's and lipsync.tools.puppet's)."""
     p.add_argument("--out", required=True, help="output directory (one sub-directory per clip)")
     p.add_argument("--clips", type=int, default=20, help="number of clips to write (train + held-out)")
-    p.add_argument("--seconds", type=float, default=10.0, help="length of each clip")
+    p.add_argument("--seconds", type=float, default=seconds, help="length of each clip")
     p.add_argument("--size", type=int, default=64, help="crop size S of the written clips")
+    p.add_argument("--seed", type=int, default=0, help=f"seeds each clip's {seeds}")
+    p.add_argument("--heldout", type=float, default=0.2, help=f"fraction of clips with held-out {heldout}")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="clips made in parallel processes")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m lipsync.tools.synthetic", description=__doc__.split("\n\n")[0])
+    add_clip_set_flags(p, 10.0, "face, voice and sequence", "faces and speakers")
     p.add_argument("--frame", type=int, default=128, help="side of the square frames rendered before cropping")
     p.add_argument("--fps", type=float, default=25.0, help="video frame rate of the clips")
-    p.add_argument("--seed", type=int, default=0, help="seeds each clip's face, voice and sequence")
-    p.add_argument("--heldout", type=float, default=0.2, help="fraction of clips with held-out faces and speakers")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="clips made in parallel processes")
     args = p.parse_args(argv)
 
     n_held = int(round(args.clips * args.heldout))
