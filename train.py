@@ -287,18 +287,23 @@ def config_from_values(values: dict) -> TrainConfig:
     return cfg
 
 
-def check_config(cfg: TrainConfig, stages):
-    """Settings that cannot work, and an --out that would replace an input: one ValueError before anything is
-    written."""
+def check_settings(cfg: TrainConfig):
+    """Settings that cannot work, whatever the data: one ValueError."""
     if cfg.device != "auto":
         checks.pick_device(cfg.device)
     sizes = {f"{s}.batch": getattr(cfg, s).batch for s in STAGES} | {"grad_accum": cfg.grad_accum, "T": cfg.T}
     for name, value in sizes.items():
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, not {value}")
+    checks.creatable(cfg.out)
+
+
+def check_config(cfg: TrainConfig, stages):
+    """check_settings, clips in --data, and an --out that would replace an input: one ValueError before anything is
+    written."""
+    check_settings(cfg)
     if cfg.data != TrainConfig.data and not (os.path.isdir(cfg.data) and list_clips(cfg.data)):
         raise ValueError(f"no prepared clips in {cfg.data} (make them with python -m lipsync.training.prepare)")
-    checks.creatable(cfg.out)
     if checks.within(cfg.out, cfg.data):
         raise ValueError(f"--out {cfg.out} is inside --data {cfg.data}; keep runs apart from the prepared clips")
     inputs = {"--vae_path": cfg.vae_path, "--whisper": cfg.whisper, "--vgg": cfg.vgg, "--init": cfg.init}
@@ -605,8 +610,9 @@ def export_generator(run: Run, stage: str, model: LipSync):
         sync = run.path("syncnet.final")
         if os.path.exists(sync):
             extra = {"syncnet": torch.load(sync, map_location="cpu", weights_only=True)}
-        else:  # a fine-tune keeps --init's SyncNet
-            extra = {k: v for k, v in read_checkpoint(run.cfg.init).items() if k == "syncnet"} if run.cfg.init else {}
+        else:  # a fine-tune keeps --init's SyncNet, if it has one
+            sync = read_checkpoint(run.cfg.init).get("syncnet") if run.cfg.init else None
+            extra = {"syncnet": sync} if sync is not None else {}
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[run.cfg.export_dtype]
         export(model, os.path.join(run.cfg.out, "lipsync.pt"), dtype=dtype, extra=extra)
         run.say(f"[{stage}] generator written to {os.path.join(run.cfg.out, 'lipsync.pt')}")
@@ -751,9 +757,7 @@ def personalize(cfg: TrainConfig, stages) -> TrainConfig:
     init = cfg.init or BUNDLED
     if not os.path.isfile(init):
         raise ValueError(f"--init {init} not found")
-    if cfg.device != "auto":
-        checks.pick_device(cfg.device)
-    checks.creatable(cfg.out)
+    check_settings(cfg)  # before the slow part; check_config follows once the clips exist
     from lipsync.tools.personalize import make_clips
     crop = read_checkpoint(init)["config"]["crop_size"]
     data = make_clips(cfg.personalize, cfg.out, crop, seed=cfg.seed, say=tqdm.write, **PERSONALIZE_CLIPS)

@@ -8,14 +8,10 @@ any-face recipe does for its training people (assets/README.md).
 import time
 from pathlib import Path
 
-import numpy as np
-import soundfile as sf
 from tqdm import tqdm
 
-from lipsync.checks import IMAGE_SUFFIXES
 from lipsync.tools.puppet import make_puppet_clip, write_puppet_clip
 from lipsync.training.prepare import prepare_clip
-from lipsync.video import SAMPLE_RATE, video_info
 
 SOURCE_CROP = 256  # the puppet warp works on 256 px crops and writes the model's crop size
 
@@ -24,13 +20,8 @@ def make_clips(source, out, crop_size: int, clips: int = 4, seconds: float = 6.0
     """source video/photo -> out/source/<name> (tracked crops) and out/clips/<name>_NNNN (puppets at crop_size).
     Returns the clips folder. A rerun keeps what is complete."""
     t0, out, source = time.time(), Path(out), Path(source)
-    silence = None
-    if source.suffix.lower() not in IMAGE_SUFFIXES and not video_info(source).has_audio:
-        silence = out / "source" / "silence.wav"  # the puppets get their own speech; prepare only needs a track
-        silence.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(silence, np.zeros(round(video_info(source).duration * SAMPLE_RATE) + SAMPLE_RATE, np.float32),
-                 SAMPLE_RATE)
-    prepared = prepare_clip(source, out / "source", audio=silence, crop_size=SOURCE_CROP)
+    # the puppets get their own speech, so the person's sound (if any) is not even decoded
+    prepared = prepare_clip(source, out / "source", crop_size=SOURCE_CROP, silent=True)
     if prepared.no_face == prepared.frames:
         raise ValueError(f"{source}: no face found in any frame")
     say(f"[personalize] tracked {prepared.frames} frames of {source.name} in {time.time() - t0:.0f} s")

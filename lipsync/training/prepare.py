@@ -53,10 +53,10 @@ def _write_meta(folder, meta):
 
 
 def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=0, crop_size=256, margin=10,
-                 smooth_sigma=None, name=None, progress=True, geometry="square"):
+                 smooth_sigma=None, name=None, progress=True, geometry="square", silent=False):
     """Prepare one clip into out_dir/<name> (name defaults to the video's stem); see the module docstring.
 
-    audio: audio file to use instead of the video's own track. fps: target rate (None or 0 keeps the source rate).
+    audio: audio file to use instead of the video's own track; silent=True (always so for a photo): a silent track. fps: target rate (None or 0 keeps the source rate).
     bbox: (x1, y1, x2, y2) fixed face box instead of mediapipe. geometry: tracking.GEOMETRIES. smooth_sigma: box
     smoothing in frames (default 2 for square, 0 for musetalk). Returns a Prepared record.
     """
@@ -78,9 +78,8 @@ def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=
     if info.fps <= 0:
         raise ValueError(f"{video}: no video stream")
     dst_fps = float(fps) if fps else info.fps
-    still = video.suffix.lower() in IMAGE_SUFFIXES
-    if audio is None and still:  # a photo has no sound: one silent frame
-        wave = torch.zeros(round(SAMPLE_RATE / dst_fps))
+    if audio is None and (silent or video.suffix.lower() in IMAGE_SUFFIXES):
+        wave = torch.zeros(0)  # padded to the clip's length below
     else:
         wave = load_audio(audio if audio is not None else video)  # fail fast, before tracking
     tracker = BoxTracker(bbox) if bbox is not None else MeshTracker()
