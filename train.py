@@ -69,6 +69,7 @@ class OptimConfig:  # AdamW, linear warm-up then linear decay, for every stage
 class LossWeights:
     l1: float = 1.0
     lower: float = 3.0
+    mouth: float = 0.0
     perceptual: float = 0.1
     gan: float = 0.01
     mouth_gan: float = 0.01
@@ -163,6 +164,7 @@ HELP = {
     "optim.lr_floor": "final learning rate as a fraction of the peak (linear decay to it)",
     "loss.l1": "weight of the pixel L1 loss",
     "loss.lower": "how much more the inpainted lower half counts in the L1 loss",
+    "loss.mouth": "weight of an extra L1 loss on the mouth crop (lip landmarks' box, lipsync.training.data.mouth_box)",
     "loss.perceptual": "weight of the perceptual pyramid loss",
     "loss.gan": "stage 2: weight of the LSGAN loss on the face",
     "loss.mouth_gan": "stage 2: weight of the LSGAN loss on the mouth crop",

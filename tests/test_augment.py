@@ -109,12 +109,13 @@ def test_dataset_item_target_and_reference_get_the_same_draw(still_root):
     assert changed == 6
 
 
-def test_stage2_mouth_box_follows_a_flip(still_root):
-    from lipsync.training.data import Stage2Dataset
+@pytest.mark.parametrize("stage", [1, 2])
+def test_mouth_box_follows_a_flip(still_root, stage):
+    from lipsync.training.data import Stage1Dataset, Stage2Dataset
     flip = AugmentConfig(p=1.0, **{**OFF, "flip": 1.0})
-    plain, flipped = Stage2Dataset(still_root, "train", T=5, seed=0), Stage2Dataset(still_root, "train", T=5, seed=0,
-                                                                                    augment=flip)
-    a, b = plain[0], flipped[0]
+    make = (lambda **kw: Stage1Dataset(still_root, "train", seed=0, **kw)) if stage == 1 else \
+        (lambda **kw: Stage2Dataset(still_root, "train", T=5, seed=0, **kw))
+    a, b = make()[0], make(augment=flip)[0]
     size = a["target"].shape[-1]
     assert torch.allclose(b["target"], a["target"].flip(-1), atol=1e-5)
     x1, y1, x2, y2 = a["mouth_box"].unbind(-1)

@@ -1,6 +1,7 @@
 """lipsync.training: the loss is exactly the documented weighted sum (stubbed perceptual loss, discriminators and
 SyncNet with known outputs), the GAN terms switch on at start_gan, and training feeds the UNet what inference does."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -21,7 +22,7 @@ from lipsync.vae import AutoencoderKL, VAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
-WEIGHTS = dict(loss=train.LossWeights(l1=1.3, lower=2.5, perceptual=0.7, gan=0.11, mouth_gan=0.23, fm=0.05, sync=0.31),
+WEIGHTS = dict(loss=train.LossWeights(l1=1.3, lower=2.5, mouth=0.45, perceptual=0.7, gan=0.11, mouth_gan=0.23, fm=0.05, sync=0.31),
                start_gan=3, augment=train.AugmentRates(mel=0.0))
 PERCEPTUAL, COS = 0.37, 0.8  # what the stubs return
 LOGITS = {"face": 0.2, "mouth": 0.6}
@@ -81,6 +82,12 @@ def by_hand_l1(pred, target, lower_weight):
     return (upper + lower_weight * lower) / (1 + lower_weight)
 
 
+def mouth_by_hand(pred, target, boxes):
+    """The mouth L1: mean |pred - target| over each sample's mouth box, both resampled to S/2 x S/2."""
+    S = pred.shape[-1]
+    return (mouth_crops(pred, boxes, S // 2) - mouth_crops(target, boxes, S // 2)).abs().mean()
+
+
 def fm_by_hand(real, fake):
     """feature_matching of StubDisc: sum over k = 1..4 of mean |k m(real) - k m(fake)| = 10 mean |dm|."""
     return 10 * (real.mean(dim=(1, 2, 3)) - fake.mean(dim=(1, 2, 3))).abs().mean()
@@ -104,10 +111,12 @@ def test_stage2_generator_loss_is_the_documented_weighted_sum_with_gan_from_star
           "mouth": fm_by_hand(mouth_crops(target, boxes, S), mouth_crops(pred, boxes, S))}
     gan = w.gan * g["face"] + w.mouth_gan * g["mouth"] + w.fm * (fm["face"] + fm["mouth"])
     gate = 1.0 if step >= cfg.start_gan else 0.0
-    expect = w.l1 * l1 + w.perceptual * PERCEPTUAL + gate * gan + w.sync * -math.log(COS)
+    mouth = mouth_by_hand(pred, target, boxes)
+    expect = w.l1 * l1 + w.mouth * mouth + w.perceptual * PERCEPTUAL + gate * gan + w.sync * -math.log(COS)
     assert loss.item() == pytest.approx(expect.item(), rel=1e-6)
     assert gan.item() > 0.01 * loss.item()  # the GAN part is large enough to see
     assert logs["l1"] == pytest.approx(l1.item(), rel=1e-6) and logs["perceptual"] == pytest.approx(PERCEPTUAL)
+    assert logs["mouth"] == pytest.approx(mouth.item(), rel=1e-6)
     assert logs["g_face"] == pytest.approx(g["face"]) and logs["g_mouth"] == pytest.approx(g["mouth"])
     assert logs["fm_face"] == pytest.approx(fm["face"].item(), rel=1e-5)
     assert logs["fm_mouth"] == pytest.approx(fm["mouth"].item(), rel=1e-5)
@@ -118,13 +127,16 @@ def test_stage2_generator_loss_is_the_documented_weighted_sum_with_gan_from_star
     assert torch.equal(mel, batch["sync_mel"])
 
 
-def test_stage1_loss_is_weighted_l1_plus_perceptual_only(data):
-    cfg = train.TrainConfig(**WEIGHTS)
+@pytest.mark.parametrize("mouth", [0.0, 0.45])
+def test_stage1_loss_is_weighted_l1_plus_mouth_l1_plus_perceptual_only(data, mouth):
+    cfg = train.TrainConfig(**{**WEIGHTS, "loss": dataclasses.replace(WEIGHTS["loss"], mouth=mouth)})
     batch = train.batch_at(Stage1Dataset(data, "train", seed=0), 0, 3, seed=0, rank=0)
     loss, logs, pred, target = generator_losses(tiny_model(), batch, cfg, stub_perceptual, 10)
-    expect = cfg.loss.l1 * by_hand_l1(pred, target, cfg.loss.lower) + cfg.loss.perceptual * PERCEPTUAL
+    m = mouth_by_hand(pred, target, batch["mouth_box"])
+    assert m > 0.01  # the generated mouth differs from the real one: the term would show
+    expect = cfg.loss.l1 * by_hand_l1(pred, target, cfg.loss.lower) + mouth * m + cfg.loss.perceptual * PERCEPTUAL
     assert loss.item() == pytest.approx(expect.item(), rel=1e-6)
-    assert set(logs) == {"l1", "perceptual"}
+    assert set(logs) == ({"l1", "perceptual", "mouth"} if mouth else {"l1", "perceptual"})
 
 
 def test_discriminator_loss_is_lsgan_on_faces_and_mouths_with_the_fakes_detached():

@@ -232,29 +232,31 @@ class _ClipFrames(Dataset):
         return torch.from_numpy(out.reshape(-1, out.shape[-1]))  # (n, L, D) -> (n L, D), row = L t + layer
 
     def frames_item(self, ci, frames, rng):
-        """Targets, masked targets, references and audio for `frames` of clip ci, each stacked over frames."""
-        return self._frames_item(ci, frames, rng)[0]
-
-    def _frames_item(self, ci, frames, rng):
-        """frames_item and the augmentation drawn for it (None when off): one draw for targets and references."""
+        """Targets, masked targets, references, audio and mouth boxes for `frames` of clip ci, each stacked over
+        frames. One augmentation draw (when on) for targets and references; the boxes follow its warp."""
         refs = [self.reference(ci, int(f), rng) for f in frames]
         target, reference = self.images(ci, frames), self.images(ci, refs)
         params = draw(rng, self.augment) if self.augment is not None else None
         if params is not None:
             both = apply(np.concatenate([target, reference]), params).numpy()  # (2 len, 3, S, S)
             target, reference = both[:len(frames)], both[len(frames):]
+        clip = self.clips[ci]
+        lips = to_crop_coords(clip.landmarks[frames, 48:68], clip.boxes[frames], self.crop_size)  # (len, 20, 2)
+        if params is not None:  # the lips move with the augmentation's warp
+            lips = map_points(params, lips, self.crop_size)
         masked = target.copy()
         masked[:, :, self.crop_size // 2:] = -1  # (len, 3, S, S), lower half masked
         key = "mel" if self.features == "mel" else "audio"
         return {"target": torch.from_numpy(target), "masked": torch.from_numpy(masked),
                 "reference": torch.from_numpy(reference),
                 key: torch.stack([self.audio(ci, int(f)) for f in frames]),
-                "clip": torch.tensor(ci), "frame": torch.as_tensor(np.asarray(frames)), "ref_frame": torch.tensor(refs)}, params
+                "mouth_box": torch.from_numpy(mouth_box(lips, self.crop_size)),
+                "clip": torch.tensor(ci), "frame": torch.as_tensor(np.asarray(frames)), "ref_frame": torch.tensor(refs)}
 
 
 class Stage1Dataset(_ClipFrames):
-    """Single frames: target/masked/reference (3, S, S), mel (80, 2 (n + 2c)) or audio (n L, 384), clip, frame,
-    ref_frame. Epoch length defaults to the number of usable target frames."""
+    """Single frames: target/masked/reference (3, S, S), mel (80, 2 (n + 2c)) or audio (n L, 384), mouth_box (4,),
+    clip, frame, ref_frame. Epoch length defaults to the number of usable target frames."""
 
     def __getitem__(self, index):
         rng = self._rng(index)
@@ -275,11 +277,7 @@ class Stage2Dataset(_ClipFrames):
         rng = self._rng(index)
         ci, f0 = self._pick_start(rng)
         clip, frames = self.clips[ci], np.arange(f0, f0 + self.T)
-        item, params = self._frames_item(ci, frames, rng)
-        lips = to_crop_coords(clip.landmarks[frames, 48:68], clip.boxes[frames], self.crop_size)
-        if params is not None:  # the lips move with the augmentation's warp
-            lips = map_points(params, lips, self.crop_size)
-        item["mouth_box"] = torch.from_numpy(mouth_box(lips, self.crop_size))
+        item = self.frames_item(ci, frames, rng)
         lo = round(f0 * 100 / clip.fps)
         item["sync_mel"] = self.mel_span(ci, lo, lo + round(self.T * 100 / clip.fps))
         return item

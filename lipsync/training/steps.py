@@ -141,6 +141,11 @@ def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=No
     p = perceptual(pred, target)
     loss = cfg.loss.l1 * l1 + cfg.loss.perceptual * p
     logs = {"l1": l1.item(), "perceptual": p.item()}
+    if cfg.loss.mouth > 0:  # the lips are a few % of the crop: an L1 of their own makes the audio matter
+        size = target.shape[-1] // 2
+        m = F.l1_loss(mouth_crops(pred, batch["mouth_box"], size), mouth_crops(target, batch["mouth_box"], size))
+        loss = loss + cfg.loss.mouth * m
+        logs["mouth"] = m.item()
     if discs is not None:
         gate = 1.0 if step >= cfg.start_gan else 0.0
         S = target.shape[-1]
