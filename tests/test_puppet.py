@@ -113,3 +113,32 @@ def test_mediapipe_sees_the_puppeted_mouth_open_and_close(source):
     r = np.corrcoef(measured, clip["opening"][found])[0, 1]
     print(f"r(truth, mediapipe opening on 256 px puppet crops) {r:.3f}")
     assert r > 0.8
+
+
+def test_speech_opening_maps_loudness_in_db():
+    fps, n = 25.0, 50
+    level = np.repeat([0.0, 0.01, 10 ** -0.5, 1.0, 10 ** -0.5], 10)  # 10 frames each: silence, -40, -10, 0, -10 dB
+    wave = np.repeat(level, SR // 25) * np.where(np.arange(n * SR // 25) % 2, 1.0, -1.0)  # RMS = level
+    o = P.speech_opening(wave, n, fps)
+    middle = [5, 15, 25, 35, 45]  # frames whose 40 ms window lies in one level
+    np.testing.assert_allclose(o[middle], [0, 0, 0.5, 1, 0.5], atol=1e-6)  # p95 = 1: -20 dB and below closed
+
+
+def test_speech_clips_speak_a_window_of_a_recording_and_the_mouth_follows_its_loudness(source, tmp_path):
+    rng = np.random.default_rng(0)
+    syllables = np.repeat(rng.uniform(0, 1, 40) ** 2, SR // 10)  # 4 s of 100 ms loudness steps
+    speech = (syllables * rng.standard_normal(len(syllables))).astype(np.float32)  # noise: one best alignment
+    short = speech[:SR]  # 1 s: too short for a 2 s clip, never used
+    clip = P.make_puppet_clip(source, 0, "train", seconds=2.0, size=64, seed=0, speech=[short, speech])
+    n, wave = len(clip["opening"]), clip["wave"]
+    assert len(wave) == 2 * SR and clip["speaker"] == P.speaker_id(0, "train") + P.VOICE_BASE
+    # the clip's sound is a window of the recording, rescaled
+    c = np.correlate(speech, wave[:SR // 4], "valid")  # the first quarter second, slid along the recording
+    start = int(np.argmax(c))
+    np.testing.assert_allclose(wave / np.abs(wave).max(), speech[start:start + 2 * SR] /
+                               np.abs(speech[start:start + 2 * SR]).max(), atol=1e-5)
+    np.testing.assert_allclose(clip["opening"], P.speech_opening(wave, n, clip["fps"]), atol=1e-6)
+    lm = to_crop_coords(clip["landmarks"], clip["boxes"], 64)
+    assert np.corrcoef(clip["opening"], lip_opening_68(lm))[0, 1] > 0.95  # the drawn mouth opens as the truth says
+    with pytest.raises(ValueError, match="shorter than a clip"):
+        P.make_puppet_clip(source, 0, "train", seconds=2.0, size=64, seed=0, speech=[short])

@@ -5,6 +5,11 @@ new clip: a phoneme-like sequence (`synthetic.random_sequence`) and a new speake
 (`synthetic.synth_audio`); the source clip's 256 px crops in ping-pong order (real head motion), each with its lower
 face warped along the landmarks to the target mouth.
 
+With `--speech`, a clip speaks with a real recording instead: a random window of one of the given speech files, and
+the mouth opens with its loudness (`speech_opening`: closed below -20 dB of the window's loud frames, linear in dB up
+to wide open at their level; roundness fixed per clip). Real voices then drive puppets of every face. Use clean
+recordings: under steady music or noise the loudness no longer tells speech from pauses.
+
 Target landmarks (crop pixels, axes from the eye line): interior height h = opening * open_max * mouth width; upper lip
 up 0.2 h, lower lip down 0.8 h and corners down 0.35 h, graded as (1 - u^2)^0.7 from the centre (u = 0) to the inner
 corners; chin down jaw * h, fading along the jaw line; lips narrower by round_narrow * roundness (and a little with
@@ -14,7 +19,7 @@ spline fitted from target to source points (lips, jaw, fixed nose/eye/crop-edge 
 in below the crop's midline (rows < S/2 + S/32 are copied), applied with `grid_sample`. Boxes stay the source's.
 
     python -m lipsync.tools.puppet PREPARED_CLIP_DIR --out DIR --clips 20 --seconds 8 [--size 64] [--seed 0]
-                                   [--heldout 0.2]
+                                   [--heldout 0.2] [--speech WAV_OR_VIDEO ...]
 """
 
 import argparse
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lipsync.melspec import load_audio
 from lipsync.training import data
 from lipsync.tools.metrics import LOWER_INNER, UPPER_INNER, eye_axes, lip_opening_68
 from lipsync.tools.synthetic import (HELDOUT_BASE, SR, Voice, add_clip_set_flags, frame_envelope, random_sequence,
@@ -35,10 +41,11 @@ from lipsync.tools.synthetic import (HELDOUT_BASE, SR, Voice, add_clip_set_flags
 from lipsync.tools.synthetic_face import dark_height
 from lipsync.tracking import from_crop_coords, to_crop_coords
 
-__all__ = ["MouthStyle", "target_landmarks", "puppet_crops", "dark_mouth_height", "pingpong", "make_puppet_clip",
-           "write_puppet_clip", "main"]
+__all__ = ["MouthStyle", "target_landmarks", "puppet_crops", "dark_mouth_height", "pingpong", "speech_opening",
+           "make_puppet_clip", "write_puppet_clip", "main"]
 
 PUPPET_BASE = 500_000  # speaker ids: train 500000 + i, held-out HELDOUT_BASE + 500000 + i (never synthetic ones)
+VOICE_BASE = 100_000  # added to the speaker id of a clip spoken by a real recording (--speech)
 MOVED = np.r_[2:15, 48:68]  # jaw 2-14 and all lip points move; the rest of the controls are anchors
 ANCHORS = np.r_[0, 1, 15, 16, 30:36, 36, 39, 42, 45]
 SHAPE = 0.7  # lip profile exponent: 0.5 = elliptical opening, 1 = parabolic
@@ -241,17 +248,38 @@ def speaker_id(index, split):
     return PUPPET_BASE + index + (HELDOUT_BASE if split == "heldout" else 0)
 
 
-def make_puppet_clip(source, index, split="train", seconds=8.0, size=64, seed=0, chunk=50):
+def speech_opening(wave, n, fps, closed_db=-20.0, open_db=0.0):
+    """Mouth opening (n,) in [0, 1] from a real recording's loudness: the RMS envelope at each frame
+    (`synthetic.frame_envelope`) in dB of its 95th percentile, 0 at closed_db and below, 1 at open_db and above."""
+    env = frame_envelope(wave, n, fps).astype(np.float64)
+    loud = max(float(np.percentile(env, 95)), 1e-9)
+    db = 20 * np.log10(np.maximum(env, 1e-9 * loud) / loud)
+    return np.clip((db - closed_db) / (open_db - closed_db), 0, 1).astype(np.float32)
+
+
+def make_puppet_clip(source, index, split="train", seconds=8.0, size=64, seed=0, chunk=50, speech=()):
     """One puppeted clip of the prepared clip at `source` -> dict of crops (N, size, size, 3), boxes, face,
-    landmarks (source pixels), wave, opening/width (N,), speaker, fps. Draws come from (seed, split, index)."""
+    landmarks (source pixels), wave, opening/width (N,), speaker, fps. Draws come from (seed, split, index).
+    speech: 16 kHz waves; when given, the clip speaks a window of one of those at least `seconds` long."""
     meta, crops, track = _source(source)
-    fps, ident = float(meta["fps"]), speaker_id(index, split)
+    fps, ident = float(meta["fps"]), speaker_id(index, split) + (VOICE_BASE if len(speech) else 0)
     voice = Voice.random(np.random.default_rng([seed, 2, ident]))
     rng = np.random.default_rng([seed, 3, ident])
     style = MouthStyle.random(rng)
     n = int(round(seconds * fps))
-    seq = random_sequence(n / fps, rng)
-    truth = seq.at(np.arange(n) / fps)
+    if len(speech):
+        samples = int(round(n / fps * SR))
+        long_enough = [w for w in speech if len(w) >= samples]
+        if not long_enough:
+            raise ValueError(f"every --speech recording is shorter than a clip ({seconds:g} s)")
+        wave = long_enough[int(rng.integers(len(long_enough)))]
+        start = int(rng.integers(len(wave) - samples + 1))
+        wave = np.asarray(wave[start:start + samples], np.float32)
+        wave = wave * (voice.level / max(float(np.abs(wave).max()), 1e-6))
+        truth = {"opening": speech_opening(wave, n, fps), "roundness": np.full(n, rng.uniform(0, 0.6), np.float32)}
+    else:
+        seq = random_sequence(n / fps, rng)
+        truth = seq.at(np.arange(n) / fps)
     idx = pingpong(len(crops), n, int(rng.integers(2 * max(len(crops) - 1, 1))))
     S = crops.shape[1]
     boxes = track["boxes"][idx]
@@ -263,7 +291,8 @@ def make_puppet_clip(source, index, split="train", seconds=8.0, size=64, seed=0,
                                            style, size)
     landmarks = track["landmarks"][idx].copy()
     landmarks[:, MOVED] = from_crop_coords(lm_out[:, MOVED], boxes, S)
-    wave = synth_audio(seq.opening, seq.roundness, seq.rate, voice, seq.noise, seq.noise_hz, n / fps, seed=ident)
+    if not len(speech):
+        wave = synth_audio(seq.opening, seq.roundness, seq.rate, voice, seq.noise, seq.noise_hz, n / fps, seed=ident)
     return {"crops": out, "boxes": boxes, "face": track["face"][idx], "landmarks": landmarks, "wave": wave,
             "opening": truth["opening"], "width": (1 - truth["roundness"]).astype(np.float32), "speaker": ident,
             "fps": fps, "frames": idx, "meta": meta}
@@ -281,10 +310,11 @@ def write_puppet_clip(out, name, clip, source, split="train", seed=0):
                            clip["wave"], truth={"opening": clip["opening"], "width": clip["width"]})
 
 
-def _puppet_job(source, out, name, index, split, seconds, size, seed, threads):
+def _puppet_job(source, out, name, index, split, seconds, size, seed, threads, speech):
     """Make and write one clip -> (r(truth, landmark opening), r(truth, dark height), r(RMS envelope, truth))."""
     torch.set_num_threads(threads)
-    clip = make_puppet_clip(source, index, split, seconds, size, seed)
+    waves = [load_audio(path).numpy() for path in speech]
+    clip = make_puppet_clip(source, index, split, seconds, size, seed, speech=waves)
     write_puppet_clip(out, name, clip, source, split, seed)
     lm = to_crop_coords(clip["landmarks"], clip["boxes"], size)
     env = frame_envelope(clip["wave"], len(clip["opening"]), clip["fps"])
@@ -298,6 +328,9 @@ def main(argv=None):
     p.add_argument("source", metavar="PREPARED_CLIP_DIR",
                    help="a clip written by lipsync.training.prepare (crops at 256)")
     add_clip_set_flags(p, 8.0, "voice, mouth style, sequence and frames", "speakers")
+    p.add_argument("--speech", nargs="+", default=[], metavar="AUDIO",
+                   help="real speech recordings (audio files or videos with sound): each clip speaks a random window "
+                        "of one, the mouth opening with its loudness, instead of a synthesised voice")
     args = p.parse_args(argv)
     meta, crops, _ = _source(args.source)
     if crops.shape[1] < args.size:
@@ -305,10 +338,12 @@ def main(argv=None):
 
     stem = Path(args.source).name
     n_held = int(round(args.clips * args.heldout))
-    jobs = [(f"{stem}_{split}_{i:04d}", i, split) for split, n in (("train", args.clips - n_held), ("heldout", n_held))
+    tag = "voice" if args.speech else ""
+    jobs = [(f"{stem}_{split}{tag}_{i:04d}", i, split) for split, n in (("train", args.clips - n_held), ("heldout", n_held))
             for i in range(n)]
     todo = [j for j in jobs if not (Path(args.out) / j[0] / "meta.json").exists()]
-    common = (args.seconds, args.size, args.seed, max(1, (os.cpu_count() or 1) // max(args.workers, 1)))
+    common = (args.seconds, args.size, args.seed, max(1, (os.cpu_count() or 1) // max(args.workers, 1)),
+              tuple(args.speech))
     results = run_jobs(_puppet_job, [(args.source, args.out, name, i, split, *common) for name, i, split in todo],
                        args.workers, "puppet clips")
     print(f"{len(todo)} clips written, {len(jobs) - len(todo)} already complete, in {args.out}")
