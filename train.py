@@ -202,7 +202,7 @@ PRESETS = {
 
 # --personalize: stage 1 only, a short fine-tune of --init on puppets of one person; flags still override these.
 PERSONALIZE = dict(stage="stage1", stage1=dict(steps=800, batch=8, lr=2e-4), optim=dict(warmup=10),
-                   augment=dict(image=0.5, mel=0.5), log_every=5, sample_every=100, ckpt_every=50)
+                   loss=dict(mouth=2.0), augment=dict(image=0.5, mel=0.5), log_every=5, sample_every=100, ckpt_every=50)
 PERSONALIZE_MINUTES = 14.0  # the whole command: tracking + puppets + fine-tune (+ export) on 2 CPU cores
 PERSONALIZE_CLIPS = dict(clips=4, seconds=6.0)
 

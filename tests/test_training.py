@@ -22,7 +22,8 @@ from lipsync.vae import AutoencoderKL, VAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
-WEIGHTS = dict(loss=train.LossWeights(l1=1.3, lower=2.5, mouth=0.45, perceptual=0.7, gan=0.11, mouth_gan=0.23, fm=0.05, sync=0.31),
+WEIGHTS = dict(loss=train.LossWeights(l1=1.3, lower=2.5, mouth=0.45, perceptual=0.7, gan=0.11, mouth_gan=0.23, fm=0.05,
+                                      sync=0.31),
                start_gan=3, augment=train.AugmentRates(mel=0.0))
 PERCEPTUAL, COS = 0.37, 0.8  # what the stubs return
 LOGITS = {"face": 0.2, "mouth": 0.6}

@@ -339,8 +339,8 @@ def main(argv=None):
     stem = Path(args.source).name
     n_held = int(round(args.clips * args.heldout))
     tag = "voice" if args.speech else ""
-    jobs = [(f"{stem}_{split}{tag}_{i:04d}", i, split) for split, n in (("train", args.clips - n_held), ("heldout", n_held))
-            for i in range(n)]
+    jobs = [(f"{stem}_{split}{tag}_{i:04d}", i, split)
+            for split, n in (("train", args.clips - n_held), ("heldout", n_held)) for i in range(n)]
     todo = [j for j in jobs if not (Path(args.out) / j[0] / "meta.json").exists()]
     common = (args.seconds, args.size, args.seed, max(1, (os.cpu_count() or 1) // max(args.workers, 1)),
               tuple(args.speech))
