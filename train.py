@@ -112,6 +112,7 @@ class TrainConfig:
     T: int = 5
     sync_context: int = 4
     mel_context: int = 4
+    reference: str = "pose_mouth"
     augment: AugmentRates = field(default_factory=AugmentRates)
     # run
     device: str = "auto"
@@ -162,6 +163,8 @@ HELP = {
     "optim.grad_clip": "clip the gradient norm to this",
     "optim.warmup": "steps of linear learning-rate warm-up at the start of each stage",
     "optim.lr_floor": "final learning rate as a fraction of the peak (linear decay to it)",
+    "reference": "how stages 1 and 2 pick each target's reference frame: pose_mouth (MuseTalk v1.5: similar pose, "
+                 "different lips) or random (v1: any frame of the clip at least 5 frames away)",
     "loss.l1": "weight of the pixel L1 loss",
     "loss.lower": "how much more the inpainted lower half counts in the L1 loss",
     "loss.mouth": "weight of an extra L1 loss on the mouth crop (lip landmarks' box, lipsync.training.data.mouth_box)",
@@ -289,6 +292,9 @@ def config_from_values(values: dict) -> TrainConfig:
     return cfg
 
 
+REFERENCES = ("pose_mouth", "random")  # lipsync.training.data's reference rules
+
+
 def check_settings(cfg: TrainConfig):
     """Settings that cannot work, whatever the data: one ValueError."""
     if cfg.device != "auto":
@@ -297,6 +303,8 @@ def check_settings(cfg: TrainConfig):
     for name, value in sizes.items():
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, not {value}")
+    if cfg.reference not in REFERENCES:
+        raise ValueError(f"--reference must be one of {', '.join(REFERENCES)}, not {cfg.reference!r}")
     checks.creatable(cfg.out)
 
 
@@ -586,7 +594,7 @@ def augment_config(cfg: TrainConfig) -> AugmentConfig | None:
 
 def generator_data(run: Run, model: LipSync, **kwargs) -> dict:
     cfg = run.cfg
-    return dict(seed=cfg.seed, crop_size=model.crop_size, mel_context=cfg.mel_context,
+    return dict(seed=cfg.seed, crop_size=model.crop_size, mel_context=cfg.mel_context, sample=cfg.reference,
                 features="whisper" if cfg.whisper else "mel", augment=augment_config(cfg), **kwargs)
 
 

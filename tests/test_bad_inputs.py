@@ -174,6 +174,7 @@ ROWS = {
         "train", TRAIN + ["--device", "cuda" if not torch.cuda.is_available() else NO_CUDA], 1, "devices here"),
     "train --device bogus": ("train", TRAIN + ["--device", "bogus"], 1, "is not a device"),
     "train --stage1.batch 0": ("train", TRAIN + ["--stage1.batch", "0"], 1, "--stage1.batch must be >= 1"),
+    "train --reference bogus": ("train", TRAIN + ["--reference", "nearest"], 1, "--reference must be one of"),
     "train --stage bogus": ("train", TRAIN + ["--stage", "bogus"], 1, "unknown stage"),
     "train --config missing (argparse)": ("train", TRAIN + ["--config", "{d}/nope.json"], 2, "--config"),
 }

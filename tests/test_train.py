@@ -353,3 +353,10 @@ def test_face128_preset_is_the_tiny_networks_on_128_px_crops_with_image_and_mel_
     assert unet == UNetConfig.tiny() and mel == MelEncoderConfig.tiny()
     assert cfg.augment.image == 0.8 and cfg.augment.mel == 0.5 and cfg.out == "runs/face128"
     assert train.model_configs(train.parse_args([]))[1].sample_size == 64
+
+
+@pytest.mark.parametrize("rule", train.REFERENCES)
+def test_the_reference_rule_reaches_the_generator_datasets(rule):
+    from types import SimpleNamespace
+    run = SimpleNamespace(cfg=train.TrainConfig(reference=rule))
+    assert train.generator_data(run, SimpleNamespace(crop_size=64))["sample"] == rule

@@ -1,11 +1,8 @@
-"""Training clips of one person for `train.py --personalize`: their video or photo -> puppet clips with speech,
-plus the video itself as a real clip when it carries their speech.
+"""Training clips of one person for `train.py --personalize`: their video or photo -> puppet clips with speech.
 
 No speech of theirs is needed. The face is tracked once (lipsync.training.prepare, 256 px crops), then
 `lipsync.tools.puppet` re-mouths it to random syllable sequences, each clip with its own synthesised voice, as the
-any-face recipe does for its training people (assets/README.md). A video with a sound track that is not silence
-also joins as it is (its frames with its own sound, at the model's crop size): real lips moving to a real voice
-teach the model this person's mouth far better than painted puppet mouths can.
+any-face recipe does for its training people (assets/README.md).
 """
 
 import time
@@ -13,30 +10,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lipsync.checks import IMAGE_SUFFIXES
-from lipsync.melspec import load_audio
 from lipsync.tools.puppet import make_puppet_clip, write_puppet_clip
 from lipsync.training.prepare import prepare_clip
 
 SOURCE_CROP = 256  # the puppet warp works on 256 px crops and writes the model's crop size
-QUIET = 1e-3  # a sound track whose peak stays below this (of full scale) is silence, not speech
-
-
-def has_speech(source) -> bool:
-    """True for a video whose sound track is not silence (a photo, a video without sound or a silent one: False)."""
-    if Path(source).suffix.lower() in IMAGE_SUFFIXES:
-        return False
-    try:
-        wave = load_audio(source)
-    except ValueError:  # no audio stream
-        return False
-    return wave.numel() > 0 and float(wave.abs().max()) > QUIET
 
 
 def make_clips(source, out, crop_size: int, clips: int = 4, seconds: float = 6.0, seed: int = 0, say=print) -> Path:
-    """source video/photo -> out/source/<name> (tracked crops), out/clips/<name>_NNNN (puppets at crop_size) and,
-    when the video has speech, out/clips/<name>_own (the video with its sound). Returns the clips folder. A rerun
-    keeps what is complete."""
+    """source video/photo -> out/source/<name> (tracked crops) and out/clips/<name>_NNNN (puppets at crop_size).
+    Returns the clips folder. A rerun keeps what is complete."""
     t0, out, source = time.time(), Path(out), Path(source)
     # the puppets get their own speech, so the person's sound (if any) is not even decoded
     prepared = prepare_clip(source, out / "source", crop_size=SOURCE_CROP, silent=True)
@@ -50,7 +32,4 @@ def make_clips(source, out, crop_size: int, clips: int = 4, seconds: float = 6.0
             clip = make_puppet_clip(prepared.path, i, "train", seconds, crop_size, seed)
             write_puppet_clip(folder, name, clip, prepared.path, "train", seed)
     say(f"[personalize] {clips} puppet clips of {seconds:g} s in {time.time() - t0:.0f} s -> {folder}")
-    if has_speech(source):
-        own = prepare_clip(source, folder, crop_size=crop_size, name=f"{prepared.path.name}_own")
-        say(f"[personalize] {source.name} has speech: its {own.frames} frames join as a real clip ({own.path.name})")
     return folder
