@@ -142,3 +142,9 @@ def test_speech_clips_speak_a_window_of_a_recording_and_the_mouth_follows_its_lo
     assert np.corrcoef(clip["opening"], lip_opening_68(lm))[0, 1] > 0.95  # the drawn mouth opens as the truth says
     with pytest.raises(ValueError, match="shorter than a clip"):
         P.make_puppet_clip(source, 0, "train", seconds=2.0, size=64, seed=0, speech=[short])
+
+
+def test_cli_refuses_a_missing_speech_file_before_writing(source, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        P.main([str(source), "--out", str(tmp_path / "out"), "--speech", str(tmp_path / "nope.wav")])
+    assert e.value.code == 2 and not (tmp_path / "out").exists()

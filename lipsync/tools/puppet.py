@@ -335,6 +335,9 @@ def main(argv=None):
     meta, crops, _ = _source(args.source)
     if crops.shape[1] < args.size:
         p.error(f"{args.source} has {crops.shape[1]} px crops; --size must not exceed that")
+    for path in args.speech:
+        if not os.path.isfile(path):
+            p.error(f"--speech {path}: no such file")
 
     stem = Path(args.source).name
     n_held = int(round(args.clips * args.heldout))
