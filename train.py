@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from lipsync import checks
 from lipsync.training.augment import AugmentConfig
-from lipsync.training.data import Stage1Dataset, Stage2Dataset, list_clips
+from lipsync.training.data import REFERENCE_RULES, Stage1Dataset, Stage2Dataset, list_clips
 from lipsync.training.losses import PatchDiscriminator, PerceptualLoss
 from lipsync.blocks import config_from_dict
 from lipsync.mel_encoder import MelEncoderConfig
@@ -292,9 +292,6 @@ def config_from_values(values: dict) -> TrainConfig:
     return cfg
 
 
-REFERENCES = ("pose_mouth", "random")  # lipsync.training.data's reference rules
-
-
 def check_settings(cfg: TrainConfig):
     """Settings that cannot work, whatever the data: one ValueError."""
     if cfg.device != "auto":
@@ -303,8 +300,8 @@ def check_settings(cfg: TrainConfig):
     for name, value in sizes.items():
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, not {value}")
-    if cfg.reference not in REFERENCES:
-        raise ValueError(f"--reference must be one of {', '.join(REFERENCES)}, not {cfg.reference!r}")
+    if cfg.reference not in REFERENCE_RULES:
+        raise ValueError(f"--reference must be one of {', '.join(REFERENCE_RULES)}, not {cfg.reference!r}")
     checks.creatable(cfg.out)
 
 

@@ -355,7 +355,7 @@ def test_face128_preset_is_the_tiny_networks_on_128_px_crops_with_image_and_mel_
     assert train.model_configs(train.parse_args([]))[1].sample_size == 64
 
 
-@pytest.mark.parametrize("rule", train.REFERENCES)
+@pytest.mark.parametrize("rule", train.REFERENCE_RULES)
 def test_the_reference_rule_reaches_the_generator_datasets(rule):
     from types import SimpleNamespace
     run = SimpleNamespace(cfg=train.TrainConfig(reference=rule))

@@ -280,6 +280,7 @@ def make_puppet_clip(source, index, split="train", seconds=8.0, size=64, seed=0,
     else:
         seq = random_sequence(n / fps, rng)
         truth = seq.at(np.arange(n) / fps)
+        wave = synth_audio(seq.opening, seq.roundness, seq.rate, voice, seq.noise, seq.noise_hz, n / fps, seed=ident)
     idx = pingpong(len(crops), n, int(rng.integers(2 * max(len(crops) - 1, 1))))
     S = crops.shape[1]
     boxes = track["boxes"][idx]
@@ -291,8 +292,6 @@ def make_puppet_clip(source, index, split="train", seconds=8.0, size=64, seed=0,
                                            style, size)
     landmarks = track["landmarks"][idx].copy()
     landmarks[:, MOVED] = from_crop_coords(lm_out[:, MOVED], boxes, S)
-    if not len(speech):
-        wave = synth_audio(seq.opening, seq.roundness, seq.rate, voice, seq.noise, seq.noise_hz, n / fps, seed=ident)
     return {"crops": out, "boxes": boxes, "face": track["face"][idx], "landmarks": landmarks, "wave": wave,
             "opening": truth["opening"], "width": (1 - truth["roundness"]).astype(np.float32), "speaker": ident,
             "fps": fps, "frames": idx, "meta": meta}
@@ -313,8 +312,7 @@ def write_puppet_clip(out, name, clip, source, split="train", seed=0):
 def _puppet_job(source, out, name, index, split, seconds, size, seed, threads, speech):
     """Make and write one clip -> (r(truth, landmark opening), r(truth, dark height), r(RMS envelope, truth))."""
     torch.set_num_threads(threads)
-    waves = [load_audio(path).numpy() for path in speech]
-    clip = make_puppet_clip(source, index, split, seconds, size, seed, speech=waves)
+    clip = make_puppet_clip(source, index, split, seconds, size, seed, speech=speech)
     write_puppet_clip(out, name, clip, source, split, seed)
     lm = to_crop_coords(clip["landmarks"], clip["boxes"], size)
     env = frame_envelope(clip["wave"], len(clip["opening"]), clip["fps"])
@@ -345,8 +343,8 @@ def main(argv=None):
     jobs = [(f"{stem}_{split}{tag}_{i:04d}", i, split)
             for split, n in (("train", args.clips - n_held), ("heldout", n_held)) for i in range(n)]
     todo = [j for j in jobs if not (Path(args.out) / j[0] / "meta.json").exists()]
-    common = (args.seconds, args.size, args.seed, max(1, (os.cpu_count() or 1) // max(args.workers, 1)),
-              tuple(args.speech))
+    speech = [load_audio(path).numpy() for path in args.speech]  # read once, shared by every clip
+    common = (args.seconds, args.size, args.seed, max(1, (os.cpu_count() or 1) // max(args.workers, 1)), speech)
     results = run_jobs(_puppet_job, [(args.source, args.out, name, i, split, *common) for name, i, split in todo],
                        args.workers, "puppet clips")
     print(f"{len(todo)} clips written, {len(jobs) - len(todo)} already complete, in {args.out}")

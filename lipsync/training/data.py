@@ -24,6 +24,7 @@ from lipsync.training.augment import AugmentConfig, apply, draw, map_points
 from lipsync.tracking import to_crop_coords
 
 MIN_GAP = 5  # reference frames are at least this many frames from the target
+REFERENCE_RULES = ("pose_mouth", "random")  # MuseTalk v1.5's rule (similar pose, different lips) and v1's (any frame)
 
 
 @dataclass
@@ -127,7 +128,7 @@ class _ClipFrames(Dataset):
 
     def __init__(self, root_or_clips, split="train", crop_size=None, seed=0, mel_context=4, left=2, right=2,
                  sample="pose_mouth", length=None, features="mel", val_fraction=0.1, augment: AugmentConfig | None = None):
-        assert sample in ("pose_mouth", "random") and features in ("mel", "whisper")
+        assert sample in REFERENCE_RULES and features in ("mel", "whisper")
         self.seed, self.epoch, self.mel_context, self.left, self.right = seed, 0, mel_context, left, right
         self.sample, self.features, self.augment = sample, features, augment
         split = {"heldout": "val"}.get(split, split)

@@ -56,7 +56,8 @@ def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=
                  smooth_sigma=None, name=None, progress=True, geometry="square", silent=False):
     """Prepare one clip into out_dir/<name> (name defaults to the video's stem); see the module docstring.
 
-    audio: audio file to use instead of the video's own track; silent=True (always so for a photo): a silent track. fps: target rate (None or 0 keeps the source rate).
+    audio: audio file to use instead of the video's own track; silent=True (always so for a photo): a silent track.
+    fps: target rate (None or 0 keeps the source rate).
     bbox: (x1, y1, x2, y2) fixed face box instead of mediapipe. geometry: tracking.GEOMETRIES. smooth_sigma: box
     smoothing in frames (default 2 for square, 0 for musetalk). Returns a Prepared record.
     """
