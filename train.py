@@ -75,6 +75,7 @@ class LossWeights:
     mouth_gan: float = 0.01
     fm: float = 0.1
     sync: float = 0.05
+    keep: float = 0.0
 
 
 @dataclass
@@ -173,6 +174,8 @@ HELP = {
     "loss.mouth_gan": "stage 2: weight of the LSGAN loss on the mouth crop",
     "loss.fm": "stage 2: weight of discriminator feature matching",
     "loss.sync": "stage 2: weight of the SyncNet loss (0 = no SyncNet needed)",
+    "loss.keep": "fine-tunes (--init): weight of an L1 to --init's own output with each frame as its own reference "
+                 "(how infer.py dubs a video), so the fine-tune keeps what --init does there (0 = off)",
     "start_gan": "stage 2: steps before the GAN and feature-matching terms switch on",
     "T": "stage 2: consecutive frames per clip (= the SyncNet window)",
     "sync_context": "syncnet stage: frames of extra audio each side, for shifted negatives",
@@ -205,7 +208,8 @@ PRESETS = {
 
 # --personalize: stage 1 only, a short fine-tune of --init on puppets of one person; flags still override these.
 PERSONALIZE = dict(stage="stage1", stage1=dict(steps=800, batch=8, lr=2e-4), optim=dict(warmup=10),
-                   loss=dict(mouth=2.0), augment=dict(image=0.5, mel=0.5), log_every=5, sample_every=100, ckpt_every=50)
+                   loss=dict(mouth=2.0, keep=1.0), augment=dict(image=0.5, mel=0.5), log_every=5, sample_every=100,
+                   ckpt_every=50)
 PERSONALIZE_MINUTES = 14.0  # the whole command: tracking + puppets + fine-tune (+ export) on 2 CPU cores
 PERSONALIZE_CLIPS = dict(clips=4, seconds=6.0)
 
@@ -300,6 +304,8 @@ def check_settings(cfg: TrainConfig):
     for name, value in sizes.items():
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, not {value}")
+    if cfg.loss.keep > 0 and not (cfg.init or cfg.personalize):
+        raise ValueError("--loss.keep holds a fine-tune to its --init model; give --init")
     if cfg.reference not in REFERENCE_RULES:
         raise ValueError(f"--reference must be one of {', '.join(REFERENCE_RULES)}, not {cfg.reference!r}")
     checks.creatable(cfg.out)
@@ -596,14 +602,17 @@ def generator_data(run: Run, model: LipSync, **kwargs) -> dict:
 
 
 def generator_setup(run: Run, stage: str, model: LipSync, lr: float):
-    """Perceptual loss, the loss module (compiled / DDP-wrapped), trainable parameters and their optimizer."""
+    """Perceptual loss, the loss module (compiled / DDP-wrapped), trainable parameters and their optimizer, and the
+    frozen --init model that --loss.keep holds the fine-tune to (None without it)."""
     cfg = run.cfg
     perceptual = PerceptualLoss(cfg.vgg or None, size=None if cfg.preset != "musetalk" else 224).to(run.device)
+    teacher = load_lipsync(cfg.init).requires_grad_(False).to(run.device) if cfg.loss.keep > 0 else None
     run.say(f"[{stage}] perceptual loss: {perceptual.name}; "
-            f"audio: {'whisper (frozen)' if cfg.whisper else 'MelEncoder'}")
+            f"audio: {'whisper (frozen)' if cfg.whisper else 'MelEncoder'}"
+            f"{f'; kept near {cfg.init} (weight {cfg.loss.keep:g})' if teacher else ''}")
     net = wrap(maybe_compile(model, cfg), generator_losses, run)
     params = list(model.unet.parameters()) + list(model.audio.parameters())
-    return perceptual, net, params, optimizer(params, lr, cfg)
+    return perceptual, net, params, optimizer(params, lr, cfg), teacher
 
 
 def save_sample(run: Run, stage: str, step: int, steps: int, batch: dict, pred):
@@ -630,12 +639,12 @@ def stage1(run: Run, root) -> LipSync:
     cfg = run.cfg
     model = build_generator(run)
     data = Stage1Dataset(root, "train", **generator_data(run, model))
-    perceptual, net, params, opt = generator_setup(run, "stage1", model, cfg.stage1.lr)
+    perceptual, net, params, opt, teacher = generator_setup(run, "stage1", model, cfg.stage1.lr)
 
     def step_fn(step):
         batch = to(batch_at(data, step, cfg.stage1.batch, cfg.seed, run.rank), run.device)
         with run.amp():
-            loss, logs, pred, _ = net(batch, cfg, perceptual, step)
+            loss, logs, pred, _ = net(batch, cfg, perceptual, step, teacher=teacher)
         loss.backward()
         clip_and_step(opt, params, cfg)
         save_sample(run, "stage1", step, cfg.stage1.steps, batch, pred)
@@ -655,7 +664,7 @@ def stage2(run: Run, root) -> LipSync:
     if not os.path.exists(init):
         raise SystemExit(f"error: stage2 starts from stage 1: expected {init}")
     model.load_state_dict(torch.load(init, map_location="cpu", weights_only=True)["modules"]["generator"])
-    perceptual, net, params, opt = generator_setup(run, "stage2", model, cfg.stage2.lr)
+    perceptual, net, params, opt, teacher = generator_setup(run, "stage2", model, cfg.stage2.lr)
     torch.manual_seed(cfg.seed + 1)
     small = (32, 64, 128, 128) if cfg.preset != "musetalk" else (64, 128, 256, 512)
     discs = torch.nn.ModuleDict({k: PatchDiscriminator(channels=small) for k in ("face", "mouth")}).to(run.device)
@@ -669,7 +678,7 @@ def stage2(run: Run, root) -> LipSync:
             batch = to(batch_at(data, step * accum + micro, cfg.stage2.batch, cfg.seed, run.rank), run.device)
             discs.requires_grad_(False)  # the generator's adversarial terms must not train the critics
             with run.amp():
-                loss, logs, pred, target = net(batch, cfg, perceptual, step, discs, syncnet)
+                loss, logs, pred, target = net(batch, cfg, perceptual, step, discs, syncnet, teacher=teacher)
             (loss / accum).backward()
             discs.requires_grad_(True)
             with run.amp():

@@ -52,6 +52,7 @@ def test_personalize_fine_tunes_the_init_model_on_puppets_of_the_face(tmp_path, 
         assert np.abs(sf.read(c / "audio.wav")[0]).max() > 0.01
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if s["stage"] == "stage1"] == [1, 2, 3]
+    assert all(s["keep"] >= 0 for s in steps if s["stage"] == "stage1")  # held near --init in infer.py's mode
 
     before, after = load_lipsync(str(init)), load_lipsync(str(out / "lipsync.pt"))
     assert after.crop_size == 64

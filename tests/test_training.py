@@ -16,7 +16,7 @@ from lipsync.training.data import Stage1Dataset, Stage2Dataset
 from lipsync.training.losses import mouth_crops
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
 from lipsync.model import LipSync
-from lipsync.training.steps import discriminator_loss, frames_of, generator_losses, vae_step
+from lipsync.training.steps import discriminator_loss, frames_of, generate_batch, generator_losses, keep_loss, vae_step
 from lipsync.unet import UNet, UNetConfig
 from lipsync.vae import AutoencoderKL, VAEConfig
 
@@ -138,6 +138,33 @@ def test_stage1_loss_is_weighted_l1_plus_mouth_l1_plus_perceptual_only(data, mou
     expect = cfg.loss.l1 * by_hand_l1(pred, target, cfg.loss.lower) + mouth * m + cfg.loss.perceptual * PERCEPTUAL
     assert loss.item() == pytest.approx(expect.item(), rel=1e-6)
     assert set(logs) == ({"l1", "perceptual", "mouth"} if mouth else {"l1", "perceptual"})
+
+
+def test_keep_loss_is_l1_to_the_init_models_faces_on_frames_that_are_their_own_reference(data):
+    """--loss.keep: the fine-tune's and --init's faces on infer.py's inputs (reference = the frame itself), first half
+    of the batch, face L1 + mouth-weighted mouth L1; zero while the fine-tune equals --init."""
+    cfg = train.TrainConfig(**{**WEIGHTS, "loss": dataclasses.replace(WEIGHTS["loss"], keep=0.6)})
+    batch = train.batch_at(Stage1Dataset(data, "train", seed=0), 0, 4, seed=0, rank=0)
+    assert not torch.equal(batch["reference"], batch["target"])  # else "own reference" would go untested
+    model, teacher = tiny_model(), tiny_model()
+    assert keep_loss(model, teacher, batch, cfg.mel_context, cfg.loss.mouth, 2).item() < 1e-5  # float noise only
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    own = {k: batch[k][:2] for k in ("target", "mel", "mouth_box")}
+    own["reference"] = own["target"]
+    got, want = generate_batch(model, own, cfg.mel_context), generate_batch(teacher, own, cfg.mel_context)
+    expect = (got - want).abs().mean() + cfg.loss.mouth * mouth_by_hand(got, want, own["mouth_box"])
+    assert expect > 1e-3
+    keep = keep_loss(model, teacher, batch, cfg.mel_context, cfg.loss.mouth, 2)
+    assert keep.item() == pytest.approx(expect.item(), rel=1e-5)
+    # generator_losses adds it, weighted, to the stage-1 loss (on half of the 4 frames) and logs it
+    loss, logs, *_ = generator_losses(model, batch, cfg, stub_perceptual, 10, teacher=teacher)
+    plain, _, *_ = generator_losses(model, batch, cfg, stub_perceptual, 10)
+    assert logs["keep"] == pytest.approx(expect.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(plain.item() + 0.6 * expect.item(), rel=1e-5)
+    loss.backward()  # the teacher only sets the target: no gradient reaches it
+    assert all(p.grad is None for p in teacher.parameters())
 
 
 def test_discriminator_loss_is_lsgan_on_faces_and_mouths_with_the_fakes_detached():

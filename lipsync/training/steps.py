@@ -129,8 +129,24 @@ def generate_batch(model, batch, mel_context: int):
     return model(unet_in, windows)
 
 
-def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=None):
-    """Stage 1 (discs/syncnet None) or stage 2 generator loss. Returns (loss, logs, generated, target)."""
+def keep_loss(model, teacher, batch, mel_context: int, mouth_weight: float, n: int) -> torch.Tensor:
+    """How far a fine-tune has drifted from its --init model (`teacher`) on infer.py's inputs: the first n frames
+    of the batch, each its own reference (as infer.py dubs a video), with the batch's audio. L1 between the two
+    generated faces (N, 3, S, S) plus mouth_weight x L1 between their mouth crops; the teacher's face is the
+    target, the real frame is never seen (with itself as reference it would teach copying, not lip-sync)."""
+    own = {k: batch[k][:n] for k in ("target", "mel", "audio", "mouth_box") if k in batch}
+    own["reference"] = own["target"]
+    with torch.no_grad():
+        want = generate_batch(teacher, own, mel_context)
+    got = generate_batch(model, own, mel_context)
+    size = got.shape[-1] // 2
+    mouth = F.l1_loss(mouth_crops(got, own["mouth_box"], size), mouth_crops(want, own["mouth_box"], size))
+    return F.l1_loss(got, want) + mouth_weight * mouth
+
+
+def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=None, teacher=None):
+    """Stage 1 (discs/syncnet None) or stage 2 generator loss; with a teacher (the --init model of a fine-tune) and
+    cfg.loss.keep > 0, + keep_loss on half the batch. Returns (loss, logs, generated, target)."""
     B, T = batch["target"].shape[:2] if batch["target"].dim() == 5 else (batch["target"].shape[0], 1)
     batch = frames_of(batch)
     if cfg.augment.mel and "mel" in batch:
@@ -146,6 +162,10 @@ def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=No
         m = F.l1_loss(mouth_crops(pred, batch["mouth_box"], size), mouth_crops(target, batch["mouth_box"], size))
         loss = loss + cfg.loss.mouth * m
         logs["mouth"] = m.item()
+    if teacher is not None and cfg.loss.keep > 0:
+        k = keep_loss(model, teacher, batch, cfg.mel_context, cfg.loss.mouth, max(1, target.shape[0] // 2))
+        loss = loss + cfg.loss.keep * k
+        logs["keep"] = k.item()
     if discs is not None:
         gate = 1.0 if step >= cfg.start_gan else 0.0
         S = target.shape[-1]
