@@ -114,34 +114,40 @@ def augment_mel(mel: torch.Tensor, p: float, generator: torch.Generator) -> torc
     return torch.where(on, out, mel)
 
 
-
-def generate_batch(model, batch, mel_context: int):
-    """Flattened batch -> generated faces (N, 3, S, S). The frozen VAE encodes [masked target, reference]; audio
-    windows come from mel spans (N, 80, 2 (n + 2c)) through the trainable MelEncoder, or are precomputed whisper
-    windows (N, n L, 384)."""
-    with torch.no_grad():
-        unet_in = model.face.unet_input(batch["target"], batch["reference"])  # (N, 8, s, s)
+def audio_windows(model, batch, mel_context: int):
+    """The model's cross-attention context for a flattened batch: mel spans (N, 80, 2 (n + 2c)) through its trainable
+    MelEncoder, or the precomputed whisper windows (N, n L, 384)."""
     if "mel" in batch:
         n = batch["mel"].shape[-1] // 2 - 2 * mel_context
-        windows = model.span_windows(batch["mel"], mel_context, n)
-    else:
-        windows = batch["audio"]
-    return model(unet_in, windows)
+        return model.span_windows(batch["mel"], mel_context, n)
+    return batch["audio"]
+
+
+def generate_batch(model, batch, mel_context: int):
+    """Flattened batch -> generated faces (N, 3, S, S). The frozen VAE encodes [masked target, reference]."""
+    with torch.no_grad():
+        unet_in = model.face.unet_input(batch["target"], batch["reference"])  # (N, 8, s, s)
+    return model(unet_in, audio_windows(model, batch, mel_context))
+
+
+def mouth_l1(a, b, boxes) -> torch.Tensor:
+    """L1 between the mouth crops (half the face's side) of two face batches (N, 3, S, S); boxes (N, 4)."""
+    size = a.shape[-1] // 2
+    return F.l1_loss(mouth_crops(a, boxes, size), mouth_crops(b, boxes, size))
 
 
 def keep_loss(model, teacher, batch, mel_context: int, mouth_weight: float, n: int) -> torch.Tensor:
     """How far a fine-tune has drifted from its --init model (`teacher`) on infer.py's inputs: the first n frames
     of the batch, each its own reference (as infer.py dubs a video), with the batch's audio. L1 between the two
     generated faces (N, 3, S, S) plus mouth_weight x L1 between their mouth crops; the teacher's face is the
-    target, the real frame is never seen (with itself as reference it would teach copying, not lip-sync)."""
+    target, the real frame is never seen (with itself as reference it would teach copying, not lip-sync).
+    Both share one VAE encoding: a fine-tune's VAE is --init's, frozen."""
     own = {k: batch[k][:n] for k in ("target", "mel", "audio", "mouth_box") if k in batch}
-    own["reference"] = own["target"]
     with torch.no_grad():
-        want = generate_batch(teacher, own, mel_context)
-    got = generate_batch(model, own, mel_context)
-    size = got.shape[-1] // 2
-    mouth = F.l1_loss(mouth_crops(got, own["mouth_box"], size), mouth_crops(want, own["mouth_box"], size))
-    return F.l1_loss(got, want) + mouth_weight * mouth
+        unet_in = model.face.unet_input(own["target"])  # (n, 8, s, s), reference = the frame itself
+        want = teacher(unet_in, audio_windows(teacher, own, mel_context))
+    got = model(unet_in, audio_windows(model, own, mel_context))
+    return F.l1_loss(got, want) + mouth_weight * mouth_l1(got, want, own["mouth_box"])
 
 
 def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=None, teacher=None):
@@ -158,8 +164,7 @@ def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=No
     loss = cfg.loss.l1 * l1 + cfg.loss.perceptual * p
     logs = {"l1": l1.item(), "perceptual": p.item()}
     if cfg.loss.mouth > 0:  # the lips are a few % of the crop: an L1 of their own makes the audio matter
-        size = target.shape[-1] // 2
-        m = F.l1_loss(mouth_crops(pred, batch["mouth_box"], size), mouth_crops(target, batch["mouth_box"], size))
+        m = mouth_l1(pred, target, batch["mouth_box"])
         loss = loss + cfg.loss.mouth * m
         logs["mouth"] = m.item()
     if teacher is not None and cfg.loss.keep > 0:
