@@ -44,7 +44,8 @@ from lipsync.unet import UNet, UNetConfig
 from lipsync.vae import AutoencoderKL, VAEConfig
 from lipsync.weights import load_vae
 
-STAGES = ("vae", "syncnet", "stage1", "stage2")
+STAGES = ("vae", "syncnet", "stage1", "stage2")  # --stage all: the whole recipe from random init
+FINE_TUNE_STAGES = ("decoder",)  # only by name, on an --init model
 SYNTHETIC_CLIPS, SYNTHETIC_SECONDS = 40, 10.0  # what an empty default --data is filled with
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo.pt")
 
@@ -101,6 +102,7 @@ class TrainConfig:
     personalize: str = ""
     # stages: steps, batch, learning rate
     vae: StageConfig = field(default_factory=lambda: StageConfig(320, 8, 1e-3))
+    decoder: StageConfig = field(default_factory=lambda: StageConfig(250, 8, 6e-4))
     syncnet: StageConfig = field(default_factory=lambda: StageConfig(300, 16, 3e-4))  # lr 1e-3 collapses it
     stage1: StageConfig = field(default_factory=lambda: StageConfig(500, 16, 5e-4))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(60, 4, 2e-4))
@@ -133,7 +135,8 @@ HELP = {
     "config": "JSON file of TrainConfig fields (groups as objects, e.g. {\"stage1\": {\"lr\": 1e-4}})",
     "preset": "model sizes and recipe: tiny (CPU demo, 64 px), face128 (tiny networks on 128 px crops with image and "
               "mel augmentation: the any-face CPU model) or musetalk (the published sizes and hyperparameters)",
-    "stage": "what to run: all, or a comma list of vae, syncnet, stage1, stage2",
+    "stage": "what to run: all (vae, syncnet, stage1, stage2), or a comma list of those and decoder (fine-tunes "
+             "--init's VAE decoder; before stage1)",
     "data": "folder of prepared clips; the default folder is filled with synthetic clips when empty",
     "out": "run folder: stage checkpoints, metrics.jsonl, samples/ and the final lipsync.pt",
     "geometry": "crop geometry the clips must have (meta.json): auto (whatever they have), square or musetalk",
@@ -148,6 +151,10 @@ HELP = {
     "vae.steps": "optimizer steps of the vae stage (our own small AutoencoderKL)",
     "vae.batch": "vae stage: frames per step (each step encodes targets and references, so twice this)",
     "vae.lr": "vae stage: peak learning rate",
+    "decoder.steps": "optimizer steps of the decoder stage: --init's VAE decoder fine-tuned on --data's faces, its "
+                     "encoder frozen (the UNet's latents keep their meaning); later stages in --out decode with it",
+    "decoder.batch": "decoder stage: frames per step (each step decodes targets and references, so twice this)",
+    "decoder.lr": "decoder stage: peak learning rate",
     "syncnet.steps": "optimizer steps of the syncnet stage",
     "syncnet.batch": "syncnet stage: windows of frames per step",
     "syncnet.lr": "syncnet stage: peak learning rate",
@@ -189,7 +196,8 @@ HELP = {
     "log_every": "write a metrics.jsonl line every this many steps",
     "sample_every": "write a sample grid to samples/ every this many steps",
     "ckpt_every": "write the stage checkpoint every this many steps",
-    "max_minutes": "stop each stage after this many minutes (0 = no limit); continue with --resume",
+    "max_minutes": "stop training this many minutes after the command started, all its stages together (0 = no "
+                   "limit); continue with --resume",
     "export_dtype": "precision of the exported lipsync.pt: fp32, fp16 or bf16",
     "stop_at": "stop each stage after this step, keeping its full-length schedule; continue with --resume",
 }
@@ -206,8 +214,9 @@ PRESETS = {
 }
 
 
-# --personalize: stage 1 only, a short fine-tune of --init on puppets of one person; flags still override these.
-PERSONALIZE = dict(stage="stage1", stage1=dict(steps=800, batch=8, lr=2e-4), optim=dict(warmup=10),
+# --personalize: a short fine-tune of --init on puppets of one person, its VAE decoder first (about 5 minutes), then
+# stage 1 in the time left; flags still override these.
+PERSONALIZE = dict(stage="decoder,stage1", stage1=dict(steps=800, batch=8, lr=2e-4), optim=dict(warmup=10),
                    loss=dict(mouth=2.0, keep=1.0), augment=dict(image=0.5, mel=0.5), log_every=5, sample_every=100,
                    ckpt_every=50)
 PERSONALIZE_MINUTES = 14.0  # the whole command: tracking + puppets + fine-tune (+ export) on 2 CPU cores
@@ -300,12 +309,14 @@ def check_settings(cfg: TrainConfig):
     """Settings that cannot work, whatever the data: one ValueError."""
     if cfg.device != "auto":
         checks.pick_device(cfg.device)
-    sizes = {f"{s}.batch": getattr(cfg, s).batch for s in STAGES} | {"grad_accum": cfg.grad_accum, "T": cfg.T}
+    sizes = {f"{s}.batch": getattr(cfg, s).batch for s in STAGES + FINE_TUNE_STAGES} | {"grad_accum": cfg.grad_accum, "T": cfg.T}
     for name, value in sizes.items():
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, not {value}")
     if cfg.loss.keep > 0 and not (cfg.init or cfg.personalize):
         raise ValueError("--loss.keep holds a fine-tune to its --init model; give --init")
+    if "decoder" in cfg.stage.split(",") and not (cfg.init or cfg.personalize):
+        raise ValueError("the decoder stage fine-tunes the VAE decoder of an --init model; give --init")
     if cfg.reference not in REFERENCE_RULES:
         raise ValueError(f"--reference must be one of {', '.join(REFERENCE_RULES)}, not {cfg.reference!r}")
     checks.creatable(cfg.out)
@@ -321,7 +332,7 @@ def check_config(cfg: TrainConfig, stages):
         raise ValueError(f"--out {cfg.out} is inside --data {cfg.data}; keep runs apart from the prepared clips")
     inputs = {"--vae_path": cfg.vae_path, "--whisper": cfg.whisper, "--vgg": cfg.vgg, "--init": cfg.init}
     stages = [s for s in stages if not (s == "vae" and (cfg.vae_path or cfg.init))]  # the given VAE is used
-    written = [f"{s}.pt" for s in stages] + [f"{s}.final.pt" for s in ("vae", "syncnet") if s in stages]
+    written = [f"{s}.pt" for s in stages] + [f"{s}.final.pt" for s in ("vae", "decoder", "syncnet") if s in stages]
     written += ["lipsync.pt", "metrics.jsonl", "samples"] if {"stage1", "stage2"} & set(stages) else ["metrics.jsonl"]
     for flag, path in inputs.items():
         if path and not os.path.exists(path):
@@ -340,6 +351,7 @@ class Run:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.started = time.time()  # --max_minutes counts from here, over all stages
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
@@ -453,7 +465,7 @@ def train_loop(run: Run, stage: str, modules: dict, optims: dict, steps: int, st
             bar.set_postfix({k: f"{v:.4f}" for k, v in list(logs.items())[:4]})
         if done % cfg.ckpt_every == 0 or done == steps:
             save(done)
-        if cfg.max_minutes and time.time() - t0 > 60 * cfg.max_minutes or done == cfg.stop_at:
+        if cfg.max_minutes and time.time() - run.started > 60 * cfg.max_minutes or done == cfg.stop_at:
             run.say(f"[{stage}] stopping at step {done} of {steps}; continue with --resume")
             save(done)
             break
@@ -536,6 +548,36 @@ def load_stage_vae(run: Run) -> AutoencoderKL:
     return vae.to(run.device).eval().requires_grad_(False)
 
 
+def stage_decoder(run: Run, root):
+    """--init's VAE with its decoder (and post_quant_conv) fine-tuned on the frames in root: the faces of the people
+    there decode sharper. The encoder stays frozen, so the latents the UNet reads and writes keep their meaning. No
+    image augmentation: the point is these people's own colours and texture. Writes OUT/decoder.final.pt, which the
+    generator stages after it in this --out decode with."""
+    cfg = run.cfg
+    init = load_lipsync(cfg.init)
+    vae = init.vae.to(run.device).requires_grad_(False)
+    decoder = [vae.post_quant_conv, vae.decoder]
+    for m in decoder:
+        m.requires_grad_(True)
+    params = [p for m in decoder for p in m.parameters()]
+    data = Stage1Dataset(root, "train", seed=cfg.seed, crop_size=init.crop_size)
+    perceptual = PerceptualLoss(cfg.vgg or None, size=None).to(run.device)
+    net, opt = wrap(vae, vae_step, run), optimizer(params, cfg.decoder.lr, cfg)
+
+    def step_fn(step):
+        batch = to(batch_at(data, step, cfg.decoder.batch, cfg.seed, run.rank), run.device)
+        with run.amp():
+            loss, logs = net(batch, perceptual)
+        loss.backward()
+        clip_and_step(opt, params, cfg)
+        return logs
+
+    train_loop(run, "decoder", {"vae": vae}, {"vae": opt}, cfg.decoder.steps, step_fn)
+    if run.main:
+        atomic_save({"config": dataclasses.asdict(vae.config), "state": vae.eval().state_dict()},
+                    run.path("decoder.final"))
+
+
 def stage_syncnet(run: Run, root):
     cfg = run.cfg
     *_, sync_cfg = model_configs(cfg)
@@ -573,6 +615,9 @@ def build_generator(run: Run) -> LipSync:
     if cfg.init:
         model = load_lipsync(cfg.init)
         model.geometry = clip_geometry(cfg)
+        if os.path.exists(decoder := run.path("decoder.final")):  # the decoder stage's VAE
+            model.vae.load_state_dict(torch.load(decoder, map_location="cpu", weights_only=True)["state"])
+            run.say(f"[generator] VAE decoder from {decoder}")
         model.vae.requires_grad_(False)
         model.unet.gradient_checkpointing = run.grad_ckpt
         return model.to(run.device)
@@ -607,6 +652,8 @@ def generator_setup(run: Run, stage: str, model: LipSync, lr: float):
     cfg = run.cfg
     perceptual = PerceptualLoss(cfg.vgg or None, size=None if cfg.preset != "musetalk" else 224).to(run.device)
     teacher = load_lipsync(cfg.init).requires_grad_(False).to(run.device) if cfg.loss.keep > 0 else None
+    if teacher is not None:  # one VAE (a decoder stage's, if any) decodes both models' faces
+        teacher.vae, teacher.face = model.vae, model.face
     run.say(f"[{stage}] perceptual loss: {perceptual.name}; "
             f"audio: {'whisper (frozen)' if cfg.whisper else 'MelEncoder'}"
             f"{f'; kept near {cfg.init} (weight {cfg.loss.keep:g})' if teacher else ''}")
@@ -751,8 +798,8 @@ def learning_check(run: Run, model: LipSync):
 def main(argv=None):
     cfg = parse_args(argv)
     stages = STAGES if cfg.stage == "all" else tuple(cfg.stage.split(","))
-    if bad := [s for s in stages if s not in STAGES]:
-        raise SystemExit(f"error: unknown stage {bad[0]!r}; choose from all, {', '.join(STAGES)}")
+    if bad := [s for s in stages if s not in STAGES + FINE_TUNE_STAGES]:
+        raise SystemExit(f"error: unknown stage {bad[0]!r}; choose from all, {', '.join(STAGES + FINE_TUNE_STAGES)}")
     try:
         if cfg.personalize:
             cfg = personalize(cfg, stages)
@@ -763,11 +810,12 @@ def main(argv=None):
 
 
 def personalize(cfg: TrainConfig, stages) -> TrainConfig:
-    """Make OUT/clips (puppets of the --personalize face at --init's crop size) and point the run at them: stage 1
-    from --init (the bundled model by default), stopped in time for the whole command to fit PERSONALIZE_MINUTES."""
+    """Make OUT/clips (puppets of the --personalize face at --init's crop size) and point the run at them: the decoder
+    stage, then stage 1, from --init (the bundled model by default), stopped in time for the whole command to fit
+    PERSONALIZE_MINUTES."""
     t0 = time.time()
-    if stages != ("stage1",):
-        raise ValueError("--personalize fine-tunes stage 1 only; leave --stage out")
+    if stages != ("decoder", "stage1"):
+        raise ValueError("--personalize runs its own stages (decoder, stage1); leave --stage out")
     if not os.path.isfile(cfg.personalize):
         raise ValueError(f"--personalize {cfg.personalize}: no such file")
     init = cfg.init or BUNDLED
@@ -798,6 +846,8 @@ def run_stages(cfg: TrainConfig, stages):
                 continue
             crop = model_configs(cfg)[1].sample_size
             stage_vae(run, Stage1Dataset(cfg.data, "train", seed=cfg.seed, crop_size=crop, augment=augment_config(cfg)))
+        elif stage == "decoder":
+            stage_decoder(run, cfg.data)
         elif stage == "syncnet":
             stage_syncnet(run, cfg.data)
         else:

@@ -176,6 +176,8 @@ ROWS = {
     "train --stage1.batch 0": ("train", TRAIN + ["--stage1.batch", "0"], 1, "--stage1.batch must be >= 1"),
     "train --reference bogus": ("train", TRAIN + ["--reference", "nearest"], 1, "--reference must be one of"),
     "train --loss.keep without --init": ("train", TRAIN + ["--loss.keep", "1"], 1, "--loss.keep holds a fine-tune"),
+    "train --stage decoder without --init": (
+        "train", ["--data", "{d}/clips", "--stage", "decoder", "--out", "{t}/run"], 1, "the decoder stage fine-tunes"),
     "train --stage bogus": ("train", TRAIN + ["--stage", "bogus"], 1, "unknown stage"),
     "train --config missing (argparse)": ("train", TRAIN + ["--config", "{d}/nope.json"], 2, "--config"),
 }

@@ -1,4 +1,5 @@
-"""train.py --personalize: a person's video or photo -> puppet clips -> stage 1 fine-tuned from --init -> lipsync.pt."""
+"""train.py --personalize: a person's video or photo -> puppet clips -> VAE decoder, then stage 1, fine-tuned from
+--init -> lipsync.pt."""
 
 import json
 
@@ -40,8 +41,8 @@ def test_personalize_fine_tunes_the_init_model_on_puppets_of_the_face(tmp_path, 
         iio.imwrite(source, frames[0])
     monkeypatch.setattr(train, "PERSONALIZE_CLIPS", dict(clips=2, seconds=0.6))
     out = tmp_path / "run"
-    train.main(["--personalize", str(source), "--out", str(out), "--init", str(init), "--stage1.steps", "3",
-                "--stage1.batch", "2", "--log_every", "1"])
+    train.main(["--personalize", str(source), "--out", str(out), "--init", str(init), "--decoder.steps", "2",
+                "--decoder.batch", "2", "--stage1.steps", "3", "--stage1.batch", "2", "--log_every", "1"])
 
     clips = sorted((out / "clips").iterdir())
     assert [c.name for c in clips] == ["me_0000", "me_0001"]
@@ -51,13 +52,17 @@ def test_personalize_fine_tunes_the_init_model_on_puppets_of_the_face(tmp_path, 
         assert np.load(c / "crops.npy").shape == (15, 64, 64, 3)
         assert np.abs(sf.read(c / "audio.wav")[0]).max() > 0.01
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if s["stage"] == "decoder"] == [1, 2]  # the VAE decoder first
     assert [s["step"] for s in steps if s["stage"] == "stage1"] == [1, 2, 3]
     assert all(s["keep"] >= 0 for s in steps if s["stage"] == "stage1")  # held near --init in infer.py's mode
 
     before, after = load_lipsync(str(init)), load_lipsync(str(out / "lipsync.pt"))
     assert after.crop_size == 64
-    for name, p in before.vae.state_dict().items():  # the VAE is the init's, frozen
-        assert torch.equal(p, after.vae.state_dict()[name]), name
+    vae = after.vae.state_dict()
+    for name, p in before.vae.state_dict().items():  # the encoder is the init's: the UNet's latents mean the same
+        if name.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(p, vae[name]), name
+    assert any(not torch.equal(p, vae[k]) for k, p in before.vae.state_dict().items() if k.startswith("decoder."))
     moved = [(after.unet.state_dict()[k] - p).abs().max().item() for k, p in before.unet.state_dict().items()]
     assert max(moved) > 0  # trained ...
     assert max(moved) < 0.01  # ... from the init weights (3 steps at lr 2e-4), not from a fresh random UNet

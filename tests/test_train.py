@@ -289,6 +289,49 @@ def test_stage2_starts_from_the_stage1_generator(train_only, stage1_run, tmp_pat
     assert_identical(torch.load(os.path.join(out, "stage2.pt"), weights_only=True)["modules"]["generator"], stage1)
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_decoder_stage_tunes_only_the_decoder_and_stage1_and_its_keep_teacher_decode_with_it(train_only, stage1_run,
+                                                                                            tmp_path):
+    """--stage decoder,stage1 on an --init model: the encoder (what the UNet's latents mean) stays --init's, the
+    decoder moves, stage 1 and the exported lipsync.pt use the tuned VAE, and --loss.keep's frozen teacher decodes
+    with it too (so keep is 0 before the first update: the same UNet behind the same decoder)."""
+    init, out = os.path.join(stage1_run, "lipsync.pt"), str(tmp_path / "tuned")
+    train.main(common_args(train_only, out) + ["--init", init, "--stage", "decoder,stage1", "--decoder.steps", "2",
+                                               "--decoder.batch", "2", "--decoder.lr", "1e-2", "--stage1.steps", "1",
+                                               "--loss.keep", "1"])
+    before = torch.load(init, weights_only=True)["vae"]
+    tuned = torch.load(os.path.join(out, "decoder.final.pt"), weights_only=True)["state"]
+    exported = torch.load(os.path.join(out, "lipsync.pt"), weights_only=True)["vae"]
+    for name, p in before.items():
+        if name.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(tuned[name], p), name
+        assert torch.equal(exported[name], tuned[name]), name
+    assert any(not torch.equal(tuned[k], p) for k, p in before.items() if k.startswith("decoder."))
+    records = read_metrics(out)
+    assert [r["step"] for r in records if r["stage"] == "decoder"] == [1, 2]
+    keep, = [r["keep"] for r in records if r["stage"] == "stage1"]
+    assert keep < 1e-6
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_max_minutes_counts_from_the_start_of_the_command_over_all_stages(train_only, stage1_run, tmp_path,
+                                                                          monkeypatch):
+    """A command already 60 minutes old with --max_minutes 30: every stage stops after its first step (each stage's
+    own clock would have let both run to the end)."""
+    class LateRun(train.Run):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.started -= 3600
+    monkeypatch.setattr(train, "Run", LateRun)
+    out = str(tmp_path / "late")
+    train.main(common_args(train_only, out) + ["--init", os.path.join(stage1_run, "lipsync.pt"), "--stage",
+                                               "decoder,stage1", "--decoder.steps", "3", "--decoder.batch", "2",
+                                               "--stage1.steps", "3", "--max_minutes", "30"])
+    for stage in ("decoder", "stage1"):
+        assert [r["step"] for r in read_metrics(out) if r["stage"] == stage] == [1], stage
+        assert torch.load(os.path.join(out, f"{stage}.pt"), weights_only=True)["step"] == 1
+
+
 def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "stage1.pt")
     atomic_save({"step": 1, "w": torch.ones(3)}, path)
