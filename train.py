@@ -309,7 +309,8 @@ def check_settings(cfg: TrainConfig):
     """Settings that cannot work, whatever the data: one ValueError."""
     if cfg.device != "auto":
         checks.pick_device(cfg.device)
-    sizes = {f"{s}.batch": getattr(cfg, s).batch for s in STAGES + FINE_TUNE_STAGES} | {"grad_accum": cfg.grad_accum, "T": cfg.T}
+    sizes = {f"{s}.batch": getattr(cfg, s).batch for s in STAGES + FINE_TUNE_STAGES}
+    sizes |= {"grad_accum": cfg.grad_accum, "T": cfg.T}
     for name, value in sizes.items():
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, not {value}")
@@ -514,25 +515,31 @@ def stage_vae(run: Run, data):
     _, vae_cfg, _, _ = model_configs(cfg)
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(vae_cfg).to(run.device)
-    perceptual = PerceptualLoss(cfg.vgg or None, size=None).to(run.device)
-    run.say(f"[vae] perceptual loss: {perceptual.name}")
-    net, opt = wrap(vae, vae_step, run), optimizer(vae.parameters(), cfg.vae.lr, cfg)
-
-    def step_fn(step):
-        batch = to(batch_at(data, step, cfg.vae.batch, cfg.seed, run.rank), run.device)
-        with run.amp():
-            loss, logs = net(batch, perceptual)
-        loss.backward()
-        clip_and_step(opt, vae.parameters(), cfg)
-        return logs
-
-    train_loop(run, "vae", {"vae": vae}, {"vae": opt}, cfg.vae.steps, step_fn)
+    fit_vae(run, "vae", vae, list(vae.parameters()), data, cfg.vae)
     vae.eval()
     batches = [to(batch_at(data, 10 ** 6 + i, cfg.stage1.batch, cfg.seed, 0), run.device) for i in range(4)]
     vae.config.scaling_factor = latent_scale(vae, batches)
     run.say(f"[vae] latent scaling factor {vae.config.scaling_factor:.4f}")
     if run.main:
         atomic_save({"config": dataclasses.asdict(vae.config), "state": vae.state_dict()}, run.path("vae.final"))
+
+
+def fit_vae(run: Run, stage: str, vae: AutoencoderKL, params: list, data, sc: StageConfig):
+    """The vae and decoder stages' loop: vae_step (L1 + perceptual + tiny KL) on batches of data, updating params."""
+    cfg = run.cfg
+    perceptual = PerceptualLoss(cfg.vgg or None, size=None).to(run.device)
+    run.say(f"[{stage}] perceptual loss: {perceptual.name}")
+    net, opt = wrap(vae, vae_step, run), optimizer(params, sc.lr, cfg)
+
+    def step_fn(step):
+        batch = to(batch_at(data, step, sc.batch, cfg.seed, run.rank), run.device)
+        with run.amp():
+            loss, logs = net(batch, perceptual)
+        loss.backward()
+        clip_and_step(opt, params, cfg)
+        return logs
+
+    train_loop(run, stage, {"vae": vae}, {"vae": opt}, sc.steps, step_fn)
 
 
 def load_stage_vae(run: Run) -> AutoencoderKL:
@@ -561,18 +568,7 @@ def stage_decoder(run: Run, root):
         m.requires_grad_(True)
     params = [p for m in decoder for p in m.parameters()]
     data = Stage1Dataset(root, "train", seed=cfg.seed, crop_size=init.crop_size)
-    perceptual = PerceptualLoss(cfg.vgg or None, size=None).to(run.device)
-    net, opt = wrap(vae, vae_step, run), optimizer(params, cfg.decoder.lr, cfg)
-
-    def step_fn(step):
-        batch = to(batch_at(data, step, cfg.decoder.batch, cfg.seed, run.rank), run.device)
-        with run.amp():
-            loss, logs = net(batch, perceptual)
-        loss.backward()
-        clip_and_step(opt, params, cfg)
-        return logs
-
-    train_loop(run, "decoder", {"vae": vae}, {"vae": opt}, cfg.decoder.steps, step_fn)
+    fit_vae(run, "decoder", vae, params, data, cfg.decoder)
     if run.main:
         atomic_save({"config": dataclasses.asdict(vae.config), "state": vae.eval().state_dict()},
                     run.path("decoder.final"))
