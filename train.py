@@ -46,6 +46,7 @@ from lipsync.weights import load_vae
 
 STAGES = ("vae", "syncnet", "stage1", "stage2")  # --stage all: the whole recipe from random init
 FINE_TUNE_STAGES = ("decoder",)  # only by name, on an --init model
+STAGE_NAMES = STAGES + FINE_TUNE_STAGES
 SYNTHETIC_CLIPS, SYNTHETIC_SECONDS = 40, 10.0  # what an empty default --data is filled with
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo.pt")
 
@@ -309,7 +310,7 @@ def check_settings(cfg: TrainConfig):
     """Settings that cannot work, whatever the data: one ValueError."""
     if cfg.device != "auto":
         checks.pick_device(cfg.device)
-    sizes = {f"{s}.batch": getattr(cfg, s).batch for s in STAGES + FINE_TUNE_STAGES}
+    sizes = {f"{s}.batch": getattr(cfg, s).batch for s in STAGE_NAMES}
     sizes |= {"grad_accum": cfg.grad_accum, "T": cfg.T}
     for name, value in sizes.items():
         if value < 1:
@@ -794,8 +795,8 @@ def learning_check(run: Run, model: LipSync):
 def main(argv=None):
     cfg = parse_args(argv)
     stages = STAGES if cfg.stage == "all" else tuple(cfg.stage.split(","))
-    if bad := [s for s in stages if s not in STAGES + FINE_TUNE_STAGES]:
-        raise SystemExit(f"error: unknown stage {bad[0]!r}; choose from all, {', '.join(STAGES + FINE_TUNE_STAGES)}")
+    if bad := [s for s in stages if s not in STAGE_NAMES]:
+        raise SystemExit(f"error: unknown stage {bad[0]!r}; choose from all, {', '.join(STAGE_NAMES)}")
     try:
         if cfg.personalize:
             cfg = personalize(cfg, stages)

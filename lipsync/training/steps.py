@@ -141,7 +141,7 @@ def keep_loss(model, teacher, batch, mel_context: int, mouth_weight: float, n: i
     of the batch, each its own reference (as infer.py dubs a video), with the batch's audio. L1 between the two
     generated faces (N, 3, S, S) plus mouth_weight x L1 between their mouth crops; the teacher's face is the
     target, the real frame is never seen (with itself as reference it would teach copying, not lip-sync).
-    Both share one VAE encoding: a fine-tune's VAE is --init's, frozen."""
+    Both share one VAE encoding: a fine-tune's VAE is frozen, and the teacher decodes with it too (train.py)."""
     own = {k: batch[k][:n] for k in ("target", "mel", "audio", "mouth_box") if k in batch}
     with torch.no_grad():
         unet_in = model.face.unet_input(own["target"])  # (n, 8, s, s), reference = the frame itself
