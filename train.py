@@ -45,8 +45,7 @@ from lipsync.vae import AutoencoderKL, VAEConfig
 from lipsync.weights import load_vae
 
 STAGES = ("vae", "syncnet", "stage1", "stage2")  # --stage all: the whole recipe from random init
-FINE_TUNE_STAGES = ("decoder",)  # only by name, on an --init model
-STAGE_NAMES = STAGES + FINE_TUNE_STAGES
+STAGE_NAMES = ("vae", "decoder", "syncnet", "stage1", "stage2")  # run order; decoder only by name, on an --init model
 SYNTHETIC_CLIPS, SYNTHETIC_SECONDS = 40, 10.0  # what an empty default --data is filled with
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo.pt")
 
@@ -137,7 +136,7 @@ HELP = {
     "preset": "model sizes and recipe: tiny (CPU demo, 64 px), face128 (tiny networks on 128 px crops with image and "
               "mel augmentation: the any-face CPU model) or musetalk (the published sizes and hyperparameters)",
     "stage": "what to run: all (vae, syncnet, stage1, stage2), or a comma list of those and decoder (fine-tunes "
-             "--init's VAE decoder; before stage1)",
+             "--init's VAE decoder); listed stages run in the order vae, decoder, syncnet, stage1, stage2",
     "data": "folder of prepared clips; the default folder is filled with synthetic clips when empty",
     "out": "run folder: stage checkpoints, metrics.jsonl, samples/ and the final lipsync.pt",
     "geometry": "crop geometry the clips must have (meta.json): auto (whatever they have), square or musetalk",
@@ -792,11 +791,18 @@ def learning_check(run: Run, model: LipSync):
     run.log({"stage": "check", **res})
 
 
+def parse_stages(text: str) -> tuple:
+    """--stage -> the stages to run, in STAGE_NAMES order whatever order they were listed in (the decoder stage must
+    come before stage 1, which exports its VAE)."""
+    names = STAGES if text == "all" else text.split(",")
+    if bad := [s for s in names if s not in STAGE_NAMES]:
+        raise SystemExit(f"error: unknown stage {bad[0]!r}; choose from all, {', '.join(STAGE_NAMES)}")
+    return tuple(s for s in STAGE_NAMES if s in names)
+
+
 def main(argv=None):
     cfg = parse_args(argv)
-    stages = STAGES if cfg.stage == "all" else tuple(cfg.stage.split(","))
-    if bad := [s for s in stages if s not in STAGE_NAMES]:
-        raise SystemExit(f"error: unknown stage {bad[0]!r}; choose from all, {', '.join(STAGE_NAMES)}")
+    stages = parse_stages(cfg.stage)
     try:
         if cfg.personalize:
             cfg = personalize(cfg, stages)

@@ -292,11 +292,12 @@ def test_stage2_starts_from_the_stage1_generator(train_only, stage1_run, tmp_pat
 @pytest.mark.usefixtures("one_thread")
 def test_decoder_stage_tunes_only_the_decoder_and_stage1_and_its_keep_teacher_decode_with_it(train_only, stage1_run,
                                                                                             tmp_path):
-    """--stage decoder,stage1 on an --init model: the encoder (what the UNet's latents mean) stays --init's, the
-    decoder moves, stage 1 and the exported lipsync.pt use the tuned VAE, and --loss.keep's frozen teacher decodes
-    with it too (so keep is 0 before the first update: the same UNet behind the same decoder)."""
+    """--stage stage1,decoder on an --init model: the decoder stage runs first whatever the order given; the encoder
+    (what the UNet's latents mean) stays --init's, the decoder moves, stage 1 and the exported lipsync.pt use the
+    tuned VAE, and --loss.keep's frozen teacher decodes with it too (so keep is 0 before the first update: the same
+    UNet behind the same decoder)."""
     init, out = os.path.join(stage1_run, "lipsync.pt"), str(tmp_path / "tuned")
-    train.main(common_args(train_only, out) + ["--init", init, "--stage", "decoder,stage1", "--decoder.steps", "2",
+    train.main(common_args(train_only, out) + ["--init", init, "--stage", "stage1,decoder", "--decoder.steps", "2",
                                                "--decoder.batch", "2", "--decoder.lr", "1e-2", "--stage1.steps", "1",
                                                "--loss.keep", "1"])
     before = torch.load(init, weights_only=True)["vae"]
@@ -311,6 +312,13 @@ def test_decoder_stage_tunes_only_the_decoder_and_stage1_and_its_keep_teacher_de
     assert [r["step"] for r in records if r["stage"] == "decoder"] == [1, 2]
     keep, = [r["keep"] for r in records if r["stage"] == "stage1"]
     assert keep < 1e-6
+
+
+def test_stages_run_in_recipe_order_whatever_order_they_are_listed_in():
+    assert train.parse_stages("stage2,decoder,vae") == ("vae", "decoder", "stage2")
+    assert train.parse_stages("all") == train.STAGES
+    with pytest.raises(SystemExit, match="unknown stage 'stage3'"):
+        train.parse_stages("stage1,stage3")
 
 
 @pytest.mark.usefixtures("one_thread")
