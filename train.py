@@ -316,7 +316,7 @@ def check_settings(cfg: TrainConfig):
             raise ValueError(f"--{name} must be >= 1, not {value}")
     if cfg.loss.keep > 0 and not (cfg.init or cfg.personalize):
         raise ValueError("--loss.keep holds a fine-tune to its --init model; give --init")
-    if "decoder" in cfg.stage.split(",") and not (cfg.init or cfg.personalize):
+    if "decoder" in parse_stages(cfg.stage) and not (cfg.init or cfg.personalize):
         raise ValueError("the decoder stage fine-tunes the VAE decoder of an --init model; give --init")
     if cfg.reference not in REFERENCE_RULES:
         raise ValueError(f"--reference must be one of {', '.join(REFERENCE_RULES)}, not {cfg.reference!r}")
