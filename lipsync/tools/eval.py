@@ -238,7 +238,8 @@ def main(argv=None):
                    "clip: real, generated, copy-reference); with --reenact, reenact.json and mouth montages")
     p.add_argument("--split", default="val", choices=("val", "train", "all"), help="which clips of --data")
     p.add_argument("--syncnet", help="SyncNet file (default: the checkpoint's 'syncnet' entry)")
-    p.add_argument("--whisper", help="whisper-tiny folder, for checkpoints trained on whisper features")
+    p.add_argument("--whisper", help="whisper encoder (Hugging Face or CTranslate2 folder, or tiny.pt), for "
+                   "checkpoints trained on whisper features")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of each clip's frames held out at its end")
     p.add_argument("--max-frames", type=int, default=1500, help="evaluate at most this many frames per clip (0 = all)")
     p.add_argument("--max-clips", type=int, default=0, help="at most this many clips (0 = all)")
