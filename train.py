@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from lipsync import checks
 from lipsync.training.augment import AugmentConfig
 from lipsync.training.data import REFERENCE_RULES, Stage1Dataset, Stage2Dataset, list_clips
+from lipsync.training.prepare import add_whisper_features
 from lipsync.training.losses import PatchDiscriminator, PerceptualLoss
 from lipsync.blocks import config_from_dict
 from lipsync.mel_encoder import MelEncoderConfig
@@ -43,6 +45,7 @@ from lipsync.training.steps import (Objective, discriminator_loss, frames_of, ge
 from lipsync.unet import UNet, UNetConfig
 from lipsync.vae import AutoencoderKL, VAEConfig
 from lipsync.weights import load_vae
+from lipsync.whisper import load_whisper_encoder
 
 STAGES = ("vae", "syncnet", "stage1", "stage2")  # --stage all: the whole recipe from random init
 STAGE_NAMES = ("vae", "decoder", "syncnet", "stage1", "stage2")  # run order; decoder only by name, on an --init model
@@ -610,7 +613,11 @@ def build_generator(run: Run) -> LipSync:
     """Fresh UNet and audio encoder (seeded) on the stage VAE, or --init's; crops are the VAE's sample size."""
     cfg = run.cfg
     if cfg.init:
-        model = load_lipsync(cfg.init)
+        model = load_lipsync(cfg.init, whisper=cfg.whisper or None)
+        if cfg.whisper and model.trainable_audio:
+            model = onto_whisper(model, load_whisper_encoder(cfg.whisper).requires_grad_(False))
+            run.say(f"[generator] {cfg.init}'s MelEncoder replaced by frozen whisper ({cfg.whisper}); "
+                    f"cross-attention keys/values re-initialised at width {model.audio.dim}")
         model.geometry = clip_geometry(cfg)
         if os.path.exists(decoder := run.path("decoder.final")):  # the decoder stage's VAE
             model.vae.load_state_dict(torch.load(decoder, map_location="cpu", weights_only=True)["state"])
@@ -622,7 +629,6 @@ def build_generator(run: Run) -> LipSync:
     torch.manual_seed(cfg.seed)
     vae = load_stage_vae(run)
     if cfg.whisper:
-        from lipsync.whisper import load_whisper_encoder
         audio = load_whisper_encoder(cfg.whisper, run.device).requires_grad_(False)
     else:
         from lipsync.mel_encoder import MelEncoder
@@ -633,12 +639,28 @@ def build_generator(run: Run) -> LipSync:
     return model
 
 
+def onto_whisper(model: LipSync, audio) -> LipSync:
+    """A MelEncoder model moved onto a frozen whisper encoder: every weight carries over except the cross-attention
+    key/value projections (attn2.to_k / to_v), which read the context and are re-initialised at whisper's width."""
+    unet = UNet(dataclasses.replace(model.unet.config, cross_attention_dim=audio.dim))
+    keep = {k: v for k, v in model.unet.state_dict().items() if not re.search(r"attn2\.to_[kv]\.", k)}
+    missing, unexpected = unet.load_state_dict(keep, strict=False)
+    assert not unexpected and all(re.search(r"attn2\.to_[kv]\.", k) for k in missing), (missing, unexpected)
+    return LipSync(unet, model.vae, audio, model.crop_size, model.left, model.right, model.geometry)
+
+
 def augment_config(cfg: TrainConfig) -> AugmentConfig | None:
     return AugmentConfig(p=cfg.augment.image) if cfg.augment.image > 0 else None
 
 
-def generator_data(run: Run, model: LipSync, **kwargs) -> dict:
+def generator_data(run: Run, model: LipSync, root, **kwargs) -> dict:
+    """The stage datasets' settings; with --whisper, first each clip's whisper.npy (computed once, cached)."""
     cfg = run.cfg
+    if cfg.whisper:
+        if run.main:
+            add_whisper_features(list_clips(root), model.audio, run.say)
+        if run.world > 1:
+            dist.barrier()
     return dict(seed=cfg.seed, crop_size=model.crop_size, mel_context=cfg.mel_context, sample=cfg.reference,
                 features="whisper" if cfg.whisper else "mel", augment=augment_config(cfg), **kwargs)
 
@@ -682,7 +704,7 @@ def stage1(run: Run, root) -> LipSync:
     """Single frames: L1 + perceptual pyramid."""
     cfg = run.cfg
     model = build_generator(run)
-    data = Stage1Dataset(root, "train", **generator_data(run, model))
+    data = Stage1Dataset(root, "train", **generator_data(run, model, root))
     perceptual, net, params, opt, teacher = generator_setup(run, "stage1", model, cfg.stage1.lr)
 
     def step_fn(step):
@@ -703,7 +725,7 @@ def stage2(run: Run, root) -> LipSync:
     """T consecutive frames from the stage-1 generator: + LSGAN on face and mouth crops, feature matching, SyncNet."""
     cfg = run.cfg
     model = build_generator(run)
-    data = Stage2Dataset(root, "train", **generator_data(run, model, T=cfg.T))
+    data = Stage2Dataset(root, "train", **generator_data(run, model, root, T=cfg.T))
     init = run.path("stage1")
     if not os.path.exists(init):
         raise SystemExit(f"error: stage2 starts from stage 1: expected {init}")

@@ -1,12 +1,13 @@
 """Checkpoints: our one-file format for a trained LipSync, and the published MuseTalk weights as a LipSync.
 
 Our checkpoint (`export` / `load_lipsync`) is one torch file: {"format": FORMAT, "config": LipSync.configs(), "unet",
-"vae", "audio": state dicts (audio None for a model on frozen whisper-tiny features)} plus any `extra` entries (train.py
-adds its SyncNet). The config holds the crop geometry the model was trained on (lipsync.tracking.GEOMETRIES; "square"
+"vae", "audio": state dicts (audio None for a model on frozen whisper features; then "whisper" holds that encoder's
+config and weights, so the checkpoint runs with nothing else)} plus any `extra` entries (train.py adds its SyncNet). The config holds the crop geometry the model was trained on (lipsync.tracking.GEOMETRIES; "square"
 when absent). The published MuseTalk UNet + sd-vae-ft-mse + whisper-tiny load through `from_published`, unchanged, and
 use MuseTalk's own crop ("musetalk", docs/geometry.md).
 """
 
+import dataclasses
 import os
 import tempfile
 
@@ -18,7 +19,7 @@ from .model import LipSync
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 from .weights import CheckpointError, assign_weights, load_unet, load_vae, read_tensors
-from .whisper import load_whisper_encoder
+from .whisper import WhisperEncoder, WhisperEncoderConfig, load_whisper_encoder
 
 FORMAT = "lipsync-v1"
 
@@ -44,6 +45,8 @@ def export(model: LipSync, path: str, dtype=torch.float32, extra: dict | None = 
         return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in m.state_dict().items()}
     obj = {"format": FORMAT, "config": model.configs(), "unet": sd(model.unet), "vae": sd(model.vae),
            "audio": sd(model.audio) if model.trainable_audio else None}
+    if not model.trainable_audio:  # the frozen whisper encoder travels along (tiny.en's own weights are fp16)
+        obj["whisper"] = {"config": dataclasses.asdict(model.audio.cfg), "state": sd(model.audio)}
     obj.update(extra or {})
     atomic_save(obj, path)
 
@@ -58,7 +61,8 @@ def read_checkpoint(path: str) -> dict:
 
 
 def load_lipsync(path: str, device="cpu", dtype=torch.float32, whisper: str | None = None) -> LipSync:
-    """Our checkpoint -> LipSync in eval mode. A checkpoint trained on frozen whisper features needs `whisper`."""
+    """Our checkpoint -> LipSync in eval mode. A checkpoint on frozen whisper features uses the encoder stored in it,
+    or `whisper` (a folder or file for load_whisper_encoder) when given."""
     obj = read_checkpoint(path)
     cfg = obj["config"]
     with torch.device("meta"):
@@ -68,10 +72,14 @@ def load_lipsync(path: str, device="cpu", dtype=torch.float32, whisper: str | No
     parts = [(unet, "unet"), (vae, "vae")] + ([(audio, "audio")] if audio is not None else [])
     for module, key in parts:
         assign_weights(module, obj[key], dtype, device, f"{path} [{key}]")
-    if audio is None:
-        if whisper is None:
-            raise CheckpointError(f"{path} was trained on whisper features: pass the whisper-tiny folder")
+    if audio is None and whisper is not None:  # an explicit encoder wins over the one inside
         audio = load_whisper_encoder(whisper, device).to(dtype)
+    elif audio is None:
+        if obj.get("whisper") is None:
+            raise CheckpointError(f"{path} was trained on whisper features: pass the whisper-tiny folder")
+        with torch.device("meta"):
+            audio = WhisperEncoder(config_from_dict(WhisperEncoderConfig, obj["whisper"]["config"]))
+        assign_weights(audio, obj["whisper"]["state"], dtype, device, f"{path} [whisper]")
     return LipSync(unet, vae, audio.eval(), cfg["crop_size"], cfg["left"], cfg["right"],
                    cfg.get("geometry", "square")).to(device).eval()
 

