@@ -393,8 +393,11 @@ class Run:
 
 def batch_at(dataset, step: int, batch_size: int, seed: int, rank: int) -> dict:
     """The batch of `step` on `rank`: indices drawn from (seed, step, rank) alone, so a resumed run sees exactly
-    the batches the uninterrupted run would have seen."""
+    the batches the uninterrupted run would have seen. The items' own draws (frame, reference, augmentation) follow
+    the step too: with a fixed epoch, dataset index i would be the same item all run long, and the ~1/e of the frames
+    that no index draws would never be a target."""
     g = torch.Generator().manual_seed(hash((seed, step, rank)) % (2 ** 63))
+    dataset.set_epoch(step)
     idx = torch.randint(len(dataset), (batch_size,), generator=g).tolist()
     items = [dataset[i] for i in idx]
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}

@@ -22,12 +22,12 @@ def full_mask(blend, shape=(H, W)):
     return m
 
 
-def skin_frame(seed=0):
+def skin_frame(seed=0, texture=6.0):
     """A smooth skin-coloured frame with some texture, so colour statistics are meaningful."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:H, 0:W]
     base = np.stack([190 + 0.1 * x, 140 + 0.05 * y, 120 + 0.05 * x], -1)
-    return np.clip(base + rng.normal(0, 6, (H, W, 3)), 0, 255).astype(np.uint8)
+    return np.clip(base + rng.normal(0, texture, (H, W, 3)), 0, 255).astype(np.uint8)
 
 
 @pytest.mark.parametrize("box", [(50, 40, 150, 170), (-30, 100, 60, 230), (120, -20, 230, 120)])
@@ -114,3 +114,24 @@ def test_colour_matching_maps_mean_and_std_and_bounds_the_gain():
     torch.testing.assert_close(out, s)
     flat = match_colour(g, g * 3, w, step=1)  # a 3x contrast change is clamped to the maximum gain
     assert torch.allclose(flat.std((0, 1), unbiased=False), g.std((0, 1), unbiased=False) * 1.25)
+
+
+@pytest.mark.parametrize("colour", [False, True])
+def test_the_generated_mouth_replaces_the_source_mouth_inside_the_mask_with_or_without_colour_matching(colour):
+    """The mouth is what the paste is for: the generated face (here the source's own face with a dark open mouth drawn
+    on it) must show on the lips, with colour matching on too. The mouth box is left out of the colour statistics
+    only, never out of the mask: a mask aliased with its statistics copy would show the SOURCE mouth there."""
+    lm, cbox = face()
+    frame = skin_frame(texture=0.0)  # no pixel noise: the crop's resampling keeps the skin's statistics
+    blend = make_blend(lm, cbox, (H, W))
+    lips = inside_polygon(lm[48:60], np.arange(W) + 0.5, np.arange(H) + 0.5)  # outer lip contour, frame pixels
+    dark = (40, 12, 25)
+    dubbed = frame.copy()
+    dubbed[lips] = dark
+    crop = crop_face(dubbed, cbox, 128)  # the "generated" crop: same skin, new mouth
+    out = paste(frame, crop, blend, colour)
+    core = ndimage.binary_erosion(lips, iterations=3) & (full_mask(blend) > 0.99)  # clear of resampling blur
+    assert core.sum() > 50
+    assert np.abs(frame[core].astype(int) - dark).min(1).min() > 60  # the source mouth is far from the dark one
+    err = np.abs(out[core].astype(int) - dark).max(1)  # the skin is the source's: colour matching maps ~identity
+    assert err.max() < 20, err.max()

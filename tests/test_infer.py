@@ -15,7 +15,7 @@ from lipsync.mel_encoder import MelEncoderConfig
 from lipsync.checkpoint import export
 from lipsync.model import build
 from lipsync.tracking import INSTALL_HINT, BoxTracker, MediapipeMissing, crop_box, parse_bbox, pixel_box
-from lipsync.tracking import template_landmarks
+from lipsync.tracking import musetalk_box, template_landmarks
 from lipsync.unet import UNetConfig
 from lipsync.vae import VAEConfig
 from lipsync.video import ffmpeg_exe, iter_frames, read_video, write_video
@@ -213,6 +213,45 @@ def test_saved_avatar_gives_the_same_frames_as_the_in_memory_one(files, avatar, 
     with pytest.raises(ValueError, match="not an avatar folder"):
         P.save_avatar(avatar, tmp_path / "notes")  # never deletes a folder of other files
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+class ListTracker:
+    """Landmarks from a list, one per frame: a stand-in for mediapipe."""
+    name = "list"
+
+    def __init__(self, landmarks):
+        self.landmarks = iter(landmarks)
+
+    def __call__(self, frame):
+        return next(self.landmarks)
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("geometry", ["square", "musetalk"])
+def test_smooth_0_turns_box_smoothing_off_and_other_values_and_the_defaults_reach_the_tracker(geometry):
+    """--smooth 0 is a value, not "not given": each frame gets its own box (a jittery track stays jittery), with
+    either crop geometry. --smooth 3 smooths; without --smooth, square crops are smoothed and MuseTalk's are not."""
+    rng = np.random.default_rng(0)
+    lm = template_landmarks(parse_bbox(BBOX)) + rng.uniform(-4, 4, (10, 1, 2)).astype(np.float32)  # head jitter
+    frames = np.zeros((10, 304, 176, 3), np.uint8)
+
+    def boxes(argv):
+        opts = infer.box_options(infer.parse_args(argv), geometry)
+        return P.track_frames(frames, ListTracker(lm), **opts).boxes
+
+    def jitter(b):
+        return np.abs(np.diff(b[:, :2], axis=0)).max()
+
+    own = crop_box(lm) if geometry == "square" else musetalk_box(lm, 0, 10, 304)  # (10, 4), frame by frame
+    assert jitter(own) > 3
+    np.testing.assert_allclose(boxes(["--smooth", "0"]), own, atol=1e-4)
+    assert jitter(boxes(["--smooth", "3"])) < 0.5 * jitter(own)
+    if geometry == "square":
+        assert jitter(boxes([])) < 0.5 * jitter(own)
+    else:
+        np.testing.assert_allclose(boxes([]), own, atol=1e-4)
 
 
 def test_bbox_shift_moves_the_midline_of_a_precomputed_track_keeping_its_margin(tmp_path):

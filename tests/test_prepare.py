@@ -148,3 +148,37 @@ def test_mediapipe_clip_flags_blank_frames_and_keeps_one_crop_per_frame(tmp_path
     nose = T.to_crop_coords(track["landmarks"], track["boxes"], 64)[:, 29]
     assert np.abs(nose[:, 1] - 32).max() < 2.0  # smoothed boxes keep the nose point near the midline
     assert len(sf.read(r.path / "audio.wav")[0]) == 14 * 640  # the 2.5 s wav trimmed to the clip
+
+
+class JitteryTracker:
+    """The template face shaking by up to 4 px from frame to frame: a stand-in for mediapipe on a moving head."""
+    name = "jittery"
+
+    def __init__(self):
+        rng = np.random.default_rng(0)
+        self.landmarks = iter(T.template_landmarks(T.parse_bbox(BBOX)) + rng.uniform(-4, 4, (100, 1, 2)))
+
+    def __call__(self, frame):
+        return next(self.landmarks).astype(np.float32)
+
+    def close(self):
+        pass
+
+
+def test_cli_smooth_0_keeps_each_frames_own_box_and_the_default_smooths_square_crops(tmp_path, monkeypatch):
+    """--smooth 0 is a value, not "not given": the written boxes are each frame's own crop box."""
+    video = make_video(tmp_path / "talk.mp4", n=10, fps=25.0)
+    monkeypatch.setattr(P, "MeshTracker", JitteryTracker)
+    jitter = {}
+    for name, extra in (("off", ["--smooth", "0"]), ("default", [])):
+        assert P.main([str(video), "--out", str(tmp_path / name), "--crop-size", "16"] + extra) == 0
+        track = np.load(tmp_path / name / "talk" / "track.npz")
+        own = T.crop_box(track["landmarks"])  # (10, 4): each frame's box from its own landmarks
+        jitter[name] = np.abs(np.diff(track["boxes"][:, :2], axis=0)).max()
+        meta = json.loads((tmp_path / name / "talk" / "meta.json").read_text())
+        if name == "off":
+            np.testing.assert_allclose(track["boxes"], own, atol=1e-4)
+            assert meta["smooth_sigma"] == 0
+        else:
+            assert meta["smooth_sigma"] == 2.0
+    assert jitter["off"] > 3 and jitter["default"] < 0.5 * jitter["off"]
