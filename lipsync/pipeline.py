@@ -2,10 +2,10 @@
 
 An `Avatar` holds what MuseTalk's realtime mode caches (docs/musetalk.md §6): the source frames, their
 face track, the UNet's image input per frame -- latents of [masked crop, reference crop], the reference being the
-frame itself as in MuseTalk's inference -- and the blend masks (lipsync.blend). Output frame i shows source frame
-`avatar.source_index(i)`: the video plays forward then backward (ping-pong, 2N cycle), so audio longer than the video
-loops without a jump. Per frame the loop then runs only audio windows -> LipSync.forward (PE, UNet, VAE decode) ->
-paste.
+frame itself as in MuseTalk's inference unless `prepare_avatar(reference=...)` names other frames -- and the blend
+masks (lipsync.blend). Output frame i shows source frame `avatar.source_index(i)`: the video plays forward then
+backward (ping-pong, 2N cycle), so audio longer than the video loops without a jump. Per frame the loop then runs
+only audio windows -> LipSync.forward (PE, UNet, VAE decode) -> paste.
 
     track = track_frames(frames, tracker)                 # or read_track(...) / a BoxTracker for --bbox
     avatar = prepare_avatar(frames, fps, track, model)    # save_avatar(avatar, DIR) / load_avatar(DIR, model)
@@ -130,9 +130,19 @@ class Avatar:
         return np.where(j < n, j, 2 * n - 1 - j)
 
 
+def with_references(latents: torch.Tensor, reference) -> torch.Tensor:
+    """UNet image inputs (N, 8, s, s) = [masked crop, reference crop] -> the same with frame i's reference half taken
+    from frame reference[i] (reference: (N,) frame indices)."""
+    idx = torch.as_tensor(np.asarray(reference), dtype=torch.long, device=latents.device)
+    return torch.cat([latents[:, :4], latents[idx, 4:]], 1)
+
+
 @torch.inference_mode()
-def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", bar=None) -> Avatar:
-    """Crops -> VAE latents of [masked, reference] (batched) and blend masks for every frame with a face."""
+def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", bar=None, reference=None) -> Avatar:
+    """Crops -> VAE latents of [masked, reference] (batched) and blend masks for every frame with a face.
+
+    reference: (N,) frame indices, frame i's reference crop is frame reference[i]'s (one with a face wherever frame i
+    has one); default None = each frame itself, MuseTalk's inference."""
     frames = np.asarray(frames)
     if len(frames) != len(track):
         raise ValueError(f"{len(frames)} frames but a track of {len(track)}")
@@ -150,6 +160,11 @@ def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", b
     encoded = torch.cat(parts)
     latents = encoded.new_zeros((len(frames),) + encoded.shape[1:])
     latents[torch.from_numpy(good).to(latents.device)] = encoded
+    if reference is not None:
+        reference = np.asarray(reference)
+        if reference.shape != (len(frames),) or not track.face[reference[good]].all():
+            raise ValueError(f"reference must name, for each of the {len(frames)} frames, a frame with a face")
+        latents = with_references(latents, reference)
     shape = frames.shape[1:3]
     blends = [make_blend(track.landmarks[i], track.boxes[i], shape) if track.face[i] else None
               for i in range(len(frames))]

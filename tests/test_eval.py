@@ -108,6 +108,23 @@ def test_silence_masks_find_the_silent_stretch_and_ignore_short_dips():
     assert speech[:7].all() and speech[10:19].all() and speech[36:].all() and not speech[21:34].any()
 
 
+def test_silence_threshold_is_an_amplitude_ratio_on_quiet_but_not_digitally_silent_pauses():
+    """-30 dB means frame RMS below 10^(-30/20) = 0.032 of the clip's loud level: pauses 40 or 35 dB down (room
+    tone, not zeros) are silent, ones 25 or 20 dB down are speech. Read as power (/10) the line would sit at -60 dB."""
+    fps, per = 25.0, 8  # 8 frames per stretch
+    order = [0, -40, 0, -35, 0, -25, 0, -20, 0]  # each stretch's level, dB below the loud one
+    frame_db = np.repeat(order, per)
+    n = len(frame_db)
+    noise = np.random.default_rng(0).standard_normal(n * SR // 25)
+    wave = np.repeat(10 ** (frame_db / 20), SR // 25) * noise / noise.std()  # RMS = the stretch's level
+    silent, speech, rms = metrics.silence_masks(wave, n, fps, threshold_db=-30, min_frames=3)
+    assert rms.min() > 1e-3  # no digital silence anywhere
+    for k, db in enumerate(order):
+        mid = slice(k * per + 1, (k + 1) * per - 1)  # frames whose 40 ms window lies inside this stretch
+        quiet = db < -30
+        assert (silent[mid] == quiet).all() and (speech[mid] == (not quiet)).all(), db
+
+
 # ----------------------------------------------------------------------------- sync offsets with a known embedding
 
 
@@ -169,6 +186,24 @@ def test_holdout_references_come_from_the_head_far_from_the_target_and_have_face
     assert (refs < cut).all() and face[refs].all()
     assert (np.abs(refs - np.arange(n)) >= MIN_GAP).all()
     assert np.array_equal(refs, ev.holdout_references(n, cut, face, np.random.default_rng(0)))
+
+
+def test_regenerated_frames_see_their_own_masked_crop_and_their_references_crop(setup, monkeypatch):
+    """regenerate_crops: target k's UNet input is [its own crop, lower half masked; the crop of refs[k]], so the mouth
+    can only come from the audio (a swapped or own reference would measure copying)."""
+    model = setup.model
+    crops = np.random.default_rng(0).integers(0, 256, (6, S, S, 3), dtype=np.uint8)
+    targets, refs = np.array([0, 1, 2, 5]), np.array([3, 4, 5, 0])
+    calls, forward = [], model.unet.forward
+    monkeypatch.setattr(model.unet, "forward", lambda x, t, ctx: calls.append(x.clone()) or forward(x, t, ctx))
+    windows = torch.zeros(4, 10 * model.audio.n_states, model.unet.config.cross_attention_dim)
+    ev.regenerate_crops(model, crops, targets, refs, windows, batch_size=3)
+    got = torch.cat(calls)
+    with torch.no_grad():
+        own = model.face.unet_input(crops)  # (6, 8, s, s): [masked crop i, crop i] for every frame
+    torch.testing.assert_close(got[:, :4], own[targets, :4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[:, 4:], own[refs, 4:], atol=1e-5, rtol=0)
+    assert (own[targets, 4:] - own[refs, 4:]).abs().max() > 1e-2  # own and far references differ: visible
 
 
 def test_syncnet_loads_from_config_and_state_or_a_bare_tiny_state(setup, tmp_path):

@@ -3,12 +3,22 @@
 import json
 import math
 
+import itertools
+
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
+from lipsync import pipeline as P
+from lipsync.mel_encoder import MelEncoderConfig
+from lipsync.model import build
 from lipsync.tools import reenact
+from lipsync.tracking import BoxTracker, crop_faces, parse_bbox
+from lipsync.unet import UNetConfig
+from lipsync.vae import VAEConfig
 from lipsync.tools.metrics import lip_opening_468
-from lipsync.video import read_video, write_video
+from lipsync.video import iter_frames, read_video, write_video
 from media import ROOT, SPEECH, VIDEO
 
 
@@ -73,3 +83,31 @@ def test_reenact_cli_scores_every_row_and_writes_a_montage(tmp_path):
     assert saved["mean"]["model, far reference"]["psnr"] == pytest.approx(rows["model, far reference"]["psnr"])
     import imageio.v3 as iio
     assert iio.imread(tmp_path / "out" / "talk_mouths.png").shape == (5 * 96, 8 * 96, 3)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_far_reference_row_gives_the_unet_each_frames_masked_self_and_the_far_frames_reference():
+    """The far-reference row must measure lip-sync, not copying: frame i's UNet input is [its own masked crop, the
+    reference crop of the frame half a clip away], never its own reference. The own-frame row is [masked i, i]."""
+    frames = np.stack(list(itertools.islice(iter_frames(VIDEO), 0, 40, 5)))  # 8 frames 0.2 s apart: mouths differ
+    frames = F.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2), size=(304, 176), mode="bilinear",
+                           antialias=True).permute(0, 2, 3, 1).contiguous().numpy()
+    n = len(frames)
+    track = P.track_frames(frames, BoxTracker(parse_bbox("55,78,115,131")))
+    torch.manual_seed(0)
+    model = build(UNetConfig.tiny(), VAEConfig.tiny(), MelEncoderConfig.tiny(), 64).eval()
+    calls, forward = [], model.unet.forward
+    model.unet.forward = lambda x, t, ctx: calls.append(x.clone()) or forward(x, t, ctx)
+    rows = reenact.reenact_clip(model, frames, 25.0, torch.zeros(n * 640), track, batch_size=n)
+    assert all(len(r) == n for r in rows.values())
+    own_row, far_row = calls  # one UNet call per model row
+    with torch.no_grad():  # [masked, reference] latents of each crop, straight from the VAE
+        own = model.face.unet_input(crop_faces(frames, track.boxes, 64))
+    masked, reference = own[:, :4], own[:, 4:]
+    assert (reference - reference.roll(n // 2, 0)).abs().amax((1, 2, 3)).min() > 1e-3  # frames differ: visible
+    torch.testing.assert_close(own_row, own, atol=1e-5, rtol=0)
+    torch.testing.assert_close(far_row[:, :4], masked, atol=1e-5, rtol=0)
+    for i in range(n):
+        j = int(np.argmin([(far_row[i, 4:] - reference[k]).abs().max() for k in range(n)]))
+        torch.testing.assert_close(far_row[i, 4:], reference[j], atol=1e-5, rtol=0)
+        assert min(abs(i - j), n - abs(i - j)) == n // 2, (i, j)  # half a clip away, wrapping round

@@ -19,17 +19,10 @@ import numpy as np
 from tqdm import tqdm
 
 from lipsync.melspec import load_audio
-from lipsync.tools.metrics import lip_opening_68, pearson, silence_masks
+from lipsync.tools.metrics import lagged_r, lip_opening_68, pearson, silence_masks
 from lipsync.tools.synthetic import frame_envelope
 from lipsync.tracking import MediapipeMissing, MeshTracker, track_landmarks
 from lipsync.video import read_video
-
-
-def lagged_r(opening: np.ndarray, envelope: np.ndarray, lag: int) -> float:
-    """r between opening[f] and envelope[f + lag] over the frames both have (lag > 0: the mouth leads the sound)."""
-    if lag >= 0:
-        return pearson(opening[:len(opening) - lag], envelope[lag:])
-    return pearson(opening[-lag:], envelope[:len(envelope) + lag])
 
 
 def check(frames: np.ndarray, fps: float, wave: np.ndarray, max_lag: int = 2, silence_db: float = -30.0,

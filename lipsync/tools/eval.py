@@ -6,6 +6,9 @@ audio-video offset as SyncNet-eval's LSE-D / LSE-C measure it, but with our own 
 vs. speech. The maths is in lipsync/tools/metrics.py, pooling and printing in lipsync/tools/eval_report.py.
 
     python -m lipsync.tools.eval --ckpt runs/tiny/lipsync.pt --data data/synthetic [--clip CLIP ...] --out results/eval
+
+Real talking clips instead: `--reenact` dubs each with its own speech (lipsync/tools/reenact.py), `--crossdub` each
+with the next clip's speech (lipsync/tools/crossdub.py).
 """
 
 import argparse
@@ -225,17 +228,33 @@ def reenact_main(args):
     return res
 
 
+def crossdub_main(args):
+    from lipsync.checkpoint import load_lipsync
+    from lipsync.tools.crossdub import crossdub, print_table
+    from lipsync.weights import CheckpointError
+    try:
+        model = load_lipsync(args.ckpt, pick_device(args.device), whisper=args.whisper).eval()
+        res = crossdub(model, args.crossdub, args.out, batch_size=min(args.batch_size, 8),
+                       silence_db=args.silence_db)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print_table(res)
+    print(f"wrote {args.out}/crossdub.json and one montage per pair (rows: original, dubbed, speaker)")
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m lipsync.tools.eval", description=__doc__.split("\n\n")[0],
                                 epilog="Groups, each next to baselines: (a) mouth opening vs. the true one (synthetic "
                                 "clips), (b) mouth PSNR/SSIM/L1 on each clip's held-out end, (c) audio-video offset "
                                 "from the checkpoint's SyncNet, (d) mouth opening in silence vs. speech.")
-    p.add_argument("--ckpt", required=True, help="our checkpoint (lipsync.pt from train.py)")
+    p.add_argument("--ckpt", help="our checkpoint (lipsync.pt from train.py); required except with --lse")
     p.add_argument("--data", help="folder of prepared clips; its held-out ('val') clips are evaluated")
     p.add_argument("--clip", action="append", default=[], help="a prepared clip folder to evaluate as well "
                    "(e.g. a real one); repeatable")
     p.add_argument("--out", default="results/eval", help="output folder: eval.json and heldout_strip.png (rows per "
-                   "clip: real, generated, copy-reference); with --reenact, reenact.json and mouth montages")
+                   "clip: real, generated, copy-reference); with --reenact, reenact.json and mouth montages; with "
+                   "--crossdub, crossdub.json and a montage per pair")
     p.add_argument("--split", default="val", choices=("val", "train", "all"), help="which clips of --data")
     p.add_argument("--syncnet", help="SyncNet file (default: the checkpoint's 'syncnet' entry)")
     p.add_argument("--whisper", help="whisper encoder (Hugging Face or CTranslate2 folder, or tiny.pt), for "
@@ -243,16 +262,42 @@ def main(argv=None):
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of each clip's frames held out at its end")
     p.add_argument("--max-frames", type=int, default=1500, help="evaluate at most this many frames per clip (0 = all)")
     p.add_argument("--max-clips", type=int, default=0, help="at most this many clips (0 = all)")
-    p.add_argument("--silence-db", type=float, default=-30.0, help="silent: frame RMS this far below the clip's p95")
-    p.add_argument("--batch-size", type=int, default=32, help="frames per model call (at most 16 with --reenact)")
+    p.add_argument("--silence-db", type=float, default=-30.0, help="silent: frame RMS this far below the clip's p95 "
+                   "(with --crossdub: the speech's, in runs of 0.3 s or more)")
+    p.add_argument("--batch-size", type=int, default=32, help="frames per model call (at most 16 with --reenact, "
+                   "8 with --crossdub: infer.py's default)")
     p.add_argument("--seed", type=int, default=0, help="seeds the draw of reference frames")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--reenact", nargs="+", metavar="VIDEO", help="self-reenactment instead: dub each real talking "
                    "clip with its own audio and compare with its frames (lipsync.tools.reenact)")
+    p.add_argument("--crossdub", nargs="+", metavar="VIDEO", help="cross-dubbing instead: dub each real talking "
+                   "clip with the NEXT clip's speech (the last with the first's) as infer.py does, and compare the "
+                   "dubbed mouth with the speech's real speaker's mouth (lipsync.tools.crossdub)")
+    p.add_argument("--lse", action="store_true", help="score the VIDEOs given (dubbed mp4s with their speech) with "
+                   "the public SyncNet as the papers do: AV offset, LSE-D, LSE-C (lipsync.tools.lse)")
+    p.add_argument("--syncnet-weights", metavar="PATH", help="syncnet_v2.model of joonson/syncnet_python, for --lse")
+    p.add_argument("video", nargs="*", help="videos to score with --lse")
     args = p.parse_args(argv)
+    if args.lse or args.video:
+        if not args.lse:
+            p.error(f"unexpected arguments {' '.join(args.video)} (videos are for --lse)")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        from lipsync.tools import lse
+        return lse.main(args.video, args.syncnet_weights, str(pick_device(args.device)), min(args.batch_size, 20))
+    if not args.ckpt:
+        p.error("the following arguments are required: --ckpt")
+    if args.reenact and args.crossdub:
+        p.error("give --reenact or --crossdub, not both")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.reenact:
         return reenact_main(args)
+    if args.crossdub:
+        if len(args.crossdub) < 2:
+            p.error("--crossdub needs at least two clips (each is dubbed with the next one's speech)")
+        return crossdub_main(args)
     if not 0 < args.holdout < 1:
         p.error("--holdout must be in (0, 1)")
 
@@ -264,8 +309,6 @@ def main(argv=None):
     dirs = eval_clip_dirs(data, args.clip, args.split)
     if args.max_clips:
         dirs = dirs[:args.max_clips]
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         device = str(pick_device(args.device))
     except ValueError as e:

@@ -1,5 +1,6 @@
 """Evaluation metrics (lipsync.tools.eval) on uint8 crops, mouth regions, audio activity and SyncNet offsets.
 
+- `pearson`, `lagged_r`: Pearson r; `lagged_r` pairs x[f] with y[f + lag] and skips frames where either is NaN.
 - `psnr`: 10 log10(R^2 / MSE) over all elements, R = 255; +inf for identical inputs.
 - `mouth_metrics`: per-frame PSNR, SSIM and L1 inside each frame's mouth box (`lipsync.training.data.mouth_box` from
   lip landmarks, snapped outwards to whole pixels). L1 is the mean |difference| / 255 (0..1). SSIM is
@@ -34,6 +35,15 @@ def pearson(x, y) -> float:
     if x.std() == 0 or y.std() == 0:
         return 0.0
     return float(np.corrcoef(x, y)[0, 1])
+
+
+def lagged_r(x, y, lag: int) -> float:
+    """Pearson r between x[f] and y[f + lag] (x, y: (N,)) over the frames where both are finite (lag > 0: x leads
+    y); NaN with fewer than 3 such frames."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    a, b = (x[:len(x) - lag], y[lag:]) if lag >= 0 else (x[-lag:], y[:len(y) + lag])
+    ok = np.isfinite(a) & np.isfinite(b)
+    return pearson(a[ok], b[ok]) if ok.sum() >= 3 else math.nan
 
 
 def psnr(x, y, data_range: float = 255.0) -> float:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..blend import paste
-from ..pipeline import avatar_frames, prepare_avatar
+from ..pipeline import avatar_frames, prepare_avatar, with_references
 from ..tracking import MeshTracker, crop_faces
 from ..vae import to_model_images, to_uint8_images
 from .metrics import lip_opening_468, pearson, region_ssim
@@ -102,8 +102,7 @@ def reenact_clip(model, frames, fps, wave, track, batch_size=16):
     windows = model.audio_windows(wave, n, fps)
     rows = {"model, own frame as reference": np.stack(list(avatar_frames(model, avatar, windows, batch_size)))}
     own = avatar.latents
-    far = own[torch.from_numpy(far_reference(n)).to(own.device)]
-    avatar.latents = torch.cat([own[:, :4], far[:, 4:]], 1)  # [masked own frame, far frame as reference]
+    avatar.latents = with_references(own, far_reference(n))  # [masked own frame, far frame as reference]
     rows["model, far reference"] = np.stack(list(avatar_frames(model, avatar, windows, batch_size)))
     avatar.latents = own
     crops = crop_faces(frames, track.boxes, model.crop_size, lanczos=model.geometry == "musetalk")
@@ -121,18 +120,23 @@ def reenact_clip(model, frames, fps, wave, track, batch_size=16):
     return rows
 
 
-def mouth_montage(real, rows, squares, k=8, side=96) -> np.ndarray:
-    """k frames of a clip: its real mouth squares on top, then one row per entry of rows -> uint8 image."""
+def square_tiles(frames, squares, idx, side=96) -> np.ndarray:
+    """Frames (N, H, W, 3) uint8, int squares (N, 4), k frame indices -> those frames' squares side by side, each
+    resized to side x side: uint8 (side, k side, 3)."""
     import torch.nn.functional as F
-    idx = np.linspace(0, len(real) - 1, k).round().astype(int)
 
-    def tile(frames, i):
+    def tile(i):
         x1, y1, x2, y2 = squares[i]
         t = torch.from_numpy(np.ascontiguousarray(frames[i, y1:y2, x1:x2])).permute(2, 0, 1)[None].float()
         return F.interpolate(t, size=(side, side), mode="bilinear", antialias=True)[0].permute(1, 2, 0)
 
-    lines = [real] + list(rows.values())
-    return torch.cat([torch.cat([tile(f, i) for i in idx], 1) for f in lines], 0).round().clamp(0, 255).byte().numpy()
+    return torch.cat([tile(i) for i in idx], 1).round().clamp(0, 255).byte().numpy()
+
+
+def mouth_montage(real, rows, squares, k=8, side=96) -> np.ndarray:
+    """k frames of a clip: its real mouth squares on top, then one row per entry of rows -> uint8 image."""
+    idx = np.linspace(0, len(real) - 1, k).round().astype(int)
+    return np.concatenate([square_tiles(f, squares, idx, side) for f in [real] + list(rows.values())], 0)
 
 
 def reenact(model, videos, out_dir=None, batch_size=16, progress=True) -> dict:
