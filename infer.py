@@ -52,6 +52,14 @@ class InputError(ValueError):
     """A bad input or option: reported as one line, exit code 1."""
 
 
+ERRORS = (OSError, ValueError, RuntimeError, ImportError)  # reported as one line; ImportError: mediapipe's install hint
+
+
+def error_line(err) -> str:
+    """The one line that reports an error in ERRORS (stderr here, the page in lipsync.app)."""
+    return f"error: {' '.join(str(err).split())[:600]}"
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group()
@@ -286,7 +294,9 @@ def build_avatar(args, inputs: Inputs, model, limit=None):
         return prepare_avatar(frames, fps, track, model, args.batch_size, source=inputs.media, bar=bar)
 
 
-def run(args):
+def run(args, stage=lambda name: None):
+    """One job of parsed options; stage(name) is called as "loading the model", "tracking faces", "generating" and
+    "encoding" begin (lipsync.app shows them)."""
     inputs = resolve_inputs(args)
     device, dtype = inputs.device, pick_dtype(args.dtype, inputs.device)
     wave = seconds = None
@@ -299,35 +309,45 @@ def run(args):
             raise InputError(f"{inputs.media} has no video stream")
         if seconds is not None and math.floor(seconds * fps) < 2:
             raise InputError(f"{inputs.audio} lasts under two frames at {fps:g} fps")
+    stage("loading the model")
     model = load_model(args, inputs, device, dtype)
     if args.version and model.geometry != "musetalk":
         raise InputError(f"--version picks MuseTalk's crop margin; {inputs.ckpt} was trained on {model.geometry} "
                          f"crops")
     start = time.perf_counter()
     if args.prepare_avatar:
+        stage("tracking faces")
         avatar = build_avatar(args, inputs, model)
         save_avatar(avatar, args.avatar)
         print(f"avatar: {len(avatar)} frames -> {args.avatar}")
     elif args.avatar:
         avatar = load_avatar(args.avatar, model)
     else:
+        stage("tracking faces")
         avatar = build_avatar(args, inputs, model, limit=math.floor(seconds * fps))
     if not inputs.audio:
         return
     n = math.floor(seconds * avatar.fps)
     windows = model.audio_windows(wave, n, avatar.fps)
+    stage("generating")
     frames = tqdm(avatar_frames(model, avatar, windows, args.batch_size, static=args.compile), total=n,
                   desc="lip-sync", unit="frame", disable=None, leave=False)
-    write_video(inputs.out, frames, avatar.fps, audio=inputs.audio, crf=args.crf)
+    write_video(inputs.out, _then(frames, lambda: stage("encoding")), avatar.fps, audio=inputs.audio, crf=args.crf)
     took = time.perf_counter() - start
     print(f"wrote {inputs.out}: {n} frames at {avatar.fps:g} fps ({seconds:.2f} s) in {took:.1f} s")
+
+
+def _then(iterable, call):
+    """Yield the items, then call() once the last one is taken (x264 then flushes and the audio is muxed)."""
+    yield from iterable
+    call()
 
 
 def main(argv=None):
     try:
         run(parse_args(argv))
-    except (OSError, ValueError, RuntimeError, ImportError) as err:  # ImportError: mediapipe's install hint
-        print(f"error: {' '.join(str(err).split())[:600]}", file=sys.stderr)
+    except ERRORS as err:
+        print(error_line(err), file=sys.stderr)
         return 1
     return 0
 
