@@ -2,22 +2,15 @@
 audio fitting, resampling and silences do what the module doc says, the reference rule reaches the UNet, and the CLI
 runs end to end."""
 
-import itertools
 import json
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from lipsync import pipeline as P
-from lipsync.mel_encoder import MelEncoderConfig
-from lipsync.model import build
 from lipsync.tools import crossdub as C
-from lipsync.tracking import BoxTracker, crop_faces, parse_bbox
-from lipsync.unet import UNetConfig
-from lipsync.vae import VAEConfig
-from lipsync.video import iter_frames, read_video, write_video
+from lipsync.tracking import crop_faces
+from lipsync.video import read_video, write_video
 from media import ROOT, SPEECH, VIDEO
 
 
@@ -150,16 +143,9 @@ def test_silences_are_quiet_runs_of_at_least_0_3_seconds(fps, shortest):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_dub_gives_the_unet_each_frames_masked_self_and_the_reference_rules_frame():
-    frames = np.stack(list(itertools.islice(iter_frames(VIDEO), 0, 40, 5)))  # 8 frames 0.2 s apart: mouths differ
-    frames = F.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2), size=(304, 176), mode="bilinear",
-                           antialias=True).permute(0, 2, 3, 1).contiguous().numpy()
+def test_dub_gives_the_unet_each_frames_masked_self_and_the_reference_rules_frame(spied_dub):
+    frames, track, model, calls = spied_dub
     n = len(frames)
-    track = P.track_frames(frames, BoxTracker(parse_bbox("55,78,115,131")))
-    torch.manual_seed(0)
-    model = build(UNetConfig.tiny(), VAEConfig.tiny(), MelEncoderConfig.tiny(), 64).eval()
-    calls, forward = [], model.unet.forward
-    model.unet.forward = lambda x, t, ctx: calls.append(x.clone()) or forward(x, t, ctx)
     wave = C.fit_speech(torch.zeros(1), n, 25.0)
     C.dub_clip(model, frames, 25.0, wave, track, batch_size=n)
     C.dub_clip(model, frames, 25.0, wave, track, reference=lambda t: np.arange(len(t))[::-1].copy(), batch_size=n)

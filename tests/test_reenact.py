@@ -3,22 +3,15 @@
 import json
 import math
 
-import itertools
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from lipsync import pipeline as P
-from lipsync.mel_encoder import MelEncoderConfig
-from lipsync.model import build
 from lipsync.tools import reenact
-from lipsync.tracking import BoxTracker, crop_faces, parse_bbox
-from lipsync.unet import UNetConfig
-from lipsync.vae import VAEConfig
+from lipsync.tracking import crop_faces
 from lipsync.tools.metrics import lip_opening_468
-from lipsync.video import iter_frames, read_video, write_video
+from lipsync.video import read_video, write_video
 from media import ROOT, SPEECH, VIDEO
 
 
@@ -86,18 +79,11 @@ def test_reenact_cli_scores_every_row_and_writes_a_montage(tmp_path):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_far_reference_row_gives_the_unet_each_frames_masked_self_and_the_far_frames_reference():
+def test_far_reference_row_gives_the_unet_each_frames_masked_self_and_the_far_frames_reference(spied_dub):
     """The far-reference row must measure lip-sync, not copying: frame i's UNet input is [its own masked crop, the
     reference crop of the frame half a clip away], never its own reference. The own-frame row is [masked i, i]."""
-    frames = np.stack(list(itertools.islice(iter_frames(VIDEO), 0, 40, 5)))  # 8 frames 0.2 s apart: mouths differ
-    frames = F.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2), size=(304, 176), mode="bilinear",
-                           antialias=True).permute(0, 2, 3, 1).contiguous().numpy()
+    frames, track, model, calls = spied_dub
     n = len(frames)
-    track = P.track_frames(frames, BoxTracker(parse_bbox("55,78,115,131")))
-    torch.manual_seed(0)
-    model = build(UNetConfig.tiny(), VAEConfig.tiny(), MelEncoderConfig.tiny(), 64).eval()
-    calls, forward = [], model.unet.forward
-    model.unet.forward = lambda x, t, ctx: calls.append(x.clone()) or forward(x, t, ctx)
     rows = reenact.reenact_clip(model, frames, 25.0, torch.zeros(n * 640), track, batch_size=n)
     assert all(len(r) == n for r in rows.values())
     own_row, far_row = calls  # one UNet call per model row
