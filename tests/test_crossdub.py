@@ -203,3 +203,19 @@ def test_crossdub_cli_dubs_a_cycle_and_writes_json_and_montages(tmp_path):
     import imageio.v3 as iio
     assert iio.imread(tmp_path / "out" / "0_a_with_b.png").shape == (3 * 96, 8 * 96, 3)
     assert iio.imread(tmp_path / "out" / "1_b_with_a.png").shape == (3 * 96, 8 * 96, 3)
+
+
+def test_lse_of_a_dubbed_clip_scores_its_25_fps_frames_cropped_around_the_source_track(spied_dub):
+    """--crossdub with --syncnet-weights: the dubbed frames, resampled from 30 to 25 fps, cropped where the source
+    track put each face, against the speech the clip was dubbed with."""
+    from lipsync.tools import lse
+    frames, track, _, _ = spied_dub
+    loop = np.tile(np.arange(len(frames)), 4)  # 32 frames at 30 fps
+    dubbed, track = frames[loop, ::-1].copy(), track.select(loop)  # any frames: what matters is which and where
+    torch.manual_seed(0)
+    net = lse.SyncNetV2().eval()
+    wave = np.random.default_rng(0).standard_normal(len(loop) * 16000 // 30).astype(np.float32) * 0.1
+    idx = np.round(1.2 * np.arange(27)).astype(int)  # 27 frames at 25 fps, each the nearest 30 fps one in time
+    want = lse.lse(net, lse.syncnet_crops(dubbed[idx], track.landmarks[idx]), wave)
+    assert want["windows"] > 15 and C.dubbed_lse(net, dubbed, 30.0, track, wave) == want
+    assert C.dubbed_lse(net, dubbed, 30.0, track, wave[::-1].copy()) != want  # the speech is read

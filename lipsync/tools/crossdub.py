@@ -185,9 +185,19 @@ def montage(original, dubbed, speaker_frames, a, b, side=96) -> np.ndarray:
     return np.concatenate(rows + [row], 0)
 
 
-def crossdub(model, videos, out_dir=None, reference=own_frame, batch_size=8, silence_db=-30.0, progress=True) -> dict:
+def dubbed_lse(syncnet, dubbed, fps, track, wave) -> dict:
+    """LSE-D / LSE-C of a dubbed clip (lipsync.tools.lse, syncnet_python's protocol at 25 fps): crops around the
+    source track's faces, where the new mouth was pasted."""
+    from ..tracking import fill_missing
+    from .lse import lse, syncnet_crops, to_25fps
+    frames, idx = to_25fps(dubbed, fps)
+    return lse(syncnet, syncnet_crops(frames, fill_missing(track.landmarks[idx], track.face[idx])), np.asarray(wave))
+
+
+def crossdub(model, videos, out_dir=None, reference=own_frame, batch_size=8, silence_db=-30.0, progress=True,
+             syncnet=None) -> dict:
     """Dub each clip with the next one's speech -> {"pairs": [per pair: names, frames, fps, measures], "mean": ...};
-    with out_dir also crossdub.json and one montage PNG per pair."""
+    with out_dir also crossdub.json and one montage PNG per pair; with a syncnet (lse.SyncNetV2) LSE-D / LSE-C too."""
     import json
 
     import imageio.v3 as iio
@@ -201,7 +211,8 @@ def crossdub(model, videos, out_dir=None, reference=own_frame, batch_size=8, sil
         speaker_frames, b = clips.get(speech_clip)
         n, fps = len(frames), a["fps"]
         wave = fit_speech(b["wave"], n, fps)
-        dubbed = dub_clip(model, frames, fps, wave, face_track(frames, model.geometry), reference, batch_size)
+        track = face_track(frames, model.geometry)
+        dubbed = dub_clip(model, frames, fps, wave, track, reference, batch_size)
         opening = lip_opening_468(mesh_points(dubbed))
         speaker = resample_series(b["opening"], b["fps"], n, fps)
         silent, speech = silences(wave.numpy(), n, fps, silence_db)
@@ -210,12 +221,16 @@ def crossdub(model, videos, out_dir=None, reference=own_frame, batch_size=8, sil
                       **pair_metrics(opening, a["opening"], speaker, silent, speech),
                       "series": {"dubbed": _rounded(opening), "original": _rounded(a["opening"]),
                                  "speaker": _rounded(speaker), "silent": silent.tolist(), "speech": speech.tolist()}})
+        if syncnet is not None:
+            pairs[-1]["lse"] = dubbed_lse(syncnet, dubbed, fps, track, wave.numpy())
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             name = f"{k}_{Path(video).stem}_with_{Path(speech_clip).stem}.png"
             iio.imwrite(Path(out_dir) / name, montage(frames, dubbed, speaker_frames, a, b))
         del frames, speaker_frames, dubbed
-    res = {"pairs": pairs, "mean": mean_metrics(pairs), "silence_db": silence_db, "min_silence_s": MIN_SILENCE,
+    if syncnet is not None:
+        lse_mean = {k: float(np.mean([p["lse"][k] for p in pairs])) for k in ("lse_d", "lse_c")}
+    res = {"pairs": pairs, "mean": {**mean_metrics(pairs), **({"lse": lse_mean} if syncnet is not None else {})}, "silence_db": silence_db, "min_silence_s": MIN_SILENCE,
            "max_lag": MAX_LAG, "reference": getattr(reference, "__name__", str(reference))}
     if out_dir is not None:
         (Path(out_dir) / "crossdub.json").write_text(json.dumps(to_json(res), indent=1))
@@ -242,5 +257,10 @@ def print_table(res: dict) -> None:
           f"{'':5s} {f(m['r_original']):>6s} {f(m['r_chance']):>6s} {f(m['movement'], '{:.2f}'):>5s} "
           f"{f(m['opening_silent'], '{:.4f}'):>13s} / {f(m['opening_speech'], '{:.4f}'):>6s} "
           f"({f(m['original_silent'], '{:.4f}')} / {f(m['original_speech'], '{:.4f}')})")
+    if "lse" in m:
+        for p in res["pairs"]:
+            print(f"{Path(p['video']).stem[:17]} <- {Path(p['speech']).stem[:15]}: LSE-D {p['lse']['lse_d']:.2f} "
+                  f"LSE-C {p['lse']['lse_c']:.2f} (offset {p['lse']['offset']:+d})")
+        print(f"mean LSE-D {m['lse']['lse_d']:.2f}, LSE-C {m['lse']['lse_c']:.2f}")
     print(f"dubbed mouth more closed in silence than in speech on {m['pairs_closed_in_silence']} of "
           f"{m['pairs_with_silence']} pairs with a silence of {MIN_SILENCE} s or more")

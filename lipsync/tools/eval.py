@@ -234,8 +234,12 @@ def crossdub_main(args):
     from lipsync.weights import CheckpointError
     try:
         model = load_lipsync(args.ckpt, pick_device(args.device), whisper=args.whisper).eval()
+        syncnet = None
+        if args.syncnet_weights:
+            from lipsync.tools.lse import load_syncnet_v2
+            syncnet = load_syncnet_v2(args.syncnet_weights, pick_device(args.device))
         res = crossdub(model, args.crossdub, args.out, batch_size=min(args.batch_size, 8),
-                       silence_db=args.silence_db)
+                       silence_db=args.silence_db, syncnet=syncnet)
     except (CheckpointError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print_table(res)
@@ -276,7 +280,8 @@ def main(argv=None):
                    "dubbed mouth with the speech's real speaker's mouth (lipsync.tools.crossdub)")
     p.add_argument("--lse", action="store_true", help="score the VIDEOs given (dubbed mp4s with their speech) with "
                    "the public SyncNet as the papers do: AV offset, LSE-D, LSE-C (lipsync.tools.lse)")
-    p.add_argument("--syncnet-weights", metavar="PATH", help="syncnet_v2.model of joonson/syncnet_python, for --lse")
+    p.add_argument("--syncnet-weights", metavar="PATH", help="syncnet_v2.model of joonson/syncnet_python: for --lse, and LSE "
+                   "columns with --crossdub")
     p.add_argument("video", nargs="*", help="videos to score with --lse")
     args = p.parse_args(argv)
     if args.lse or args.video:
