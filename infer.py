@@ -40,6 +40,7 @@ from lipsync.melspec import load_audio
 from lipsync.checkpoint import from_published, load_lipsync
 from lipsync.model import compile_for_inference
 from lipsync.pipeline import avatar_frames, check_avatar_folder, load_avatar, prepare_avatar, read_track, save_avatar
+from lipsync.pipeline import box_options as pipeline_box_options
 from lipsync.pipeline import track_file, track_frames
 from lipsync.tracking import BoxTracker, MeshTracker, parse_bbox
 from lipsync.video import SAMPLE_RATE, iter_frames, read_image, resample_indices, video_info, write_video
@@ -234,11 +235,9 @@ def read_media(args, inputs: Inputs, limit=None):
 
 
 def box_options(args, geometry):
-    """Keyword arguments of pipeline.track_frames / read_track for the model's crop geometry."""
-    if geometry == "square":
-        return dict(geometry=geometry, smooth_sigma=2.0 if args.smooth is None else args.smooth)
-    margin = {"v15": 10, "v1": 0}[args.version or "v15"]  # MuseTalk's extra_margin
-    return dict(geometry=geometry, margin=margin, smooth_sigma=args.smooth or 0.0)
+    """Keyword arguments of pipeline.track_frames / read_track for the model's crop geometry and the flags."""
+    margin = {"v15": 10, "v1": 0}[args.version] if args.version else None  # MuseTalk's extra_margin
+    return pipeline_box_options(geometry, args.smooth, margin)
 
 
 def face_track(args, inputs: Inputs, frames, idx, n_read, complete, geometry="square"):

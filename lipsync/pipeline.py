@@ -51,6 +51,15 @@ class Track:
         return Track(self.landmarks[idx], self.face[idx], self.boxes[idx], self.tracker)
 
 
+def box_options(geometry, smooth=None, margin=None) -> dict:
+    """Keyword arguments of track_frames / read_track for a crop geometry, infer.py's defaults where None: square
+    boxes smoothed over time (Gaussian sigma 2 frames); MuseTalk's per-frame boxes unsmoothed, extra_margin 10
+    (v1.5)."""
+    if geometry == "square":
+        return dict(geometry=geometry, smooth_sigma=2.0 if smooth is None else smooth)
+    return dict(geometry=geometry, margin=10 if margin is None else margin, smooth_sigma=smooth or 0.0)
+
+
 def track_frames(frames, tracker, bbox_shift=0.0, margin=10.0, smooth_sigma=2.0, bar=None,
                  geometry="square") -> Track:
     """Run a tracker (tracking.MeshTracker / BoxTracker) over frames, as lipsync.training.prepare does; closes it.

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..pipeline import avatar_frames, prepare_avatar, track_frames
+from ..pipeline import avatar_frames, box_options, prepare_avatar, track_frames
 from ..tracking import MeshTracker
 from ..video import SAMPLE_RATE, fit_length
 from .metrics import lagged_r, lip_opening_468, silence_masks
@@ -132,7 +132,7 @@ def own_frame(track) -> np.ndarray:
 def face_track(frames, geometry):
     """Frames (N, H, W, 3) -> pipeline.Track from mediapipe with infer.py's box options for the model's geometry
     (unsmoothed MuseTalk boxes, smoothed square ones)."""
-    return track_frames(frames, MeshTracker(), geometry=geometry, smooth_sigma=0.0 if geometry == "musetalk" else 2.0)
+    return track_frames(frames, MeshTracker(), **box_options(geometry))
 
 
 @torch.inference_mode()

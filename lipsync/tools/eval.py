@@ -210,15 +210,19 @@ def evaluate_clip(model, syncnet, clip, *, seed=0, holdout=0.2, max_frames=0, ba
 # ----------------------------------------------------------------------------- CLI
 
 
-def reenact_main(args):
+def _real_clips(args, run):
+    """run(model) for --reenact / --crossdub with our checkpoint; unreadable inputs end as one error line."""
     from lipsync.checkpoint import load_lipsync
-    from lipsync.tools.reenact import reenact
     from lipsync.weights import CheckpointError
     try:
-        model = load_lipsync(args.ckpt, pick_device(args.device), whisper=args.whisper).eval()
-        res = reenact(model, args.reenact, args.out, min(args.batch_size, 16))
+        return run(load_lipsync(args.ckpt, pick_device(args.device), whisper=args.whisper).eval())
     except (CheckpointError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def reenact_main(args):
+    from lipsync.tools.reenact import reenact
+    res = _real_clips(args, lambda model: reenact(model, args.reenact, args.out, min(args.batch_size, 16)))
     print(f"{'clip':24s} {'row':46s} {'PSNR':>6s} {'SSIM':>6s} {'colour':>6s} {'r':>6s}")
     for clip, rows in res.items():
         for name, v in rows.items():
@@ -229,19 +233,17 @@ def reenact_main(args):
 
 
 def crossdub_main(args):
-    from lipsync.checkpoint import load_lipsync
     from lipsync.tools.crossdub import crossdub, print_table
-    from lipsync.weights import CheckpointError
-    try:
-        model = load_lipsync(args.ckpt, pick_device(args.device), whisper=args.whisper).eval()
+
+    def run(model):
         syncnet = None
         if args.syncnet_weights:
             from lipsync.tools.lse import load_syncnet_v2
             syncnet = load_syncnet_v2(args.syncnet_weights, pick_device(args.device))
-        res = crossdub(model, args.crossdub, args.out, batch_size=min(args.batch_size, 8),
-                       silence_db=args.silence_db, syncnet=syncnet)
-    except (CheckpointError, OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        return crossdub(model, args.crossdub, args.out, batch_size=min(args.batch_size, 8),
+                        silence_db=args.silence_db, syncnet=syncnet)
+
+    res = _real_clips(args, run)
     print_table(res)
     print(f"wrote {args.out}/crossdub.json and one montage per pair (rows: original, dubbed, speaker)")
     return res
@@ -280,23 +282,21 @@ def main(argv=None):
                    "dubbed mouth with the speech's real speaker's mouth (lipsync.tools.crossdub)")
     p.add_argument("--lse", action="store_true", help="score the VIDEOs given (dubbed mp4s with their speech) with "
                    "the public SyncNet as the papers do: AV offset, LSE-D, LSE-C (lipsync.tools.lse)")
-    p.add_argument("--syncnet-weights", metavar="PATH", help="syncnet_v2.model of joonson/syncnet_python: for --lse, and LSE "
-                   "columns with --crossdub")
+    p.add_argument("--syncnet-weights", metavar="PATH", help="syncnet_v2.model of joonson/syncnet_python: for "
+                   "--lse, and LSE columns with --crossdub")
     p.add_argument("video", nargs="*", help="videos to score with --lse")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.lse or args.video:
         if not args.lse:
             p.error(f"unexpected arguments {' '.join(args.video)} (videos are for --lse)")
-        if args.threads:
-            torch.set_num_threads(args.threads)
         from lipsync.tools import lse
         return lse.main(args.video, args.syncnet_weights, str(pick_device(args.device)), min(args.batch_size, 20))
     if not args.ckpt:
         p.error("the following arguments are required: --ckpt")
     if args.reenact and args.crossdub:
         p.error("give --reenact or --crossdub, not both")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.reenact:
         return reenact_main(args)
     if args.crossdub:

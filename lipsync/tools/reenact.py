@@ -149,14 +149,14 @@ def reenact(model, videos, out_dir=None, batch_size=16, progress=True) -> dict:
     from tqdm import tqdm
 
     from ..melspec import load_audio
-    from ..pipeline import track_frames
+    from ..pipeline import box_options, track_frames
     from ..video import SAMPLE_RATE, read_video, video_info
     results = {}
     for video in tqdm(videos, desc="reenact", unit="clip", disable=not progress):
         frames, fps = read_video(video)
         info = video_info(video)  # a photo or a video without sound is dubbed with silence: the mouth must stay put
         wave = load_audio(video) if info.has_audio else torch.zeros(round(len(frames) / fps * SAMPLE_RATE))
-        track = track_frames(frames, MeshTracker(), geometry=model.geometry)
+        track = track_frames(frames, MeshTracker(), **box_options(model.geometry))  # as infer.py tracks
         rows = reenact_clip(model, frames, fps, wave, track, batch_size)
         real_mesh = mesh_points(frames)
         results[str(video)] = {name: score(gen, frames, real_mesh, mesh_points(gen)) for name, gen in rows.items()}
