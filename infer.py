@@ -42,6 +42,7 @@ from lipsync.model import compile_for_inference
 from lipsync.pipeline import avatar_frames, check_avatar_folder, load_avatar, prepare_avatar, read_track, save_avatar
 from lipsync.pipeline import box_options as pipeline_box_options
 from lipsync.pipeline import track_file, track_frames
+from lipsync.references import RULES as REFERENCE_RULES
 from lipsync.tracking import BoxTracker, MeshTracker, parse_bbox
 from lipsync.video import SAMPLE_RATE, iter_frames, read_image, resample_indices, video_info, write_video
 
@@ -84,6 +85,11 @@ def parse_args(argv):
     p.add_argument("--smooth", type=float, help="smooth the crop boxes over time, Gaussian sigma in frames "
                    "(default 2 for our square crops, 0 = off for MuseTalk geometry, so boxes are MuseTalk's "
                    "frame for frame)")
+    p.add_argument("--reference", default="auto", choices=("auto",) + REFERENCE_RULES,
+                   help="which frame shows the UNet the person's face beside each masked frame: self (the frame "
+                   "itself, MuseTalk's inference: its original mouth is in view and tends to be copied), closed_pose "
+                   "(a closed-mouthed frame of similar pose: the mouth comes from the audio) or auto (the rule the "
+                   "checkpoint was trained for; self for the official weights). A still image is its own reference")
     p.add_argument("--batch-size", type=int, default=8, help="frames per UNet + decoder call (and per VAE encode "
                    "when preparing)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -289,8 +295,10 @@ def load_model(args, inputs: Inputs, device, dtype):
 def build_avatar(args, inputs: Inputs, model, limit=None):
     frames, fps, idx, n_read, complete = read_media(args, inputs, limit)
     track = face_track(args, inputs, frames, idx, n_read, complete, model.geometry)
+    rule = None if args.reference == "auto" else args.reference  # None: the model's own rule
     with tqdm(total=int(track.face.sum()), desc="prepare", unit="frame", disable=None, leave=False) as bar:
-        return prepare_avatar(frames, fps, track, model, args.batch_size, source=inputs.media, bar=bar)
+        return prepare_avatar(frames, fps, track, model, args.batch_size, source=inputs.media, bar=bar,
+                              reference=rule)
 
 
 def run(args, stage=lambda name: None):
@@ -321,6 +329,9 @@ def run(args, stage=lambda name: None):
         print(f"avatar: {len(avatar)} frames -> {args.avatar}")
     elif args.avatar:
         avatar = load_avatar(args.avatar, model)
+        if args.reference not in ("auto", avatar.reference):
+            raise InputError(f"{args.avatar} was prepared with --reference {avatar.reference}; prepare it again "
+                             f"with --reference {args.reference}")
     else:
         stage("tracking faces")
         avatar = build_avatar(args, inputs, model, limit=math.floor(seconds * fps))

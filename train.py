@@ -176,7 +176,9 @@ HELP = {
     "optim.warmup": "steps of linear learning-rate warm-up at the start of each stage",
     "optim.lr_floor": "final learning rate as a fraction of the peak (linear decay to it)",
     "reference": "how stages 1 and 2 pick each target's reference frame: pose_mouth (MuseTalk v1.5: similar pose, "
-                 "different lips) or random (v1: any frame of the clip at least 5 frames away)",
+                 "different lips), random (v1: any frame of the clip at least 5 frames away) or closed_pose (a "
+                 "closed-mouthed frame of similar pose: the opening must come from the audio; the exported model then "
+                 "makes it infer.py's default reference)",
     "loss.l1": "weight of the pixel L1 loss",
     "loss.lower": "how much more the inpainted lower half counts in the L1 loss",
     "loss.mouth": "weight of an extra L1 loss on the mouth crop (lip landmarks' box, lipsync.training.data.mouth_box)",
@@ -612,6 +614,12 @@ def load_stage_syncnet(run: Run) -> SyncNet:
     return load_syncnet(path).to(run.device)
 
 
+def inference_reference(cfg: TrainConfig) -> str:
+    """The reference rule infer.py uses by default for the exported model: closed_pose for a model trained with it,
+    else MuseTalk's own inference (each frame its own reference)."""
+    return "closed_pose" if cfg.reference == "closed_pose" else "self"
+
+
 def build_generator(run: Run) -> LipSync:
     """Fresh UNet and audio encoder (seeded) on the stage VAE, or --init's; crops are the VAE's sample size."""
     cfg = run.cfg
@@ -621,7 +629,7 @@ def build_generator(run: Run) -> LipSync:
             model = onto_whisper(model, load_whisper_encoder(cfg.whisper).requires_grad_(False))
             run.say(f"[generator] {cfg.init}'s MelEncoder replaced by frozen whisper ({cfg.whisper}); "
                     f"cross-attention keys/values re-initialised at width {model.audio.dim}")
-        model.geometry = clip_geometry(cfg)
+        model.geometry, model.reference = clip_geometry(cfg), inference_reference(cfg)
         if os.path.exists(decoder := run.path("decoder.final")):  # the decoder stage's VAE
             model.vae.load_state_dict(torch.load(decoder, map_location="cpu", weights_only=True)["state"])
             run.say(f"[generator] VAE decoder from {decoder}")
@@ -637,7 +645,8 @@ def build_generator(run: Run) -> LipSync:
         from lipsync.mel_encoder import MelEncoder
         audio_cfg.dim = unet_cfg.cross_attention_dim
         audio = MelEncoder(audio_cfg)
-    model = LipSync(UNet(unet_cfg), vae, audio, vae.config.sample_size, geometry=clip_geometry(cfg)).to(run.device)
+    model = LipSync(UNet(unet_cfg), vae, audio, vae.config.sample_size, geometry=clip_geometry(cfg),
+                    reference=inference_reference(cfg)).to(run.device)
     model.unet.gradient_checkpointing = run.grad_ckpt
     return model
 

@@ -2,8 +2,9 @@
 
 Our checkpoint (`export` / `load_lipsync`) is one torch file: {"format": FORMAT, "config": LipSync.configs(), "unet",
 "vae", "audio": state dicts (audio None for a model on frozen whisper features; then "whisper" holds that encoder's
-config and weights, so the checkpoint runs with nothing else)} plus any `extra` entries (train.py adds its SyncNet). The config holds the crop geometry the model was trained on (lipsync.tracking.GEOMETRIES; "square"
-when absent). The published MuseTalk UNet + sd-vae-ft-mse + whisper-tiny load through `from_published`, unchanged, and
+config and weights, so the checkpoint runs with nothing else)} plus any `extra` entries (train.py adds its SyncNet).
+The config holds the crop geometry the model was trained on (lipsync.tracking.GEOMETRIES; "square" when absent) and
+the reference rule infer.py gives it by default (lipsync.references; "self" when absent). The published MuseTalk UNet + sd-vae-ft-mse + whisper-tiny load through `from_published`, unchanged, and
 use MuseTalk's own crop ("musetalk", docs/geometry.md).
 """
 
@@ -81,7 +82,7 @@ def load_lipsync(path: str, device="cpu", dtype=torch.float32, whisper: str | No
             audio = WhisperEncoder(config_from_dict(WhisperEncoderConfig, obj["whisper"]["config"]))
         assign_weights(audio, obj["whisper"]["state"], dtype, device, f"{path} [whisper]")
     return LipSync(unet, vae, audio.eval(), cfg["crop_size"], cfg["left"], cfg["right"],
-                   cfg.get("geometry", "square")).to(device).eval()
+                   cfg.get("geometry", "square"), cfg.get("reference", "self")).to(device).eval()
 
 
 def from_published(unet: str, vae: str, whisper: str, device="cpu", dtype=torch.float32) -> LipSync:

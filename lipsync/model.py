@@ -3,6 +3,22 @@
 `LipSync` bundles the three trained parts (UNet, VAE, audio encoder) with MuseTalk's conventions so that training,
 inference, evaluation and the benchmark all call the same code. Saving and loading it (our checkpoint format, the
 published weights) is lipsync.checkpoint.
+
+One frame (S crop side, s latent side, D audio width, L encoder states; the bundled face128 model: 128, 32, 128, 5;
+the MuseTalk weights: 256, 32, 384, 5):
+
+    frame (H, W, 3) uint8 -> landmarks (68, 2), box (4,)   pipeline.track_frames / read_track
+    -> crop (S, S, 3) uint8                                tracking.crop_faces
+    -> [masked crop, reference crop] latents (8, s, s)     FaceVAE.unet_input (+ references.pick)
+    wave (16 kHz) -> features (1, L, T at 50/s, D)         LipSync.audio.encode (MelEncoder, WhisperEncoder)
+    -> windows (n_frames, 10 L, D) at 25 fps               LipSync.audio_windows -> audio.frame_windows
+    forward: + sinusoidal PE -> UNet at t = 0              LipSync.forward (pipeline.avatar_frames batches it)
+    -> latent (4, s, s) -> (3, S, S) in about [-1, 1]      FaceVAE.decode
+    -> pasted through the soft lower-face mask             blend.paste -> frame (H, W, 3) uint8
+
+One UNet pass is enough: the UNet is trained to output the frame's clean latent at t = 0, so there is no noise to
+remove. In training the reference is another frame (a visible target mouth would be copied); at inference
+`LipSync.reference` names the rule (lipsync.references): "self" as in MuseTalk, or "closed_pose".
 """
 
 import dataclasses
@@ -12,6 +28,7 @@ import torch.nn as nn
 
 from .audio import PositionalEncoding, encode_windows, frame_windows
 from .mel_encoder import MelEncoder, MelEncoderConfig
+from .references import RULES as REFERENCE_RULES
 from .tracking import GEOMETRIES
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, FaceVAE, VAEConfig
@@ -19,7 +36,7 @@ from .vae import AutoencoderKL, FaceVAE, VAEConfig
 
 class LipSync(nn.Module):
     def __init__(self, unet: UNet, vae: AutoencoderKL, audio: nn.Module, crop_size: int, left: int = 2,
-                 right: int = 2, geometry: str = "square"):
+                 right: int = 2, geometry: str = "square", reference: str = "self"):
         super().__init__()
         if audio.dim != unet.config.cross_attention_dim:
             raise ValueError(f"audio features are {audio.dim}-dim but the UNet attends to "
@@ -29,7 +46,10 @@ class LipSync(nn.Module):
         self.pe = PositionalEncoding(audio.dim)
         if geometry not in GEOMETRIES:
             raise ValueError(f"unknown crop geometry {geometry!r}; choose from {', '.join(GEOMETRIES)}")
+        if reference not in REFERENCE_RULES:
+            raise ValueError(f"unknown reference rule {reference!r}; choose from {', '.join(REFERENCE_RULES)}")
         self.crop_size, self.left, self.right, self.geometry = crop_size, left, right, geometry
+        self.reference = reference  # the reference rule infer.py uses by default: the one the model was trained for
 
     @property
     def trainable_audio(self) -> bool:
@@ -59,7 +79,7 @@ class LipSync(nn.Module):
         audio = dataclasses.asdict(self.audio.cfg) if self.trainable_audio else None
         return {"unet": dataclasses.asdict(self.unet.config), "vae": dataclasses.asdict(self.vae.config),
                 "audio": audio, "crop_size": self.crop_size, "left": self.left, "right": self.right,
-                "geometry": self.geometry}
+                "geometry": self.geometry, "reference": self.reference}
 
 
 def build(unet_cfg: UNetConfig, vae_cfg: VAEConfig, audio_cfg: MelEncoderConfig, crop_size: int) -> LipSync:

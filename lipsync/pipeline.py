@@ -1,9 +1,9 @@
 """Inference: frames + face track -> Avatar (everything that does not depend on the audio) -> generated frames.
 
 An `Avatar` holds what MuseTalk's realtime mode caches (docs/musetalk.md §6): the source frames, their
-face track, the UNet's image input per frame -- latents of [masked crop, reference crop], the reference being the
-frame itself as in MuseTalk's inference unless `prepare_avatar(reference=...)` names other frames -- and the blend
-masks (lipsync.blend). Output frame i shows source frame `avatar.source_index(i)`: the video plays forward then
+face track, the UNet's image input per frame -- latents of [masked crop, reference crop], the reference picked by
+the model's rule (lipsync.references: the frame itself as in MuseTalk's inference, or a closed-mouthed frame of
+similar pose) unless `prepare_avatar(reference=...)` names another rule or other frames -- and the blend masks (lipsync.blend). Output frame i shows source frame `avatar.source_index(i)`: the video plays forward then
 backward (ping-pong, 2N cycle), so audio longer than the video loops without a jump. Per frame the loop then runs
 only audio windows -> LipSync.forward (PE, UNet, VAE decode) -> paste.
 
@@ -14,7 +14,7 @@ only audio windows -> LipSync.forward (PE, UNet, VAE decode) -> paste.
 
 A saved avatar is a folder written as DIR.partial and renamed when complete: frames.npy (N, H, W, 3) uint8,
 track.npz (spec layout), latents.npy (N, 8, s, s) float32, blend.npz, and avatar_info.json (crop size and geometry,
-fps, the VAE fingerprint: latents from another VAE or crop would be garbage, so load_avatar refuses them with a clear
+fps, the reference rule, the VAE fingerprint: latents from another VAE or crop would be garbage, so load_avatar refuses them with a clear
 message).
 """
 
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import references
 from .audio import MelStream
 from .blend import Blend, make_blend, paste
 from .mel_encoder import MelEncoder
@@ -128,6 +129,7 @@ class Avatar:
     fingerprint: str
     source: str = ""
     geometry: str = "square"  # crop geometry of the latents (tracking.GEOMETRIES)
+    reference: str = "self"  # the rule that picked each frame's reference (lipsync.references), "custom" for a list
 
     def __len__(self):
         return len(self.frames)
@@ -150,8 +152,9 @@ def with_references(latents: torch.Tensor, reference) -> torch.Tensor:
 def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", bar=None, reference=None) -> Avatar:
     """Crops -> VAE latents of [masked, reference] (batched) and blend masks for every frame with a face.
 
-    reference: (N,) frame indices, frame i's reference crop is frame reference[i]'s (one with a face wherever frame i
-    has one); default None = each frame itself, MuseTalk's inference."""
+    reference: a rule of lipsync.references ("self", "closed_pose"), or (N,) frame indices: frame i's reference crop
+    is frame reference[i]'s (one with a face wherever frame i has one); default None = the model's own rule
+    (model.reference)."""
     frames = np.asarray(frames)
     if len(frames) != len(track):
         raise ValueError(f"{len(frames)} frames but a track of {len(track)}")
@@ -169,16 +172,20 @@ def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", b
     encoded = torch.cat(parts)
     latents = encoded.new_zeros((len(frames),) + encoded.shape[1:])
     latents[torch.from_numpy(good).to(latents.device)] = encoded
-    if reference is not None:
-        reference = np.asarray(reference)
-        if reference.shape != (len(frames),) or not track.face[reference[good]].all():
-            raise ValueError(f"reference must name, for each of the {len(frames)} frames, a frame with a face")
+    rule = reference if isinstance(reference, str) or reference is None else "custom"
+    if rule != "custom":
+        rule = rule or getattr(model, "reference", "self")
+        reference = references.pick(rule, track.landmarks, track.face)
+    reference = np.asarray(reference)
+    if reference.shape != (len(frames),) or not track.face[reference[good]].all():
+        raise ValueError(f"reference must name, for each of the {len(frames)} frames, a frame with a face")
+    if rule != "self":
         latents = with_references(latents, reference)
     shape = frames.shape[1:3]
     blends = [make_blend(track.landmarks[i], track.boxes[i], shape) if track.face[i] else None
               for i in range(len(frames))]
     return Avatar(frames, float(fps), track, latents, blends, size, vae_fingerprint(model), str(source),
-                  model.geometry)
+                  model.geometry, rule)
 
 
 def check_avatar_folder(folder) -> None:
@@ -209,7 +216,7 @@ def save_avatar(avatar: Avatar, folder) -> Path:
              masks=np.concatenate([b.mask.ravel() for b in blends]).astype(np.float16))
     info = {"version": AVATAR_VERSION, "fps": avatar.fps, "frames": len(avatar), "size": list(avatar.frames.shape[1:3]),
             "crop_size": avatar.crop_size, "fingerprint": avatar.fingerprint, "source": avatar.source,
-            "tracker": t.tracker, "geometry": avatar.geometry}
+            "tracker": t.tracker, "geometry": avatar.geometry, "reference": avatar.reference}
     (partial / "avatar_info.json").write_text(json.dumps(info, indent=1))
     if folder.exists():
         shutil.rmtree(folder)
@@ -243,7 +250,7 @@ def load_avatar(folder, model) -> Avatar:
                   r[2] - r[0], r[3] - r[1]), tuple(map(int, z["mouths"][i]))) if track.face[i] else None
                   for i, r in enumerate(z["rects"])]
     return Avatar(frames, info["fps"], track, latents, blends, info["crop_size"], info["fingerprint"],
-                  info.get("source", ""), info.get("geometry", "square"))
+                  info.get("source", ""), info.get("geometry", "square"), info.get("reference", "self"))
 
 
 # ----------------------------------------------------------------------------- generation

@@ -87,6 +87,7 @@ def test_means_skip_pairs_without_a_measure_and_count_pairs_closed_in_silence():
     pairs[2].update(opening_silent=np.nan, r_speaker=np.nan)  # no silence; r unmeasurable
     m = C.mean_metrics(pairs)
     assert m["r_speaker"] == pytest.approx(0.3) and m["r_original"] == pytest.approx(0.4)
+    assert m["detail_lips"] == pytest.approx(0.4) and m["detail_rest"] == pytest.approx(0.4)
     assert m["pairs"] == 3 and m["pairs_with_silence"] == 2 and m["pairs_closed_in_silence"] == 1
 
 
@@ -198,8 +199,11 @@ def test_crossdub_cli_dubs_a_cycle_and_writes_json_and_montages(tmp_path):
     assert first["silent_frames"] >= 10 and second["silent_frames"] == 0  # a is dubbed with b's speech, padded
     for p in res["pairs"]:
         assert all(-1 <= p[k] <= 1 for k in ("r_speaker", "r_speaker_best", "r_original", "r_chance"))
+    for p in res["pairs"]:  # the dubbed video against its own source frames
+        assert 0 < p["detail_lips"] < 10 and 0 < p["detail_rest"] < 10
     saved = json.loads((tmp_path / "out" / "crossdub.json").read_text())
     assert saved["mean"]["r_original"] == pytest.approx(np.mean([p["r_original"] for p in res["pairs"]]))
+    assert saved["mean"]["detail_lips"] == pytest.approx(np.mean([p["detail_lips"] for p in res["pairs"]]))
     import imageio.v3 as iio
     assert iio.imread(tmp_path / "out" / "0_a_with_b.png").shape == (3 * 96, 8 * 96, 3)
     assert iio.imread(tmp_path / "out" / "1_b_with_a.png").shape == (3 * 96, 8 * 96, 3)

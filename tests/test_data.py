@@ -85,7 +85,7 @@ def test_dataloader_workers_give_the_same_batches(root):
     assert torch.equal(one["reference"], two["reference"]) and torch.equal(one["mel"], two["mel"])
 
 
-@pytest.mark.parametrize("sample", ["pose_mouth", "random"])
+@pytest.mark.parametrize("sample", ["pose_mouth", "random", "closed_pose"])
 def test_reference_is_far_inside_clip_and_never_a_no_face_frame(root, sample):
     ds = Stage1Dataset(root, "train", seed=0, sample=sample, length=600)
     seen_no_face_clip = False
@@ -109,6 +109,30 @@ def test_pose_mouth_references_have_a_different_mouth_than_random_ones(root):
         gaps[sample] = np.mean([abs(ds.clips[int(x["clip"])].truth["opening"][int(x["frame"])]
                                     - ds.clips[int(x["clip"])].truth["opening"][int(x["ref_frame"])]) for x in items])
     assert gaps["pose_mouth"] > 1.15 * gaps["random"]
+
+
+def test_closed_pose_references_are_closed_mouthed_frames_of_the_targets_nearest_poses(root):
+    """The training rule behind infer.py's default: the reference shows a closed mouth (one of the clip's
+    CLOSED_FRACTION most closed frames), from the quarter of those nearest the target in jaw pose, never the target."""
+    from lipsync.references import closed_frames, jaw_pose, pose_distance
+    ds = Stage1Dataset(root, "train", seed=0, sample="closed_pose", length=300)
+    random = Stage1Dataset(root, "train", seed=0, sample="random", length=300)
+    opening = {"closed_pose": [], "random": []}
+    for i in range(300):
+        x = ds[i]
+        ci, f, r = int(x["clip"]), int(x["frame"]), int(x["ref_frame"])
+        clip = ds.clips[ci]
+        lm = to_crop_coords(clip.landmarks, clip.boxes, 256)
+        closed = closed_frames(lm, clip.face) & (np.abs(np.arange(len(clip)) - f) >= 5)
+        assert closed[r] and r != f
+        cand = np.flatnonzero(closed)
+        jaw = jaw_pose(lm)
+        dist = pose_distance(jaw[f:f + 1], jaw[cand])[0]
+        assert dist[list(cand).index(r)] <= np.sort(dist)[max(1, len(cand) // 4) - 1] + 1e-12
+        opening["closed_pose"].append(clip.truth["opening"][r])
+        y = random[i]
+        opening["random"].append(random.clips[int(y["clip"])].truth["opening"][int(y["ref_frame"])])
+    assert np.mean(opening["closed_pose"]) < 0.5 * np.mean(opening["random"])
 
 
 def test_mel_is_the_frame_window_plus_context_and_floor_outside(root):

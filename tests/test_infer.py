@@ -159,6 +159,31 @@ def test_avatar_mode_prepares_once_then_dubs_from_the_cache(files, capsys, tmp_p
     assert read_video(out)[0].shape == (25, 304, 176, 3)
 
 
+def test_reference_flag_reaches_the_avatar_and_a_prepared_avatar_refuses_another_rule(files, capsys, tmp_path,
+                                                                                     monkeypatch):
+    """--reference auto takes the checkpoint's rule; an explicit rule overrides it; the avatar records the rule and
+    generating from it with a different --reference stops with one line instead of silently using the old one."""
+    import json
+    picked = []
+    real = P.prepare_avatar
+    monkeypatch.setattr(infer, "prepare_avatar", lambda *a, **k: picked.append(k["reference"]) or real(*a, **k))
+    model = tiny_model(0)
+    model.reference = "closed_pose"
+    export(model, tmp_path / "closed.pt")
+    for ckpt, flag, rule in ((files["ckpt"], "auto", "self"), (tmp_path / "closed.pt", "auto", "closed_pose"),
+                             (tmp_path / "closed.pt", "self", "self")):
+        avatar_dir = tmp_path / f"av_{flag}_{rule}"
+        code, err = run_cli(["--prepare-avatar", files["video"], "--avatar", avatar_dir, "--ckpt", ckpt, "--bbox",
+                             BBOX, "--reference", flag], capsys)
+        assert code == 0, err
+        assert json.loads((avatar_dir / "avatar_info.json").read_text())["reference"] == rule
+    assert picked == [None, None, "self"]  # None: prepare_avatar takes the model's own rule
+    code, err = run_cli(["--avatar", tmp_path / "av_self_self", "--audio", files["audio"], "--ckpt",
+                         tmp_path / "closed.pt", "--reference", "closed_pose", "--out", tmp_path / "x.mp4"], capsys)
+    assert code == 1 and err.strip().startswith("error:") and "--reference self" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.mp4").exists()
+
+
 def test_a_track_file_beside_the_video_replaces_face_tracking(files, capsys, tmp_path, monkeypatch):
     video = tmp_path / "tracked.mp4"
     video.write_bytes(files["video"].read_bytes())

@@ -50,11 +50,21 @@ def test_a_video_against_itself_gives_infinite_psnr_ssim_1_no_colour_error_and_r
     s = reenact.score(frames, frames, mesh, mesh)
     assert s["psnr"] == math.inf and s["ssim"] == pytest.approx(1.0) and s["colour"] == 0.0
     assert s["r"] == pytest.approx(1.0) and s["frames"] == len(frames)
+    assert s["detail_lips"] == 1.0 and s["detail_rest"] == 1.0
     # and a known error: + 8 levels on every pixel of the generated frames
     brighter = np.clip(frames.astype(np.int16) + 8, 0, 255).astype(np.uint8)
     s = reenact.score(brighter, frames, mesh, mesh)
     assert s["colour"] == pytest.approx(8.0, abs=0.3) and s["psnr"] == pytest.approx(10 * math.log10(255 ** 2 / 64),
                                                                                       abs=0.3)
+    # sharpness on real faces: a 5x5 box blur loses most of the detail, an unsharp mask adds some
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    blur = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
+    blurred = blur.round().byte().permute(0, 2, 3, 1).numpy()
+    s = reenact.score(blurred, frames, mesh, mesh)
+    assert s["detail_lips"] < 0.5 and s["detail_rest"] < 0.5
+    sharper = (2 * x - blur).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    s = reenact.score(sharper, frames, mesh, mesh)
+    assert s["detail_lips"] > 1.2 and s["detail_rest"] > 1.2
 
 
 def test_reenact_cli_scores_every_row_and_writes_a_montage(tmp_path):
@@ -72,8 +82,11 @@ def test_reenact_cli_scores_every_row_and_writes_a_montage(tmp_path):
                          "ceiling: VAE round trip of the real crop", "baseline: first frame's mouth on every frame"}
     for v in rows.values():
         assert 10 < v["psnr"] < 60 and 0 < v["ssim"] <= 1 and v["colour"] >= 0 and v["frames"] == 20
+        assert 0 < v["detail_lips"] < 10 and 0 < v["detail_rest"] < 10
     saved = json.loads((tmp_path / "out" / "reenact.json").read_text())
     assert saved["mean"]["model, far reference"]["psnr"] == pytest.approx(rows["model, far reference"]["psnr"])
+    assert saved["mean"]["model, far reference"]["detail_lips"] == pytest.approx(
+        rows["model, far reference"]["detail_lips"])
     import imageio.v3 as iio
     assert iio.imread(tmp_path / "out" / "talk_mouths.png").shape == (5 * 96, 8 * 96, 3)
 
@@ -97,3 +110,32 @@ def test_far_reference_row_gives_the_unet_each_frames_masked_self_and_the_far_fr
         j = int(np.argmin([(far_row[i, 4:] - reference[k]).abs().max() for k in range(n)]))
         torch.testing.assert_close(far_row[i, 4:], reference[j], atol=1e-5, rtol=0)
         assert min(abs(i - j), n - abs(i - j)) == n // 2, (i, j)  # half a clip away, wrapping round
+
+
+def test_reenact_with_the_public_syncnet_scores_each_rows_frames_against_the_clips_own_speech(tmp_path, monkeypatch):
+    """--reenact --syncnet-weights: every row gets the LSE-D / LSE-C of ITS frames (crossdub.dubbed_lse, the papers'
+    protocol) against the clip's speech, and the means carry them."""
+    pytest.importorskip("mediapipe")
+    import soundfile as sf
+    from lipsync.tools import crossdub, lse
+    frames, fps = read_video(VIDEO)
+    frames = frames[:30]
+    wave, sr = sf.read(SPEECH, dtype="float32")
+    wave = wave[:int(30 / fps * sr)]
+    clip = tmp_path / "talk.mp4"
+    write_video(clip, frames, fps, audio=wave)
+    frames, _ = read_video(clip)
+    rows = {"a": frames, "b": np.ascontiguousarray(frames[::-1])}  # two rows whose mouths move differently
+    seen = {}
+    monkeypatch.setattr(reenact, "reenact_clip", lambda model, f, fps, w, track, bs: seen.update(track=track, wave=w)
+                        or rows)
+    torch.manual_seed(0)
+    net = lse.SyncNetV2().eval()
+    model = type("M", (), {"geometry": "square"})()
+    res = reenact.reenact(model, [clip], progress=False, syncnet=net)
+    for name, gen in rows.items():
+        want = crossdub.dubbed_lse(net, gen, fps, seen["track"], seen["wave"].numpy())
+        got = res[str(clip)][name]
+        assert (got["lse_d"], got["lse_c"]) == (want["lse_d"], want["lse_c"])
+        assert res["mean"][name]["lse_d"] == pytest.approx(want["lse_d"])
+    assert res[str(clip)]["a"]["lse_d"] != res[str(clip)]["b"]["lse_d"]

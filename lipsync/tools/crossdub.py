@@ -5,8 +5,9 @@ of the person who really said that speech.
 
 Pairs form a cycle (`cycle_pairs`): a's video with b's speech, b's with c's, c's with a's. Clip A (N frames at fps f)
 is dubbed with B's audio track trimmed, or padded with silence, to N / f seconds (`fit_speech`), as
-`python infer.py --video A --audio that.wav` dubs it: infer.py's tracking, avatar and frame loop, each frame's own crop
-as the reference (infer.py's rule today; `reference` takes another rule, a function of the face track).
+`python infer.py --video A --audio that.wav` dubs it: infer.py's tracking, avatar and frame loop and its default
+reference rule (the model's, lipsync.references); `reference` takes another rule: a name, or a function of the face
+track -> (N,) frame indices.
 
 Mouth opening per frame = inner-lip gap |p13 - p14| / face height |p10 - p152| from mediapipe's 468-point mesh on full
 frames (`metrics.lip_opening_468`, as in `--reenact`), three series on A's frame times j / f, each (N,), NaN where
@@ -25,6 +26,13 @@ Measures (`pair_metrics`), each r a Pearson r over the frames where both series 
   at least MIN_SILENCE = 0.3 s; speech = frames at or above the threshold (shorter dips count as neither). Padded
   silence counts as silence. original_silent, original_speech: the same means of the original opening, what copying
   the video's own mouth would score.
+- detail_lips, detail_rest: sharpness of the dubbed video against its own source video A, frame by frame
+  (`metrics.detail_ratios`, as in `--reenact`): per frame, the variance of the Laplacian of the grey image (luma
+  0.299 R + 0.587 G + 0.114 B, kernel [[0, 1, 0], [1, -4, 1], [0, 1, 0]], valid region) on regions of A's mesh: the
+  mouth square (`reenact.mouth_squares`) for the lips; the lower-face rectangle (`reenact.lower_face_rects`, cheek
+  234 to 454, nose tip 1 to chin 152) without the mouth square for the rest (the Laplacian of the whole rectangle,
+  its variance over the values whose 5-point stencil reads no pixel of the square). Ratio = sum over A's frames with
+  a mesh of the dubbed detail / sum of A's (the ratio of the mean details): 1 = as sharp as the source, < 1 blurrier.
 Outputs with out_dir: crossdub.json (per pair: the measures and the per-frame series; the means) and one montage PNG
 per pair: rows original / dubbed / speaker, 8 evenly spaced frames of A, mouth squares (`reenact.mouth_squares`; the
 speaker's from B's frame nearest in time, black past B's end).
@@ -39,14 +47,14 @@ import torch
 from ..pipeline import avatar_frames, box_options, prepare_avatar, track_frames
 from ..tracking import MeshTracker
 from ..video import SAMPLE_RATE, fit_length
-from .metrics import lagged_r, lip_opening_468, silence_masks
-from .reenact import mesh_points, mouth_squares, square_tiles
+from .metrics import detail_ratios, lagged_r, lip_opening_468, silence_masks
+from .reenact import lower_face_rects, mesh_points, mouth_squares, square_tiles
 
 MAX_LAG = 2  # frames either way for r_speaker_best
 MIN_SILENCE = 0.3  # seconds: shortest run of quiet frames that counts as a silence
 MONTAGE_FRAMES = 8
 MEASURES = ("r_speaker", "r_speaker_best", "lag_best", "r_original", "r_chance", "movement", "opening_silent",
-            "opening_speech", "original_silent", "original_speech")
+            "opening_speech", "original_silent", "original_speech", "detail_lips", "detail_rest")
 
 
 # ----------------------------------------------------------------------------- pure measures (numpy in, numbers out)
@@ -121,11 +129,6 @@ def mean_metrics(pairs: list) -> dict:
     return out
 
 
-def own_frame(track) -> np.ndarray:
-    """infer.py's reference rule (MuseTalk's inference): each frame is its own reference -> (N,) indices."""
-    return np.arange(len(track))
-
-
 # ----------------------------------------------------------------------------- dubbing and reading clips
 
 
@@ -136,18 +139,20 @@ def face_track(frames, geometry):
 
 
 @torch.inference_mode()
-def dub_clip(model, frames, fps, wave, track, reference=own_frame, batch_size=8) -> np.ndarray:
+def dub_clip(model, frames, fps, wave, track, reference=None, batch_size=8) -> np.ndarray:
     """A clip's frames (N, H, W, 3) uint8, its face track and speech already fitted to N / fps seconds -> dubbed
-    frames (N, H, W, 3), as infer.py makes them (avatar, frame loop) but with reference(track) -> (N,) frame indices
-    as each frame's reference."""
-    avatar = prepare_avatar(frames, fps, track, model, batch_size, reference=reference(track))
+    frames (N, H, W, 3), as infer.py makes them (avatar, frame loop). reference: None (the model's rule, as infer.py),
+    a rule name of lipsync.references, or a function track -> (N,) frame indices."""
+    reference = reference(track) if callable(reference) else reference
+    avatar = prepare_avatar(frames, fps, track, model, batch_size, reference=reference)
     windows = model.audio_windows(wave, len(frames), fps)
     return np.stack(list(avatar_frames(model, avatar, windows, batch_size)))
 
 
 class Clips:
     """The clips of a cycle: `get` reads a clip's frames (N, H, W, 3) anew each time (every clip's frames at once can
-    take gigabytes) and, measured once per clip, its fps, own speech (S,), real openings (N,), mouth squares (N, 4)."""
+    take gigabytes) and, measured once per clip, its fps, own speech (S,), real openings (N,), mouth squares and
+    lower-face rectangles (N, 4), and which frames have a face (N,)."""
 
     def __init__(self):
         self.info = {}
@@ -161,7 +166,9 @@ class Clips:
                 raise ValueError(f"{path} has no audio track: a cross-dub clip must be a talking clip with its speech")
             mesh = mesh_points(frames)
             self.info[str(path)] = {"fps": fps, "wave": load_audio(path), "opening": lip_opening_468(mesh),
-                                    "squares": mouth_squares(np.nan_to_num(mesh), frames.shape[1:3])}
+                                    "squares": mouth_squares(np.nan_to_num(mesh), frames.shape[1:3]),
+                                    "rects": lower_face_rects(np.nan_to_num(mesh), frames.shape[1:3]),
+                                    "face": ~np.isnan(mesh).any((1, 2))}
         return frames, self.info[str(path)]
 
 
@@ -194,7 +201,7 @@ def dubbed_lse(syncnet, dubbed, fps, track, wave) -> dict:
     return lse(syncnet, syncnet_crops(frames, fill_missing(track.landmarks[idx], track.face[idx])), np.asarray(wave))
 
 
-def crossdub(model, videos, out_dir=None, reference=own_frame, batch_size=8, silence_db=-30.0, progress=True,
+def crossdub(model, videos, out_dir=None, reference=None, batch_size=8, silence_db=-30.0, progress=True,
              syncnet=None) -> dict:
     """Dub each clip with the next one's speech -> {"pairs": [per pair: names, frames, fps, measures], "mean": ...};
     with out_dir also crossdub.json and one montage PNG per pair; with a syncnet (lse.SyncNetV2) LSE-D / LSE-C too."""
@@ -219,6 +226,7 @@ def crossdub(model, videos, out_dir=None, reference=own_frame, batch_size=8, sil
         pairs.append({"video": str(video), "speech": str(speech_clip), "frames": n, "fps": fps, "speech_fps": b["fps"],
                       "speaker_measured": int(np.isfinite(speaker).sum()),
                       **pair_metrics(opening, a["opening"], speaker, silent, speech),
+                      **detail_ratios(dubbed, frames, a["squares"], a["rects"], np.flatnonzero(a["face"])),
                       "series": {"dubbed": _rounded(opening), "original": _rounded(a["opening"]),
                                  "speaker": _rounded(speaker), "silent": silent.tolist(), "speech": speech.tolist()}})
         if syncnet is not None:
@@ -230,8 +238,9 @@ def crossdub(model, videos, out_dir=None, reference=own_frame, batch_size=8, sil
         del frames, speaker_frames, dubbed
     if syncnet is not None:
         lse_mean = {k: float(np.mean([p["lse"][k] for p in pairs])) for k in ("lse_d", "lse_c")}
-    res = {"pairs": pairs, "mean": {**mean_metrics(pairs), **({"lse": lse_mean} if syncnet is not None else {})}, "silence_db": silence_db, "min_silence_s": MIN_SILENCE,
-           "max_lag": MAX_LAG, "reference": getattr(reference, "__name__", str(reference))}
+    res = {"pairs": pairs, "mean": {**mean_metrics(pairs), **({"lse": lse_mean} if syncnet is not None else {})},
+           "silence_db": silence_db, "min_silence_s": MIN_SILENCE, "max_lag": MAX_LAG,
+           "reference": getattr(reference, "__name__", reference or model.reference)}
     if out_dir is not None:
         (Path(out_dir) / "crossdub.json").write_text(json.dumps(to_json(res), indent=1))
     return res
@@ -257,6 +266,11 @@ def print_table(res: dict) -> None:
           f"{'':5s} {f(m['r_original']):>6s} {f(m['r_chance']):>6s} {f(m['movement'], '{:.2f}'):>5s} "
           f"{f(m['opening_silent'], '{:.4f}'):>13s} / {f(m['opening_speech'], '{:.4f}'):>6s} "
           f"({f(m['original_silent'], '{:.4f}')} / {f(m['original_speech'], '{:.4f}')})")
+    for p in res["pairs"]:
+        print(f"{Path(p['video']).stem[:17]} <- {Path(p['speech']).stem[:15]}: detail lips "
+              f"{f(p['detail_lips'], '{:.3f}')} rest {f(p['detail_rest'], '{:.3f}')} (dubbed / source)")
+    print(f"mean detail lips {f(m['detail_lips'], '{:.3f}')}, rest {f(m['detail_rest'], '{:.3f}')} (Laplacian variance "
+          f"of the dubbed video / its source, on the mouth square and on the rest of the lower face)")
     if "lse" in m:
         for p in res["pairs"]:
             print(f"{Path(p['video']).stem[:17]} <- {Path(p['speech']).stem[:15]}: LSE-D {p['lse']['lse_d']:.2f} "

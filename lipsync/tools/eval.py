@@ -27,6 +27,7 @@ from lipsync.tools.eval_report import SCALE_NOTE, clip_record, print_report, str
 from lipsync.training.data import MIN_GAP, list_clips, load_clip
 from lipsync.checks import pick_device
 from lipsync.melspec import log_mel
+from lipsync.references import RULES as REFERENCE_RULES
 from lipsync.tools.metrics import lip_opening_68, pearson
 from lipsync.tools.synthetic_face import dark_mouth_height
 from lipsync.training.syncnet import load_syncnet
@@ -220,14 +221,28 @@ def _real_clips(args, run):
         raise SystemExit(f"error: {e}") from None
 
 
+def _syncnet_v2(args):
+    """The public SyncNet of --syncnet-weights, or None without it."""
+    if not args.syncnet_weights:
+        return None
+    from lipsync.tools.lse import load_syncnet_v2
+    return load_syncnet_v2(args.syncnet_weights, pick_device(args.device))
+
+
 def reenact_main(args):
     from lipsync.tools.reenact import reenact
-    res = _real_clips(args, lambda model: reenact(model, args.reenact, args.out, min(args.batch_size, 16)))
-    print(f"{'clip':24s} {'row':46s} {'PSNR':>6s} {'SSIM':>6s} {'colour':>6s} {'r':>6s}")
+    res = _real_clips(args, lambda model: reenact(model, args.reenact, args.out, min(args.batch_size, 16),
+                                                  syncnet=_syncnet_v2(args)))
+    lse = " LSE-D  LSE-C" if args.syncnet_weights else ""
+    print(f"{'clip':24s} {'row':50s} {'PSNR':>6s} {'SSIM':>6s} {'colour':>6s} {'r':>6s} {'lips':>5s} "
+          f"{'rest':>5s}{lse}")
     for clip, rows in res.items():
         for name, v in rows.items():
-            print(f"{Path(clip).stem[:24]:24s} {name:46s} {v['psnr']:6.2f} {v['ssim']:6.3f} {v['colour']:6.2f} "
-                  f"{v['r']:+6.3f}")
+            lse = f" {v['lse_d']:6.2f} {v['lse_c']:6.2f}" if "lse_d" in v else ""
+            print(f"{Path(clip).stem[:24]:24s} {name:50s} {v['psnr']:6.2f} {v['ssim']:6.3f} {v['colour']:6.2f} "
+                  f"{v['r']:+6.3f} {v['detail_lips']:5.2f} {v['detail_rest']:5.2f}{lse}")
+    print("lips, rest: detail (Laplacian variance) of the generated frames / the real ones, on the mouth square and "
+          "on the rest of the lower face (lipsync.tools.reenact)")
     print(f"wrote {args.out}/reenact.json and one mouth montage per clip")
     return res
 
@@ -236,12 +251,8 @@ def crossdub_main(args):
     from lipsync.tools.crossdub import crossdub, print_table
 
     def run(model):
-        syncnet = None
-        if args.syncnet_weights:
-            from lipsync.tools.lse import load_syncnet_v2
-            syncnet = load_syncnet_v2(args.syncnet_weights, pick_device(args.device))
-        return crossdub(model, args.crossdub, args.out, batch_size=min(args.batch_size, 8),
-                        silence_db=args.silence_db, syncnet=syncnet)
+        return crossdub(model, args.crossdub, args.out, reference=args.reference, batch_size=min(args.batch_size, 8),
+                        silence_db=args.silence_db, syncnet=_syncnet_v2(args))
 
     res = _real_clips(args, run)
     print_table(res)
@@ -280,10 +291,12 @@ def main(argv=None):
     p.add_argument("--crossdub", nargs="+", metavar="VIDEO", help="cross-dubbing instead: dub each real talking "
                    "clip with the NEXT clip's speech (the last with the first's) as infer.py does, and compare the "
                    "dubbed mouth with the speech's real speaker's mouth (lipsync.tools.crossdub)")
+    p.add_argument("--reference", choices=REFERENCE_RULES, help="--crossdub: the reference rule to dub with "
+                   "(default: the checkpoint's, as infer.py's --reference auto)")
     p.add_argument("--lse", action="store_true", help="score the VIDEOs given (dubbed mp4s with their speech) with "
                    "the public SyncNet as the papers do: AV offset, LSE-D, LSE-C (lipsync.tools.lse)")
     p.add_argument("--syncnet-weights", metavar="PATH", help="syncnet_v2.model of joonson/syncnet_python: for "
-                   "--lse, and LSE columns with --crossdub")
+                   "--lse, and LSE columns with --reenact and --crossdub")
     p.add_argument("video", nargs="*", help="videos to score with --lse")
     args = p.parse_args(argv)
     if args.threads:

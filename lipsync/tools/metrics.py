@@ -13,6 +13,14 @@
   points and for mediapipe's 468-point mesh.
 - `sync_score`: `lipsync.training.syncnet.sync_offsets` on a crop sequence: LSE-D/LSE-C-style numbers on OUR SyncNet's
   scale (distances between unit embeddings, 0..2), comparable only between videos scored by the same SyncNet.
+- `detail`, `detail_ratios`: sharpness. detail = variance (population, ddof 0) of the Laplacian of the grey image:
+  luma 0.299 R + 0.587 G + 0.114 B in float64, kernel [[0, 1, 0], [1, -4, 1], [0, 1, 0]], 'valid' (only the values
+  whose stencil lies inside the region). Lips: the region is the mouth square. Rest of the lower face: the Laplacian
+  of the whole lower-face rectangle, its variance over the values whose 5-point stencil reads no pixel of the mouth
+  square (values centred in the square or next to one of its sides are left out), so it sees no pixel of the square.
+  A clip's ratio is sum over frames of detail(generated) / sum over frames of detail(source) on the same regions (the
+  ratio of the mean details; frames where a region holds no Laplacian value are skipped): 1 = as sharp as the source,
+  < 1 blurrier, > 1 sharper (or noisier).
 """
 
 import math
@@ -180,3 +188,54 @@ def sync_score(syncnet, crops, mel: torch.Tensor, max_offset: int = 15) -> dict:
     res = sync_offsets(syncnet, frames, mel, max_offset=max_offset)
     return {"offset": res.best_offset, "dist": res.min_dist, "conf": res.confidence,
             "dists": [round(float(d), 5) for d in res.dists]}
+
+
+# ----------------------------------------------------------------------------- sharpness (detail)
+
+LUMA = (0.299, 0.587, 0.114)
+
+
+def luma(image) -> np.ndarray:
+    """RGB image (H, W, 3) -> float64 grey (H, W): 0.299 R + 0.587 G + 0.114 B."""
+    x = np.asarray(image, np.float64)
+    return x[..., 0] * LUMA[0] + x[..., 1] * LUMA[1] + x[..., 2] * LUMA[2]
+
+
+def laplacian(grey) -> np.ndarray:
+    """Grey image (H, W) -> its 'valid' 3x3 Laplacian [[0, 1, 0], [1, -4, 1], [0, 1, 0]], (H - 2, W - 2): value
+    (i, j) is centred on pixel (i + 1, j + 1)."""
+    g = np.asarray(grey, np.float64)
+    return g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4 * g[1:-1, 1:-1]
+
+
+def detail(image, region, exclude=None) -> float:
+    """Variance of the Laplacian of the luma of image[y1:y2, x1:x2] (region: int x1, y1, x2, y2 in image pixels;
+    module doc). exclude: a box x1, y1, x2, y2 in image pixels whose pixels the counted Laplacian values must not
+    read (values centred in it or next to one of its sides are left out). NaN when no value is left."""
+    x1, y1, x2, y2 = (int(v) for v in region)
+    lap = laplacian(luma(np.asarray(image)[y1:y2, x1:x2])) if y2 - y1 >= 3 and x2 - x1 >= 3 else np.empty((0, 0))
+    if exclude is not None and lap.size:
+        ex1, ey1, ex2, ey2 = (int(v) for v in exclude)
+        ys, xs = y1 + 1 + np.arange(lap.shape[0]), x1 + 1 + np.arange(lap.shape[1])  # the values' centre pixels
+        # the 5-point stencil of a value centred on (y, x) reads (y, x) and its 4 side neighbours: it reads a pixel
+        # of the box when the centre is in the box or next to one of its sides
+        rows, rows1 = (ys >= ey1) & (ys < ey2), (ys >= ey1 - 1) & (ys <= ey2)
+        cols, cols1 = (xs >= ex1) & (xs < ex2), (xs >= ex1 - 1) & (xs <= ex2)
+        reads = rows[:, None] & cols1[None, :] | rows1[:, None] & cols[None, :]
+        lap = lap[~reads]
+    return float(lap.var()) if lap.size else math.nan
+
+
+def detail_ratios(generated, source, squares, rects, frames=None) -> dict:
+    """Generated and source frames (N, H, W, 3), each frame's mouth square and lower-face rectangle (N, 4) int
+    x1, y1, x2, y2 (from the source's mesh), the frames to score (default all) -> {"detail_lips", "detail_rest"}: sum
+    of detail(generated) / sum of detail(source) over the frames where the region has a value (module doc); NaN when
+    the source's sum is 0."""
+    sums = np.zeros((2, 2))  # [lips, rest] x [generated, source]
+    for i in range(len(source)) if frames is None else frames:
+        for k, (region, exclude) in enumerate([(squares[i], None), (rects[i], squares[i])]):
+            g, s = detail(generated[i], region, exclude), detail(source[i], region, exclude)
+            if np.isfinite(g) and np.isfinite(s):
+                sums[k] += g, s
+    return {name: float(sums[k, 0] / sums[k, 1]) if sums[k, 1] > 0 else math.nan
+            for k, name in enumerate(("detail_lips", "detail_rest"))}

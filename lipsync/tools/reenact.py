@@ -11,9 +11,17 @@ On full frames, RGB uint8, with mediapipe's face mesh (468 points):
   from the nose tip (1) to the chin (152), averaged over frames, largest channel, in levels of 255;
 - mouth opening: inner-lip gap |p13 - p14| / face height |p10 - p152| (`metrics.lip_opening_468`); r = Pearson r of
   generated vs real openings.
-Rows: the model as infer.py runs it (MuseTalk's inference: each frame's own crop is the reference, so the real mouth
-is in view), the model with a far reference (the frame half a clip away, as in training: the mouth must come from
-the audio), and two baselines: the VAE round trip of each real crop (the ceiling) and the clip's first-frame mouth
+- detail (sharpness, `metrics.detail_ratios`): per frame, the variance of the Laplacian of the grey image (luma
+  0.299 R + 0.587 G + 0.114 B, kernel [[0, 1, 0], [1, -4, 1], [0, 1, 0]], valid region) on two regions of the REAL
+  frame's mesh, in the generated and in the real frame: detail_lips over the mouth square; detail_rest over the
+  lower-face rectangle above with the mouth square left out (the Laplacian of the whole rectangle, its variance over
+  the values whose 5-point stencil reads no pixel of the square). Per clip, over the frames where the real frame has
+  a mesh: sum of the generated detail / sum of the real detail (the ratio of the mean details, not the mean of
+  per-frame ratios): 1 = as sharp as the real frames, < 1 blurrier (VAE / UNet blur), > 1 sharper or noisier.
+Rows: the model as infer.py runs it (its default reference rule, model.reference: lipsync.references); when that is
+not "self", the model with each frame's own crop as the reference (MuseTalk's inference: the real mouth is in view,
+so this row rewards copying); the model with a far reference (the frame half a clip away: the mouth must come from
+the audio); and two baselines: the VAE round trip of each real crop (the ceiling) and the clip's first-frame mouth
 pasted on every frame.
 """
 
@@ -22,11 +30,12 @@ import math
 import numpy as np
 import torch
 
+from .. import references
 from ..blend import paste
 from ..pipeline import avatar_frames, prepare_avatar, with_references
 from ..tracking import MeshTracker, crop_faces
 from ..vae import to_model_images, to_uint8_images
-from .metrics import lip_opening_468, pearson, region_ssim
+from .metrics import detail_ratios, lip_opening_468, pearson, region_ssim
 
 MOUTH_POINTS = [61, 291, 0, 17, 13, 14, 78, 308, 37, 267, 84, 314]
 
@@ -69,7 +78,8 @@ def lower_face_rects(mesh, shape):
 def score(generated, real, real_mesh, gen_mesh) -> dict:
     """Generated vs real frames (N, H, W, 3) uint8 with both meshes -> the clip's numbers: mouth PSNR (of the mean
     MSE over frames, so +inf only for identical mouths), mean mouth SSIM, lower-face colour error (largest channel
-    of the mean |difference of means|, in levels), r of the openings, frames scored."""
+    of the mean |difference of means|, in levels), r of the openings, detail ratios of the lips and of the rest of
+    the lower face (module doc), frames scored."""
     shape = real.shape[1:3]
     ok = ~np.isnan(real_mesh).any((1, 2))
     squares, rects = mouth_squares(np.nan_to_num(real_mesh), shape), lower_face_rects(np.nan_to_num(real_mesh), shape)
@@ -86,7 +96,8 @@ def score(generated, real, real_mesh, gen_mesh) -> dict:
     r = pearson(lip_opening_468(gen_mesh[both]), lip_opening_468(real_mesh[both])) if both.sum() > 2 else math.nan
     m = float(np.mean(mse))
     return {"psnr": math.inf if m == 0 else 10 * math.log10(255 ** 2 / m), "ssim": float(np.mean(ssims)),
-            "colour": float(np.mean(colour, 0).max()), "r": r, "frames": int(ok.sum())}
+            "colour": float(np.mean(colour, 0).max()), "r": r,
+            **detail_ratios(generated, real, squares, rects, np.flatnonzero(ok)), "frames": int(ok.sum())}
 
 
 def far_reference(n):
@@ -98,10 +109,16 @@ def far_reference(n):
 def reenact_clip(model, frames, fps, wave, track, batch_size=16):
     """One real clip and its own speech -> {row: frames (N, H, W, 3) uint8} for the rows in the module doc."""
     n = len(frames)
-    avatar = prepare_avatar(frames, fps, track, model, batch_size)
+    avatar = prepare_avatar(frames, fps, track, model, batch_size, reference="self")
     windows = model.audio_windows(wave, n, fps)
-    rows = {"model, own frame as reference": np.stack(list(avatar_frames(model, avatar, windows, batch_size)))}
-    own = avatar.latents
+    rows = {}
+    own = avatar.latents  # (N, 8, s, s) [masked own frame, own frame as reference]
+    if model.reference != "self":
+        avatar.latents = with_references(own, references.pick(model.reference, track.landmarks, track.face))
+        rows[f"model, infer.py's reference ({model.reference})"] = np.stack(
+            list(avatar_frames(model, avatar, windows, batch_size)))
+    avatar.latents = own
+    rows["model, own frame as reference"] = np.stack(list(avatar_frames(model, avatar, windows, batch_size)))
     avatar.latents = with_references(own, far_reference(n))  # [masked own frame, far frame as reference]
     rows["model, far reference"] = np.stack(list(avatar_frames(model, avatar, windows, batch_size)))
     avatar.latents = own
@@ -139,9 +156,10 @@ def mouth_montage(real, rows, squares, k=8, side=96) -> np.ndarray:
     return np.concatenate([square_tiles(f, squares, idx, side) for f in [real] + list(rows.values())], 0)
 
 
-def reenact(model, videos, out_dir=None, batch_size=16, progress=True) -> dict:
+def reenact(model, videos, out_dir=None, batch_size=16, progress=True, syncnet=None) -> dict:
     """Self-reenact each talking clip with its own audio -> {clip: {row: score}} plus "mean" over clips; with
-    out_dir, also reenact.json and one montage PNG per clip (real mouth on top, then the rows)."""
+    out_dir, also reenact.json and one montage PNG per clip (real mouth on top, then the rows). With a syncnet
+    (lse.SyncNetV2) every row also gets lse_d / lse_c (the papers' sync scores against the clip's own speech)."""
     import json
     from pathlib import Path
 
@@ -160,13 +178,20 @@ def reenact(model, videos, out_dir=None, batch_size=16, progress=True) -> dict:
         rows = reenact_clip(model, frames, fps, wave, track, batch_size)
         real_mesh = mesh_points(frames)
         results[str(video)] = {name: score(gen, frames, real_mesh, mesh_points(gen)) for name, gen in rows.items()}
+        if syncnet is not None:
+            from .crossdub import dubbed_lse
+            for name, gen in rows.items():
+                got = dubbed_lse(syncnet, gen, fps, track, wave.numpy())
+                results[str(video)][name].update(lse_d=got["lse_d"], lse_c=got["lse_c"])
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             squares = mouth_squares(np.nan_to_num(real_mesh), frames.shape[1:3])
             iio.imwrite(Path(out_dir) / f"{Path(video).stem}_mouths.png", mouth_montage(frames, rows, squares))
     names = next(iter(results.values())).keys()
-    results["mean"] = {name: {k: float(np.nanmean([r[name][k] for r in results.values()])) for k in
-                              ("psnr", "ssim", "colour", "r")} for name in names}  # r: over clips where it exists
+    keys = ("psnr", "ssim", "colour", "r", "detail_lips", "detail_rest")
+    keys += ("lse_d", "lse_c") if syncnet is not None else ()
+    results["mean"] = {name: {k: float(np.nanmean([r[name][k] for r in results.values()])) for k in keys}
+                       for name in names}  # r, detail: over clips where it exists
     if out_dir is not None:
         (Path(out_dir) / "reenact.json").write_text(json.dumps(results, indent=1))
     return results

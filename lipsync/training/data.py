@@ -20,11 +20,13 @@ from torch.utils.data import Dataset
 
 from lipsync.audio import window_layout, window_start
 from lipsync.melspec import load_audio, log_mel
+from lipsync.references import MIN_GAP, closed_frames, jaw_pose, pose_distance
 from lipsync.training.augment import AugmentConfig, apply, draw, map_points
 from lipsync.tracking import to_crop_coords
 
-MIN_GAP = 5  # reference frames are at least this many frames from the target
-REFERENCE_RULES = ("pose_mouth", "random")  # MuseTalk v1.5's rule (similar pose, different lips) and v1's (any frame)
+# MuseTalk v1.5's rule (similar pose, different lips), v1's (any frame) and ours (a closed mouth, similar pose: the
+# reference never shows the target's mouth shape, so the opening must come from the audio; lipsync.references)
+REFERENCE_RULES = ("pose_mouth", "random", "closed_pose")
 
 
 @dataclass
@@ -147,6 +149,9 @@ class _ClipFrames(Dataset):
         self.floors = [np.float32(m.min()) for m in self.mels]
         # landmarks in a 256 px face box, for the pose/mouth reference rule
         self.norm_lm = [to_crop_coords(c.landmarks, c.boxes, 256) for c in self.clips]
+        if sample == "closed_pose":  # each clip's closed-mouthed frames and every frame's jaw pose
+            self.closed = [closed_frames(lm, c.face) for lm, c in zip(self.norm_lm, self.clips)]
+            self.jaw = [jaw_pose(lm) for lm in self.norm_lm]
         self.whisper = None
         if features == "whisper":
             self.whisper = [np.load(c.path / "whisper.npy", mmap_mode="r") for c in self.clips]  # (T50, L, D) each
@@ -185,10 +190,17 @@ class _ClipFrames(Dataset):
         """Reference frame for target d of clip ci, MuseTalk v1.5's rule: with landmarks normalised to a 256 px crop
         box, the k = int(0.51 N) frames with the most similar jaw contour (points 0-15) and the k with the most
         different inner lips (60-66); uniformly from their intersection, else (sample="random", or an empty
-        intersection) from the whole clip. Always >= MIN_GAP frames away and never a frame without a face."""
+        intersection) from the whole clip. sample="closed_pose": uniformly from the quarter nearest in jaw pose of the
+        clip's closed-mouthed frames (lipsync.references), as infer.py's rule of that name picks the nearest. Always
+        >= MIN_GAP frames away and never a frame without a face."""
         clip, lm = self.clips[ci], self.norm_lm[ci]
         n = len(clip)
         far = (np.abs(np.arange(n) - d) >= MIN_GAP) & clip.face
+        if self.sample == "closed_pose":
+            cand = np.flatnonzero(self.closed[ci] & far)
+            if len(cand):
+                dist = pose_distance(self.jaw[ci][d:d + 1], self.jaw[ci][cand])[0]  # (K,)
+                return int(rng.choice(cand[np.argsort(dist, kind="stable")[:max(1, len(cand) // 4)]]))
         if self.sample == "pose_mouth":
             k = int(0.51 * n)
             pose = np.linalg.norm(lm[:, 0:16] - lm[d, 0:16], axis=-1).mean(1)

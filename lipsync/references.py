@@ -1,0 +1,72 @@
+"""Which frame's crop is each frame's reference: the second half of the UNet's 8-channel input.
+
+The UNet sees the frame with its lower half masked and a reference crop of the same person. Whatever mouth the
+reference shows is in plain view, so the rule decides whether the model can copy its answer instead of reading the
+audio:
+
+- "self": every frame is its own reference (MuseTalk's inference). The original mouth of that very frame is in view;
+  dubbed with new speech, a model that learned to use it repeats the original video's movement. Official MuseTalk
+  weights keep it: it is what they were run with.
+- "closed_pose": a frame of the same track whose mouth is closed (among the CLOSED_FRACTION most closed frames),
+  at least MIN_GAP frames away where the track allows, and whose jaw pose is nearest. The reference then shows the
+  face and its pose but no mouth shape to copy: the opening has to come from the audio. `train.py --reference
+  closed_pose` trains with the same kind of reference (lipsync.training.data: drawn from the quarter of those frames
+  nearest in pose), and a checkpoint trained so makes it infer.py's default (LipSync.reference).
+
+Both take iBUG-68 landmarks in any pixel frame: openings and poses are normalised by the face height (chin 8 to
+nose bridge 27).
+"""
+
+import numpy as np
+
+RULES = ("self", "closed_pose")
+MIN_GAP = 5  # a reference is at least this many frames from its frame (training always; closed_pose where it can)
+CLOSED_FRACTION = 0.2  # the share of a track's face frames that count as closed-mouthed
+
+
+def face_height(landmarks):
+    """(N, 68, 2) -> (N,) chin (8) to nose bridge (27) distance."""
+    return np.linalg.norm(landmarks[:, 8] - landmarks[:, 27], axis=-1)
+
+
+def mouth_gap(landmarks):
+    """(N, 68, 2) -> (N,) inner-lip gap (62 to 66) / face height: 0 when the lips meet."""
+    return np.linalg.norm(landmarks[:, 62] - landmarks[:, 66], axis=-1) / face_height(landmarks)
+
+
+def jaw_pose(landmarks):
+    """(N, 68, 2) -> (N, 17, 2) the jaw contour (0-16) relative to the nose bridge, in face heights."""
+    return (landmarks[:, 0:17] - landmarks[:, 27:28]) / face_height(landmarks)[:, None, None]
+
+
+def closed_frames(landmarks, face):
+    """(N,) bool: face frames whose mouth gap is within the smallest CLOSED_FRACTION of the track's face frames."""
+    face = np.asarray(face, bool)
+    gap = mouth_gap(landmarks)
+    return face & (gap <= np.quantile(gap[face], CLOSED_FRACTION))
+
+
+def pose_distance(jaw_a, jaw_b):
+    """(N, 17, 2), (K, 17, 2) jaw poses -> (N, K) mean jaw-point distance of every pose in a to each in b."""
+    return np.linalg.norm(jaw_a[:, None] - jaw_b[None], axis=-1).mean(-1)
+
+
+def closed_pose(landmarks, face):
+    """(N, 68, 2), (N,) -> (N,) for every frame, the closed-mouthed face frame nearest to it in jaw pose among those
+    at least MIN_GAP frames away (any closed-mouthed frame when none is that far)."""
+    cand = np.flatnonzero(closed_frames(landmarks, face))
+    jaw = jaw_pose(landmarks)
+    dist = pose_distance(jaw, jaw[cand])  # (N, K)
+    near = np.abs(np.arange(len(jaw))[:, None] - cand[None]) < MIN_GAP
+    dist = np.where(near & ~near.all(1, keepdims=True), np.inf, dist)
+    return cand[dist.argmin(1)]
+
+
+def pick(rule, landmarks, face):
+    """The reference frame of every frame of a track -> (N,) int64 indices, each naming a frame with a face."""
+    face = np.asarray(face, bool)
+    if rule not in RULES:
+        raise ValueError(f"reference rule must be one of {', '.join(RULES)}, not {rule!r}")
+    if rule == "self" or face.sum() < 2:  # one face frame (a still photo): nothing else to show
+        return np.arange(len(face))
+    return closed_pose(np.asarray(landmarks, np.float64), face).astype(np.int64)
