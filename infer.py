@@ -90,6 +90,9 @@ def parse_args(argv):
                    "itself, MuseTalk's inference: its original mouth is in view and tends to be copied), closed_pose "
                    "(a closed-mouthed frame of similar pose: the mouth comes from the audio) or auto (the rule the "
                    "checkpoint was trained for; self for the official weights). A still image is its own reference")
+    p.add_argument("--no-source-detail", action="store_true", help="paste the generated face alone, soft at the "
+                   "crop's resolution (MuseTalk's paste); by default the source's own detail finer than the crop "
+                   "(skin texture, the jaw line) is kept everywhere but around the mouth")
     p.add_argument("--batch-size", type=int, default=8, help="frames per UNet + decoder call (and per VAE encode "
                    "when preparing)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -340,7 +343,8 @@ def run(args, stage=lambda name: None):
     n = math.floor(seconds * avatar.fps)
     windows = model.audio_windows(wave, n, avatar.fps)
     stage("generating")
-    frames = tqdm(avatar_frames(model, avatar, windows, args.batch_size, static=args.compile), total=n,
+    frames = tqdm(avatar_frames(model, avatar, windows, args.batch_size, static=args.compile,
+                                detail=not args.no_source_detail), total=n,
                   desc="lip-sync", unit="frame", disable=None, leave=False)
     write_video(inputs.out, _then(frames, lambda: stage("encoding")), avatar.fps, audio=inputs.audio, crf=args.crf)
     took = time.perf_counter() - start

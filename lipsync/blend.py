@@ -1,9 +1,16 @@
-"""Paste a generated face crop back into its frame: a feathered lower-face mask from the landmarks + colour matching.
+"""Paste a generated face crop back into its frame: a feathered lower-face mask from the landmarks, colour matching
+and the source's own fine detail outside the mouth.
 
 MuseTalk's paste-back (`musetalk/utils/blending.py:get_image`, docs/musetalk.md §6) with the mask built from the 68
 tracked landmarks instead of a face-parsing network. `make_blend` precomputes a `Blend` per frame (avatars cache
-them); `paste` is the per-frame cost of the realtime loop: one resize of the crop and a few passes over the mask's
-rectangle.
+them); `paste` is the per-frame cost of the realtime loop: a few resizes and passes over the mask's rectangle.
+
+Why the fine detail: the face is generated at S px (128 for our models, 256 for MuseTalk's) and scaled up 2-4x onto
+a 720p face, so everything pasted is soft. But only the mouth and jaw move with speech. `paste(detail=True)` splits
+the source patch at the crop's own resolution -- low = the patch taken down to S px and back up, the round trip the
+crop went through; high = patch - low, what the crop could never hold -- and adds the high band to the generated
+face everywhere except around the mouth (Blend.mouth, feathered): cheeks, skin texture and the jaw line keep the
+source's sharpness, while the mouth, whose original shape must not come back, is the generated one alone.
 """
 
 from dataclasses import dataclass
@@ -142,9 +149,28 @@ def resize_crop(crop: np.ndarray, h: int, w: int) -> torch.Tensor:
     return x[0].permute(1, 2, 0)
 
 
-def paste(frame: np.ndarray, crop: np.ndarray, blend: Blend, colour: bool = True) -> np.ndarray:
+def low_band(patch: torch.Tensor, scale_h: float, scale_w: float) -> torch.Tensor:
+    """Float (h, w, 3) -> the same size after a trip down to (h scale_h, w scale_w) pixels (antialiased, as
+    tracking.crop_face takes a face box down to the crop) and back up (bilinear, as resize_crop)."""
+    h, w = patch.shape[:2]
+    x = patch.permute(2, 0, 1)[None]
+    small = F.interpolate(x, size=(max(1, round(h * scale_h)), max(1, round(w * scale_w))), mode="bilinear",
+                          antialias=True, align_corners=False)
+    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+
+
+def keep_weight(shape, mouth, radius: int) -> torch.Tensor:
+    """(h, w) weight of the source's fine detail: 1, falling to 0 over `radius` pixels into the mouth box."""
+    hard = torch.zeros(shape, dtype=torch.float32)
+    mt, ml, mb, mr = mouth
+    hard[mt:mb, ml:mr] = 1
+    return 1 - feather(hard, radius)
+
+
+def paste(frame: np.ndarray, crop: np.ndarray, blend: Blend, colour: bool = True, detail: bool = True) -> np.ndarray:
     """Source frame (H, W, 3) uint8 + generated crop (S, S, 3) uint8 -> new frame; pixels where the mask is 0 are
-    the source's exactly."""
+    the source's exactly. detail: add the source's own detail finer than the crop's resolution outside the mouth
+    (module doc)."""
     out = np.array(frame)  # a copy, also of a read-only memmap
     t, left, b, right = blend.rect
     if b <= t:
@@ -153,13 +179,16 @@ def paste(frame: np.ndarray, crop: np.ndarray, blend: Blend, colour: bool = True
     gen = resize_crop(crop, h, w)[t - y0: b - y0, left - x0: right - x0].float()  # (b - t, right - left, 3)
     src = torch.from_numpy(out[t:b, left:right]).float()
     m = torch.from_numpy(blend.mask).float()
+    low = low_band(src, crop.shape[0] / h, crop.shape[1] / w) if detail else src  # what the crop could hold
     if colour:
         # the VAE drifts in colour: match the generated pixels' mean and std to the source's over the skin part of the
         # mask (minus the mouth, whose content legitimately differs), so no seam shows where the mask fades out
         skin = m.clone()
         mt, ml, mb, mr = blend.mouth
         skin[mt:mb, ml:mr] = 0
-        gen = match_colour(gen, src, skin)
+        gen = match_colour(gen, low, skin)
+    if detail:
+        gen = gen + keep_weight(m.shape, blend.mouth, max(1, round(0.06 * h)))[..., None] * (src - low)
     mixed = src + m[..., None] * (gen - src)
     out[t:b, left:right] = mixed.round_().clamp_(0, 255).to(torch.uint8).numpy()
     return out

@@ -257,7 +257,7 @@ def load_avatar(folder, model) -> Avatar:
 
 
 @torch.inference_mode()
-def _render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: bool, pad_to: int = 0):
+def _render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: bool, detail: bool, pad_to: int = 0):
     """Audio windows (b, T, D) for output frames first .. first + b - 1 -> those frames, in order. With pad_to, the
     model always sees pad_to frames (the last face frame repeated, extra outputs dropped): static shapes for compiled
     models and CUDA graphs."""
@@ -271,27 +271,29 @@ def _render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: bo
         unet_in = avatar.latents[torch.from_numpy(src[sel]).to(avatar.latents.device)]
         crops = iter(to_uint8_images(model(unet_in, windows[torch.from_numpy(sel)])))  # (b', S, S, 3)
     for j, i in enumerate(src):
-        yield paste(avatar.frames[i], next(crops), avatar.blends[i], colour) if has[j] else np.array(avatar.frames[i])
+        yield (paste(avatar.frames[i], next(crops), avatar.blends[i], colour, detail) if has[j]
+               else np.array(avatar.frames[i]))
 
 
-def avatar_frames(model, avatar: Avatar, windows, batch_size=8, start=0, colour=True, static=False):
+def avatar_frames(model, avatar: Avatar, windows, batch_size=8, start=0, colour=True, static=False, detail=True):
     """Audio windows -> full frames (H, W, 3) uint8, yielded in order as each batch is made.
 
     windows: (n, T, D) (model.audio_windows) for n output frames, or an iterable of such blocks arriving over time
     (stream_windows); blocks are re-batched to batch_size (the last batch may be smaller). Output frame i (counting
     from `start`) shows avatar.source_index(i); frames without a face pass through unchanged.
     static: every UNet/decoder call gets exactly batch_size frames (tails and no-face gaps padded), so a compiled
-    model never re-compiles; the frames are the same.
+    model never re-compiles; the frames are the same. colour, detail: blend.paste's colour matching and the
+    source's fine detail outside the mouth.
     """
     blocks = [windows] if isinstance(windows, torch.Tensor) else windows
     pending, done, pad_to = None, start, batch_size if static else 0
     for block in blocks:
         pending = block if pending is None else torch.cat([pending, block.to(pending.device)])
         while len(pending) >= batch_size:
-            yield from _render(model, avatar, pending[:batch_size], done, colour, pad_to)
+            yield from _render(model, avatar, pending[:batch_size], done, colour, detail, pad_to)
             pending, done = pending[batch_size:], done + batch_size
     if pending is not None and len(pending):
-        yield from _render(model, avatar, pending, done, colour, pad_to)
+        yield from _render(model, avatar, pending, done, colour, detail, pad_to)
 
 
 def stream_windows(model, chunks, fps):
@@ -312,7 +314,7 @@ def stream_windows(model, chunks, fps):
         yield windows
 
 
-def stream_frames(model, avatar: Avatar, chunks, batch_size=8, colour=True, static=False):
+def stream_frames(model, avatar: Avatar, chunks, batch_size=8, colour=True, static=False, detail=True):
     """Realtime: audio chunks in, frames out (each batch as soon as its audio has arrived)."""
     return avatar_frames(model, avatar, stream_windows(model, chunks, avatar.fps), batch_size, colour=colour,
-                         static=static)
+                         static=static, detail=detail)

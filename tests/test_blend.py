@@ -135,3 +135,30 @@ def test_the_generated_mouth_replaces_the_source_mouth_inside_the_mask_with_or_w
     assert np.abs(frame[core].astype(int) - dark).min(1).min() > 60  # the source mouth is far from the dark one
     err = np.abs(out[core].astype(int) - dark).max(1)  # the skin is the source's: colour matching maps ~identity
     assert err.max() < 20, err.max()
+
+
+def test_source_detail_restores_the_texture_finer_than_the_crop_outside_the_mouth_and_never_inside_it():
+    """paste(detail=True): where the mask is full and away from the mouth, a generated crop that is the source's own
+    crop (all the detail a 64 px crop can hold) gives the source frame back nearly exactly, its texture finer than
+    the crop coming from the source; inside the mouth box the output is the generated face alone, as without."""
+    lm, cbox = face()
+    frame = skin_frame(texture=12.0)  # pixel noise: detail a 64 px crop of a ~130 px face cannot hold
+    blend = make_blend(lm, cbox, (H, W))
+    crop = crop_face(frame, cbox, 64)
+    t, left, b, r = blend.rect
+    mt, ml, mb, mr = blend.mouth
+    mouth = np.zeros((H, W), bool)
+    mouth[t + mt:t + mb, left + ml:left + mr] = True
+    radius = max(1, round(0.06 * pixel_box(cbox)[3]))
+    full = full_mask(blend) > 0.999
+    away = full & ~ndimage.binary_dilation(mouth, iterations=radius + 1)
+    core = full & ndimage.binary_erosion(mouth, iterations=radius + 1)
+    assert away.sum() > 60 and core.sum() > 50
+
+    def err(out, where):
+        return np.abs(out[where].astype(float) - frame[where]).mean()
+    kept, soft = paste(frame, crop, blend, colour=False), paste(frame, crop, blend, colour=False, detail=False)
+    assert err(soft, away) > 5 and err(kept, away) < 0.25 * err(soft, away)
+    assert np.array_equal(kept[core], soft[core])  # the source mouth's detail never comes back
+    outside = full_mask(blend) == 0
+    assert np.array_equal(kept[outside], frame[outside])

@@ -184,6 +184,20 @@ def test_reference_flag_reaches_the_avatar_and_a_prepared_avatar_refuses_another
     assert not (tmp_path / "x.mp4").exists()
 
 
+def test_no_source_detail_flag_turns_the_source_detail_off_and_it_is_on_by_default(files, capsys, tmp_path,
+                                                                                  monkeypatch):
+    seen = []
+    real = infer.avatar_frames
+    monkeypatch.setattr(infer, "avatar_frames", lambda *a, **k: seen.append(k["detail"]) or real(*a, **k))
+    outs = [tmp_path / "kept.mp4", tmp_path / "soft.mp4"]
+    for out, extra in zip(outs, ([], ["--no-source-detail"])):
+        code, err = run_cli(["--video", files["video"], "--audio", files["audio"], "--ckpt", files["ckpt"], "--bbox",
+                             BBOX, "--out", out] + extra, capsys)
+        assert code == 0, err
+    assert seen == [True, False]
+    assert not np.array_equal(read_video(outs[0])[0], read_video(outs[1])[0])
+
+
 def test_a_track_file_beside_the_video_replaces_face_tracking(files, capsys, tmp_path, monkeypatch):
     video = tmp_path / "tracked.mp4"
     video.write_bytes(files["video"].read_bytes())
