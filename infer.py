@@ -50,18 +50,6 @@ DEMO = {"video": "assets/demo.mp4", "audio": "assets/demo.wav", "ckpt": "assets/
 MIN_AUDIO_SECONDS = 0.5
 
 
-class InputError(ValueError):
-    """A bad input or option: reported as one line, exit code 1."""
-
-
-ERRORS = (OSError, ValueError, RuntimeError, ImportError)  # reported as one line; ImportError: mediapipe's install hint
-
-
-def error_line(err) -> str:
-    """The one line that reports an error in ERRORS (stderr here, the page in lipsync.app)."""
-    return f"error: {' '.join(str(err).split())[:600]}"
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group()
@@ -107,23 +95,58 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def _need_file(path, what, default=False):
-    if Path(path).is_dir():
-        raise InputError(f"{what} is a folder, not a file: {path}")
-    if not Path(path).is_file():
-        hint = " (the bundled demo file; pass your own inputs or see the README)" if default else ""
-        raise InputError(f"{what} not found: {path}{hint}")
+def run(args, stage=lambda name: None):
+    """One job of parsed options; stage(name) is called as "loading the model", "tracking faces", "generating" and
+    "encoding" begin (lipsync.app shows them)."""
+    inputs = resolve_inputs(args)
+    device, dtype = inputs.device, pick_dtype(args.dtype, inputs.device)
+    wave = seconds = None
+    if inputs.audio:
+        wave, seconds = read_audio(inputs.audio)
+    fps = None
+    if inputs.media:
+        fps = inputs.fps or (25.0 if inputs.is_image else video_info(inputs.media).fps)
+        if fps <= 0:
+            raise InputError(f"{inputs.media} has no video stream")
+        if seconds is not None and math.floor(seconds * fps) < 2:
+            raise InputError(f"{inputs.audio} lasts under two frames at {fps:g} fps")
+    stage("loading the model")
+    model = load_model(args, inputs, device, dtype)
+    if args.version and model.geometry != "musetalk":
+        raise InputError(f"--version picks MuseTalk's crop margin; {inputs.ckpt} was trained on {model.geometry} "
+                         f"crops")
+    start = time.perf_counter()
+    if args.prepare_avatar:
+        stage("tracking faces")
+        avatar = build_avatar(args, inputs, model)
+        save_avatar(avatar, args.avatar)
+        print(f"avatar: {len(avatar)} frames -> {args.avatar}")
+    elif args.avatar:
+        avatar = load_avatar(args.avatar, model)
+        if args.reference not in ("auto", avatar.reference):
+            raise InputError(f"{args.avatar} was prepared with --reference {avatar.reference}; prepare it again "
+                             f"with --reference {args.reference}")
+    else:
+        stage("tracking faces")
+        avatar = build_avatar(args, inputs, model, limit=math.floor(seconds * fps))
+    if not inputs.audio:
+        return
+    n = math.floor(seconds * avatar.fps)
+    windows = model.audio_windows(wave, n, avatar.fps)
+    stage("generating")
+    frames = tqdm(avatar_frames(model, avatar, windows, args.batch_size, static=args.compile,
+                                detail=not args.no_source_detail), total=n,
+                  desc="lip-sync", unit="frame", disable=None, leave=False)
+    write_video(inputs.out, _then(frames, lambda: stage("encoding")), avatar.fps, audio=inputs.audio, crf=args.crf)
+    took = time.perf_counter() - start
+    print(f"wrote {inputs.out}: {n} frames at {avatar.fps:g} fps ({seconds:.2f} s) in {took:.1f} s")
 
 
-def _check_writable(folder):
-    checks.creatable(folder)
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise InputError(f"cannot write to {folder}/: {err.strerror or err}") from None
+# ----------------------------------------------------------------------------- what run() calls
+
+
+class InputError(ValueError):
+    """A bad input or option: reported as one line, exit code 1."""
 
 
 @dataclass
@@ -222,6 +245,54 @@ def read_audio(path):
     return wave, seconds
 
 
+def load_model(args, inputs: Inputs, device, dtype):
+    if args.unet:
+        model = from_published(args.unet, args.vae, args.whisper, device, dtype)
+    else:
+        model = load_lipsync(inputs.ckpt, device, dtype, whisper=args.whisper)
+    model = model.to(device)  # the weights are there already; this also moves the PE buffer
+    if args.compile:
+        compile_for_inference(model)
+    return model
+
+
+def build_avatar(args, inputs: Inputs, model, limit=None):
+    frames, fps, idx, n_read, complete = read_media(args, inputs, limit)
+    track = face_track(args, inputs, frames, idx, n_read, complete, model.geometry)
+    rule = None if args.reference == "auto" else args.reference  # None: the model's own rule
+    with tqdm(total=int(track.face.sum()), desc="prepare", unit="frame", disable=None, leave=False) as bar:
+        return prepare_avatar(frames, fps, track, model, args.batch_size, source=inputs.media, bar=bar,
+                              reference=rule)
+
+
+def _then(iterable, call):
+    """Yield the items, then call() once the last one is taken (x264 then flushes and the audio is muxed)."""
+    yield from iterable
+    call()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _need_file(path, what, default=False):
+    if Path(path).is_dir():
+        raise InputError(f"{what} is a folder, not a file: {path}")
+    if not Path(path).is_file():
+        hint = " (the bundled demo file; pass your own inputs or see the README)" if default else ""
+        raise InputError(f"{what} not found: {path}{hint}")
+
+
+def _check_writable(folder):
+    checks.creatable(folder)
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise InputError(f"cannot write to {folder}/: {err.strerror or err}") from None
+
+
 def read_media(args, inputs: Inputs, limit=None):
     """(frames (N, H, W, 3) uint8, fps, source indices into the file's frames, frames read, read to the end)."""
     if inputs.is_image:
@@ -284,77 +355,15 @@ def native_stderr_silenced():
         os.close(saved)
 
 
-def load_model(args, inputs: Inputs, device, dtype):
-    if args.unet:
-        model = from_published(args.unet, args.vae, args.whisper, device, dtype)
-    else:
-        model = load_lipsync(inputs.ckpt, device, dtype, whisper=args.whisper)
-    model = model.to(device)  # the weights are there already; this also moves the PE buffer
-    if args.compile:
-        compile_for_inference(model)
-    return model
+# ----------------------------------------------------------------------------- errors and main
 
 
-def build_avatar(args, inputs: Inputs, model, limit=None):
-    frames, fps, idx, n_read, complete = read_media(args, inputs, limit)
-    track = face_track(args, inputs, frames, idx, n_read, complete, model.geometry)
-    rule = None if args.reference == "auto" else args.reference  # None: the model's own rule
-    with tqdm(total=int(track.face.sum()), desc="prepare", unit="frame", disable=None, leave=False) as bar:
-        return prepare_avatar(frames, fps, track, model, args.batch_size, source=inputs.media, bar=bar,
-                              reference=rule)
+ERRORS = (OSError, ValueError, RuntimeError, ImportError)  # reported as one line; ImportError: mediapipe's install hint
 
 
-def run(args, stage=lambda name: None):
-    """One job of parsed options; stage(name) is called as "loading the model", "tracking faces", "generating" and
-    "encoding" begin (lipsync.app shows them)."""
-    inputs = resolve_inputs(args)
-    device, dtype = inputs.device, pick_dtype(args.dtype, inputs.device)
-    wave = seconds = None
-    if inputs.audio:
-        wave, seconds = read_audio(inputs.audio)
-    fps = None
-    if inputs.media:
-        fps = inputs.fps or (25.0 if inputs.is_image else video_info(inputs.media).fps)
-        if fps <= 0:
-            raise InputError(f"{inputs.media} has no video stream")
-        if seconds is not None and math.floor(seconds * fps) < 2:
-            raise InputError(f"{inputs.audio} lasts under two frames at {fps:g} fps")
-    stage("loading the model")
-    model = load_model(args, inputs, device, dtype)
-    if args.version and model.geometry != "musetalk":
-        raise InputError(f"--version picks MuseTalk's crop margin; {inputs.ckpt} was trained on {model.geometry} "
-                         f"crops")
-    start = time.perf_counter()
-    if args.prepare_avatar:
-        stage("tracking faces")
-        avatar = build_avatar(args, inputs, model)
-        save_avatar(avatar, args.avatar)
-        print(f"avatar: {len(avatar)} frames -> {args.avatar}")
-    elif args.avatar:
-        avatar = load_avatar(args.avatar, model)
-        if args.reference not in ("auto", avatar.reference):
-            raise InputError(f"{args.avatar} was prepared with --reference {avatar.reference}; prepare it again "
-                             f"with --reference {args.reference}")
-    else:
-        stage("tracking faces")
-        avatar = build_avatar(args, inputs, model, limit=math.floor(seconds * fps))
-    if not inputs.audio:
-        return
-    n = math.floor(seconds * avatar.fps)
-    windows = model.audio_windows(wave, n, avatar.fps)
-    stage("generating")
-    frames = tqdm(avatar_frames(model, avatar, windows, args.batch_size, static=args.compile,
-                                detail=not args.no_source_detail), total=n,
-                  desc="lip-sync", unit="frame", disable=None, leave=False)
-    write_video(inputs.out, _then(frames, lambda: stage("encoding")), avatar.fps, audio=inputs.audio, crf=args.crf)
-    took = time.perf_counter() - start
-    print(f"wrote {inputs.out}: {n} frames at {avatar.fps:g} fps ({seconds:.2f} s) in {took:.1f} s")
-
-
-def _then(iterable, call):
-    """Yield the items, then call() once the last one is taken (x264 then flushes and the audio is muxed)."""
-    yield from iterable
-    call()
+def error_line(err) -> str:
+    """The one line that reports an error in ERRORS (stderr here, the page in lipsync.app)."""
+    return f"error: {' '.join(str(err).split())[:600]}"
 
 
 def main(argv=None):

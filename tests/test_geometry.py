@@ -15,6 +15,7 @@ import infer
 import train
 from lipsync import pipeline as P
 from lipsync.training import prepare
+from lipsync.training.flags import clip_geometry
 from lipsync import tracking as T
 from lipsync.blend import inside_polygon, make_blend
 from lipsync.mel_encoder import MelEncoderConfig
@@ -247,13 +248,13 @@ def test_train_takes_the_geometry_of_its_clips_and_refuses_a_mismatch(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "meta.json").write_text(json.dumps({"geometry": geometry}))
     cfg = train.TrainConfig(data=str(tmp_path))
-    assert train.clip_geometry(cfg) == "musetalk"
+    assert clip_geometry(cfg) == "musetalk"
     with pytest.raises(SystemExit, match="are musetalk crops"):
-        train.clip_geometry(train.TrainConfig(data=str(tmp_path), geometry="square"))
+        clip_geometry(train.TrainConfig(data=str(tmp_path), geometry="square"))
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "meta.json").write_text(json.dumps({}))  # an older clip: square
     with pytest.raises(SystemExit, match="mix crop geometries"):
-        train.clip_geometry(cfg)
+        clip_geometry(cfg)
 
 
 # ----------------------------------------------------------------------------- the published weights, end to end

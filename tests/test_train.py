@@ -18,9 +18,12 @@ from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
 from lipsync.checkpoint import atomic_save
 from lipsync.model import LipSync
 from lipsync.tools import synthetic
-from lipsync.training.data import Stage1Dataset, Stage2Dataset
+from lipsync.training.data import REFERENCE_RULES, Stage1Dataset, Stage2Dataset
+from lipsync.training.flags import STAGES, parse_stages
+from lipsync.training.generator import generator_data
+from lipsync.training.loop import Run, batch_at, train_loop
 from lipsync.training.losses import PatchDiscriminator, PerceptualLoss
-from lipsync.training.steps import discriminator_loss, frames_of, generator_losses, syncnet_step, vae_step
+from lipsync.training.steps import discriminator_loss, frames_of, generator_losses, lr_lambda, syncnet_step, vae_step
 from lipsync.training.syncnet import SyncNet, SyncNetConfig
 from lipsync.unet import UNet, UNetConfig
 from lipsync.vae import AutoencoderKL, VAEConfig
@@ -38,7 +41,7 @@ def data(tmp_path_factory):
 
 
 def fixed_batch(dataset, n):
-    return train.batch_at(dataset, 0, n, seed=0, rank=0)
+    return batch_at(dataset, 0, n, seed=0, rank=0)
 
 
 def optimise(params, loss_fn, steps=8, lr=1e-3):
@@ -243,10 +246,10 @@ def test_kill_9_mid_step_then_resume_is_bit_identical_to_an_uninterrupted_run(tr
 
 def test_batch_at_depends_on_step_and_rank_and_on_nothing_else(data):
     ds = Stage1Dataset(data, "train")
-    a = train.batch_at(ds, 5, 4, seed=0, rank=0)
-    assert all(torch.equal(a[k], train.batch_at(ds, 5, 4, seed=0, rank=0)[k]) for k in a)  # resumable
+    a = batch_at(ds, 5, 4, seed=0, rank=0)
+    assert all(torch.equal(a[k], batch_at(ds, 5, 4, seed=0, rank=0)[k]) for k in a)  # resumable
     for other in (dict(step=6, rank=0), dict(step=5, rank=1)):
-        b = train.batch_at(ds, other["step"], 4, seed=0, rank=other["rank"])
+        b = batch_at(ds, other["step"], 4, seed=0, rank=other["rank"])
         assert not torch.equal(torch.stack([a["clip"], a["frame"]]), torch.stack([b["clip"], b["frame"]])), other
 
 
@@ -257,7 +260,7 @@ def test_batches_draw_new_frames_and_references_as_the_steps_go_on(data):
     ds = Stage1Dataset(data, "train")
     refs = {}
     for step in range(60):
-        b = train.batch_at(ds, step, 8, seed=0, rank=0)
+        b = batch_at(ds, step, 8, seed=0, rank=0)
         for c, f, r in zip(b["clip"].tolist(), b["frame"].tolist(), b["ref_frame"].tolist()):
             refs.setdefault((c, f), []).append(r)
     assert len(refs) >= 0.9 * sum(len(c) for c in ds.clips), len(refs)
@@ -325,7 +328,7 @@ def test_stage2_critics_learn_only_from_their_own_loss_and_the_generator_uses_st
                    + extra)
         states[name] = torch.load(os.path.join(out, "stage2.pt"), weights_only=True)["modules"]
         record = [r for r in read_metrics(out) if r.get("stage") == "stage2"][-1]
-        assert record["lr"] == pytest.approx(3e-4 * train.lr_lambda(2, 1, 0.1)(1))  # the generator's schedule
+        assert record["lr"] == pytest.approx(3e-4 * lr_lambda(2, 1, 0.1)(1))  # the generator's schedule
     assert_identical(states["gan"]["discriminators"], states["no_gan"]["discriminators"])
     unet = [k for k in states["gan"]["generator"] if k.startswith("unet.")]
     assert any(not torch.equal(states["gan"]["generator"][k], states["no_gan"]["generator"][k]) for k in unet)
@@ -369,10 +372,10 @@ def test_decoder_stage_tunes_only_the_decoder_and_stage1_and_its_keep_teacher_de
 
 
 def test_stages_run_in_recipe_order_whatever_order_they_are_listed_in():
-    assert train.parse_stages("stage2,decoder,vae") == ("vae", "decoder", "stage2")
-    assert train.parse_stages("all") == train.STAGES
+    assert parse_stages("stage2,decoder,vae") == ("vae", "decoder", "stage2")
+    assert parse_stages("all") == STAGES
     with pytest.raises(SystemExit, match="unknown stage 'stage3'"):
-        train.parse_stages("stage1,stage3")
+        parse_stages("stage1,stage3")
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -410,11 +413,11 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
-    run = train.Run(train.TrainConfig(out=str(tmp_path)))
+    run = Run(train.TrainConfig(out=str(tmp_path)))
     w = torch.nn.Parameter(torch.ones(1))
     opt = torch.optim.SGD([w], lr=0.1)
     with pytest.raises(SystemExit, match="loss became nan .* at step 0"):
-        train.train_loop(run, "stage1", {"w": torch.nn.Linear(1, 1)}, {"g": opt}, 5, lambda step: {"l1": float("nan")})
+        train_loop(run, "stage1", {"w": torch.nn.Linear(1, 1)}, {"g": opt}, 5, lambda step: {"l1": float("nan")})
     assert not os.path.exists(run.path("stage1"))
 
 
@@ -460,8 +463,8 @@ def test_face128_preset_is_the_tiny_networks_on_128_px_crops_with_image_and_mel_
     assert train.model_configs(train.parse_args([]))[1].sample_size == 64
 
 
-@pytest.mark.parametrize("rule", train.REFERENCE_RULES)
+@pytest.mark.parametrize("rule", REFERENCE_RULES)
 def test_the_reference_rule_reaches_the_generator_datasets(rule):
     from types import SimpleNamespace
     run = SimpleNamespace(cfg=train.TrainConfig(reference=rule))
-    assert train.generator_data(run, SimpleNamespace(crop_size=64), "unused")["sample"] == rule
+    assert generator_data(run, SimpleNamespace(crop_size=64), "unused")["sample"] == rule

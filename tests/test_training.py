@@ -14,6 +14,8 @@ import train
 from lipsync.tools import synthetic
 from lipsync.training import steps
 from lipsync.training.data import Stage1Dataset, Stage2Dataset
+from lipsync.training.generator import onto_whisper
+from lipsync.training.loop import batch_at
 from lipsync.training.losses import mouth_crops
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
 from lipsync.melspec import load_audio
@@ -101,7 +103,7 @@ def fm_by_hand(real, fake):
 @pytest.mark.parametrize("step", [2, 3])
 def test_stage2_generator_loss_is_the_documented_weighted_sum_with_gan_from_start_gan(data, step):
     cfg = train.TrainConfig(**WEIGHTS)
-    batch = train.batch_at(Stage2Dataset(data, "train", T=5, seed=0), 0, 2, seed=0, rank=0)
+    batch = batch_at(Stage2Dataset(data, "train", T=5, seed=0), 0, 2, seed=0, rank=0)
     model, sync = tiny_model(), StubSyncNet()
     discs = {k: StubDisc(v) for k, v in LOGITS.items()}
     loss, logs, pred, target = generator_losses(model, batch, cfg, stub_perceptual, step, discs, sync)
@@ -135,7 +137,7 @@ def test_stage2_generator_loss_is_the_documented_weighted_sum_with_gan_from_star
 @pytest.mark.parametrize("mouth", [0.0, 0.45])
 def test_stage1_loss_is_weighted_l1_plus_mouth_l1_plus_perceptual_only(data, mouth):
     cfg = train.TrainConfig(**{**WEIGHTS, "loss": dataclasses.replace(WEIGHTS["loss"], mouth=mouth)})
-    batch = train.batch_at(Stage1Dataset(data, "train", seed=0), 0, 3, seed=0, rank=0)
+    batch = batch_at(Stage1Dataset(data, "train", seed=0), 0, 3, seed=0, rank=0)
     loss, logs, pred, target = generator_losses(tiny_model(), batch, cfg, stub_perceptual, 10)
     m = mouth_by_hand(pred, target, batch["mouth_box"])
     assert m > 0.01  # the generated mouth differs from the real one: the term would show
@@ -148,7 +150,7 @@ def test_keep_loss_is_l1_to_the_init_models_faces_on_frames_that_are_their_own_r
     """--loss.keep: the fine-tune's and --init's faces on infer.py's inputs (reference = the frame itself), first half
     of the batch, face L1 + mouth-weighted mouth L1; zero while the fine-tune equals --init."""
     cfg = train.TrainConfig(**{**WEIGHTS, "loss": dataclasses.replace(WEIGHTS["loss"], keep=0.6)})
-    batch = train.batch_at(Stage1Dataset(data, "train", seed=0), 0, 4, seed=0, rank=0)
+    batch = batch_at(Stage1Dataset(data, "train", seed=0), 0, 4, seed=0, rank=0)
     assert not torch.equal(batch["reference"], batch["target"])  # else "own reference" would go untested
     model, teacher = tiny_model(), tiny_model()
     assert keep_loss(model, teacher, batch, cfg.mel_context, cfg.loss.mouth, 2).item() < 1e-5  # float noise only
@@ -174,7 +176,7 @@ def test_keep_loss_is_l1_to_the_init_models_faces_on_frames_that_are_their_own_r
 def test_mel_augmentation_draws_anew_each_step_and_seed_and_repeats_a_repeated_step(data, monkeypatch):
     """--augment.mel: every step (and every --seed) draws its own level/EQ/shift per sample, so the model never
     sees one fixed distortion; the same step draws the same again (a resumed run is exact)."""
-    batch = train.batch_at(Stage1Dataset(data, "train", seed=0), 0, 3, seed=0, rank=0)
+    batch = batch_at(Stage1Dataset(data, "train", seed=0), 0, 3, seed=0, rank=0)
     seen = []
     real = steps.generate_batch
     monkeypatch.setattr(steps, "generate_batch", lambda model, b, c: seen.append(b["mel"].clone()) or real(model, b, c))
@@ -212,7 +214,7 @@ def test_discriminator_loss_is_lsgan_on_faces_and_mouths_with_the_fakes_detached
 
 
 def test_vae_loss_is_l1_plus_weighted_perceptual_plus_weighted_kl(data):
-    batch = train.batch_at(Stage1Dataset(data, "train", seed=0), 0, 2, seed=0, rank=0)
+    batch = batch_at(Stage1Dataset(data, "train", seed=0), 0, 2, seed=0, rank=0)
     torch.manual_seed(0)
     vae = AutoencoderKL(VAEConfig.tiny())
     loss, logs = vae_step(vae, batch, stub_perceptual, kl_weight=0.01, perceptual_weight=0.7)
@@ -222,7 +224,7 @@ def test_vae_loss_is_l1_plus_weighted_perceptual_plus_weighted_kl(data):
 
 def test_vae_step_reconstructs_from_the_posterior_mean(data):
     """The decoder is trained on what inference feeds it (FaceVAE.encode's mean), so the step draws no noise."""
-    batch = train.batch_at(Stage1Dataset(data, "train", seed=0), 0, 2, seed=0, rank=0)
+    batch = batch_at(Stage1Dataset(data, "train", seed=0), 0, 2, seed=0, rank=0)
     torch.manual_seed(0)
     vae = AutoencoderKL(VAEConfig.tiny())
     losses = []
@@ -295,7 +297,7 @@ def test_every_generator_loss_term_sends_gradient_to_the_unet(data):
     value unchanged and the term silently untrained. Real (tiny) critics and SyncNet, GAN on."""
     from lipsync.training.losses import PatchDiscriminator, PerceptualLoss
     from lipsync.training.syncnet import SyncNet, SyncNetConfig
-    batch = train.batch_at(Stage2Dataset(data, "train", T=5, seed=0), 0, 1, seed=0, rank=0)
+    batch = batch_at(Stage2Dataset(data, "train", T=5, seed=0), 0, 1, seed=0, rank=0)
     torch.manual_seed(0)
     discs = torch.nn.ModuleDict({k: PatchDiscriminator(channels=(8, 16, 32, 32)) for k in ("face", "mouth")})
     discs.requires_grad_(False)
@@ -322,7 +324,7 @@ def test_training_on_precomputed_whisper_features_gives_the_inference_tokens(dat
         feats[name] = rng.standard_normal((100, 5, 128)).astype(np.float32)  # (T50 = 2 s * 50, L, D)
         np.save(tmp_path / name / "whisper.npy", feats[name])
     ds = Stage1Dataset(tmp_path, "train", seed=0, features="whisper")
-    batch = train.batch_at(ds, 0, 4, seed=0, rank=0)
+    batch = batch_at(ds, 0, 4, seed=0, rank=0)
     model = tiny_model().eval()
     calls = spy_unet(model, monkeypatch)
     generator_losses(model, batch, train.TrainConfig(), stub_perceptual, 0)
@@ -357,7 +359,7 @@ def test_whisper_features_are_the_encoders_whole_file_states_and_are_redone_for_
 
 def test_onto_whisper_keeps_every_unet_weight_but_the_cross_attention_keys_and_values():
     model, audio = tiny_model(), tiny_whisper(0)
-    moved = train.onto_whisper(model, audio)
+    moved = onto_whisper(model, audio)
     assert moved.audio is audio and not moved.trainable_audio and moved.unet.config.cross_attention_dim == 16
     old, new = model.unet.state_dict(), moved.unet.state_dict()
     rewired = [k for k in old if "attn2.to_k." in k or "attn2.to_v." in k]
