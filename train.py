@@ -33,7 +33,8 @@ from lipsync.training.generator import (augment_config, build_generator, export_
                                         generator_setup, save_sample)
 from lipsync.training.loop import Run, batch_at, clip_and_step, optimizer, to, train_loop, wrap
 from lipsync.training.losses import PatchDiscriminator, PerceptualLoss
-from lipsync.training.steps import discriminator_loss, frames_of, latent_scale, syncnet_step, vae_step
+from lipsync.training.steps import (SYNC_NEGATIVES, discriminator_loss, frames_of, latent_scale, step_generator,
+                                    syncnet_step, vae_step)
 from lipsync.training.syncnet import SyncNet, SyncNetConfig, load_syncnet
 from lipsync.unet import UNetConfig
 from lipsync.vae import AutoencoderKL, VAEConfig
@@ -263,7 +264,7 @@ def stage_syncnet(run: Run, root):
 
     def step_fn(step):
         batch = to(batch_at(data, step, cfg.syncnet.batch, cfg.seed, run.rank), run.device)
-        g = torch.Generator().manual_seed(cfg.seed + step)
+        g = step_generator(cfg.seed, step, run.rank, SYNC_NEGATIVES)
         with run.amp():
             loss, logs = net(batch, sync_cfg.n_frames, c, generator=g)
         loss.backward()
@@ -293,7 +294,7 @@ def stage1(run: Run, root) -> LipSync:
     def step_fn(step):
         batch = to(batch_at(data, step, cfg.stage1.batch, cfg.seed, run.rank), run.device)
         with run.amp():
-            loss, logs, pred, _ = net(batch, cfg, perceptual, step, teacher=teacher)
+            loss, logs, pred, _ = net(batch, cfg, perceptual, step, teacher=teacher, rank=run.rank)
         loss.backward()
         clip_and_step(opt, params, cfg)
         save_sample(run, "stage1", step, cfg.stage1.steps, batch, pred)
@@ -327,7 +328,8 @@ def stage2(run: Run, root) -> LipSync:
             batch = to(batch_at(data, step * accum + micro, cfg.stage2.batch, cfg.seed, run.rank), run.device)
             discs.requires_grad_(False)  # the generator's adversarial terms must not train the critics
             with run.amp():
-                loss, logs, pred, target = net(batch, cfg, perceptual, step, discs, syncnet, teacher=teacher)
+                loss, logs, pred, target = net(batch, cfg, perceptual, step, discs, syncnet, teacher=teacher,
+                                               rank=run.rank, micro=micro)
             (loss / accum).backward()
             discs.requires_grad_(True)
             with run.amp():

@@ -468,3 +468,32 @@ def test_the_reference_rule_reaches_the_generator_datasets(rule):
     from types import SimpleNamespace
     run = SimpleNamespace(cfg=train.TrainConfig(reference=rule))
     assert generator_data(run, SimpleNamespace(crop_size=64), "unused")["sample"] == rule
+
+
+def test_step_generators_differ_by_step_rank_and_stream_and_repeat_exactly():
+    from lipsync.training.steps import MEL_AUGMENT, SYNC_NEGATIVES, step_generator
+
+    def draw(*key):
+        return torch.rand(8, generator=step_generator(*key))
+    keys = [(7, 3, 0, SYNC_NEGATIVES), (7, 4, 0, SYNC_NEGATIVES), (7, 3, 1, SYNC_NEGATIVES), (7, 3, 0, MEL_AUGMENT),
+            (8, 3, 0, SYNC_NEGATIVES), (7, 3, 0), (7, 3, 0, MEL_AUGMENT, 1)]
+    draws = [draw(*k) for k in keys]
+    assert all(not torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1:])
+    assert torch.equal(draw(*keys[2]), draws[2])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_syncnet_stage_draws_its_negatives_per_step_and_rank(train_only, tmp_path, monkeypatch):
+    """Replicas must not pair the same shifted negatives: the syncnet stage's draw is keyed by (seed, step, rank)."""
+    from lipsync.training.steps import SYNC_NEGATIVES
+    calls, real = [], train.step_generator
+    monkeypatch.setattr(train, "step_generator", lambda *key: calls.append(key) or real(*key))
+
+    class SecondReplica(train.Run):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.rank, self.main = 1, False
+    monkeypatch.setattr(train, "Run", SecondReplica)
+    train.main(common_args(train_only, str(tmp_path / "sync")) + ["--stage", "syncnet", "--syncnet.steps", "2",
+                                                                  "--seed", "5"])
+    assert calls == [(5, 0, 1, SYNC_NEGATIVES), (5, 1, 1, SYNC_NEGATIVES)]

@@ -174,20 +174,22 @@ def test_keep_loss_is_l1_to_the_init_models_faces_on_frames_that_are_their_own_r
 
 
 def test_mel_augmentation_draws_anew_each_step_and_seed_and_repeats_a_repeated_step(data, monkeypatch):
-    """--augment.mel: every step (and every --seed) draws its own level/EQ/shift per sample, so the model never
-    sees one fixed distortion; the same step draws the same again (a resumed run is exact)."""
+    """--augment.mel: every step, --seed, replica (rank) and micro-batch draws its own level/EQ/shift per sample, so
+    the model never sees one fixed distortion twice; the same step draws the same again (a resumed run is exact)."""
     batch = batch_at(Stage1Dataset(data, "train", seed=0), 0, 3, seed=0, rank=0)
     seen = []
     real = steps.generate_batch
     monkeypatch.setattr(steps, "generate_batch", lambda model, b, c: seen.append(b["mel"].clone()) or real(model, b, c))
     model = tiny_model().eval()
-    for seed, step in ((41, 0), (41, 1), (41, 0), (41, 7), (42, 0)):
+    for seed, step, rank, micro in ((41, 0, 0, 0), (41, 1, 0, 0), (41, 0, 0, 0), (41, 7, 0, 0), (42, 0, 0, 0),
+                                    (41, 0, 1, 0), (41, 0, 0, 1), (41, 0, 1, 0)):
         cfg = train.TrainConfig(seed=seed, augment=train.AugmentRates(mel=1.0))  # every sample augmented
-        generator_losses(model, batch, cfg, stub_perceptual, step)
-    s0, s1, again, s7, other_seed = seen
-    assert torch.equal(s0, again)
+        generator_losses(model, batch, cfg, stub_perceptual, step, rank=rank, micro=micro)
+    s0, s1, again, s7, other_seed, rank1, micro1, rank1_again = seen
+    assert torch.equal(s0, again) and torch.equal(rank1, rank1_again)
     pairs = {"input vs step 0": (batch["mel"], s0), "step 0 vs 1": (s0, s1), "step 1 vs 7": (s1, s7),
-             "step 0 vs 7": (s0, s7), "seed 41 vs 42": (s0, other_seed)}
+             "step 0 vs 7": (s0, s7), "seed 41 vs 42": (s0, other_seed), "rank 0 vs 1": (s0, rank1),
+             "micro-batch 0 vs 1": (s0, micro1), "rank 1 vs micro-batch 1": (rank1, micro1)}
     for name, (a, b) in pairs.items():
         assert all(not torch.equal(a[i], b[i]) for i in range(3)), name  # each sample's draw differs
     cfg = train.TrainConfig(augment=train.AugmentRates(mel=0.0))

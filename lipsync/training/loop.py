@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from lipsync.checkpoint import atomic_save
-from lipsync.training.steps import Objective, lr_lambda
+from lipsync.training.steps import Objective, lr_lambda, step_generator
 
 
 class Run:
@@ -64,7 +64,7 @@ def batch_at(dataset, step: int, batch_size: int, seed: int, rank: int) -> dict:
     the batches the uninterrupted run would have seen. The items' own draws (frame, reference, augmentation) follow
     the step too: with a fixed epoch, dataset index i would be the same item all run long, and the ~1/e of the frames
     that no index draws would never be a target."""
-    g = torch.Generator().manual_seed(hash((seed, step, rank)) % (2 ** 63))
+    g = step_generator(seed, step, rank)
     dataset.set_epoch(step)
     idx = torch.randint(len(dataset), (batch_size,), generator=g).tolist()
     items = [dataset[i] for i in idx]

@@ -150,13 +150,25 @@ def keep_loss(model, teacher, batch, mel_context: int, mouth_weight: float, n: i
     return F.l1_loss(got, want) + mouth_weight * mouth_l1(got, want, own["mouth_box"])
 
 
-def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=None, teacher=None):
+# what a step draws besides its batch: each stream has its own generator per (seed, step, rank)
+SYNC_NEGATIVES, MEL_AUGMENT = 1, 2
+
+
+def step_generator(seed: int, step: int, rank: int, *stream: int) -> torch.Generator:
+    """The generator for `stream` (ints: which draw, e.g. MEL_AUGMENT and the micro-batch) at `step` on `rank`: a
+    function of those numbers alone (ints hash the same in every process), so replicas and micro-batches draw
+    differently and a repeated or resumed step draws the same again."""
+    return torch.Generator().manual_seed(hash((seed, step, rank) + stream) % (2 ** 63))
+
+
+def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=None, teacher=None, rank=0, micro=0):
     """Stage 1 (discs/syncnet None) or stage 2 generator loss; with a teacher (the --init model of a fine-tune) and
-    cfg.loss.keep > 0, + keep_loss on half the batch. Returns (loss, logs, generated, target)."""
+    cfg.loss.keep > 0, + keep_loss on half the batch; mel augmentation drawn for (seed, step, rank, micro-batch).
+    Returns (loss, logs, generated, target)."""
     B, T = batch["target"].shape[:2] if batch["target"].dim() == 5 else (batch["target"].shape[0], 1)
     batch = frames_of(batch)
     if cfg.augment.mel and "mel" in batch:
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        g = step_generator(cfg.seed, step, rank, MEL_AUGMENT, micro)
         batch = dict(batch, mel=augment_mel(batch["mel"], cfg.augment.mel, g))
     pred, target = generate_batch(model, batch, cfg.mel_context), batch["target"]
     l1 = weighted_l1(pred, target, cfg.loss.lower)
