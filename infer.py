@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from lipsync import checks
 from lipsync.checks import IMAGE_SUFFIXES, VIDEO_SUFFIXES
-from lipsync.melspec import load_audio
+from lipsync.audio import load_audio
 from lipsync.checkpoint import from_published, load_lipsync
 from lipsync.model import compile_for_inference
 from lipsync.pipeline import avatar_frames, check_avatar_folder, load_avatar, prepare_avatar, read_track, save_avatar

@@ -9,11 +9,12 @@ the MuseTalk weights: 256, 32, 384, 5):
 
     frame (H, W, 3) uint8 -> landmarks (68, 2), box (4,)   pipeline.track_frames / read_track
     -> crop (S, S, 3) uint8                                tracking.crop_faces
-    -> [masked crop, reference crop] latents (8, s, s)     FaceVAE.unet_input (+ references.pick)
-    wave (16 kHz) -> features (1, L, T at 50/s, D)         LipSync.audio.encode (MelEncoder, WhisperEncoder)
-    -> windows (n_frames, 10 L, D) at 25 fps               LipSync.audio_windows -> audio.frame_windows
-    forward: + sinusoidal PE -> UNet at t = 0              LipSync.forward (pipeline.avatar_frames batches it)
-    -> latent (4, s, s) -> (3, S, S) in about [-1, 1]      FaceVAE.decode
+    -> [masked crop, reference crop] latents (8, s, s)     LipSync.face.unet_input (+ references.pick)
+    file -> wave (16 kHz mono)                             audio.load_audio
+    -> features (1, L, T at 50/s, D)                       LipSync.audio.encode (MelEncoder, WhisperEncoder)
+    -> windows (n_frames, 10 L, D) at 25 fps               LipSync.audio_windows -> windows.frame_windows
+    forward: + sinusoidal PE = tokens -> UNet at t = 0     LipSync.forward (pipeline.avatar_frames batches it)
+    -> scaled latent (4, s, s) -> (3, S, S) about [-1, 1]  LipSync.face.decode (FaceVAE: / scaling_factor, decode)
     -> pasted through the soft lower-face mask             blend.paste -> frame (H, W, 3) uint8
 
 One UNet pass is enough: the UNet is trained to output the frame's clean latent at t = 0, so there is no noise to
@@ -26,12 +27,12 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from .audio import PositionalEncoding, encode_windows, frame_windows
 from .mel_encoder import MelEncoder, MelEncoderConfig
 from .references import RULES as REFERENCE_RULES
 from .tracking import GEOMETRIES
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, FaceVAE, VAEConfig
+from .windows import PositionalEncoding, frame_windows
 
 
 class LipSync(nn.Module):
@@ -41,6 +42,10 @@ class LipSync(nn.Module):
         if audio.dim != unet.config.cross_attention_dim:
             raise ValueError(f"audio features are {audio.dim}-dim but the UNet attends to "
                              f"{unet.config.cross_attention_dim}-dim context")
+        # one VAE, two handles that differ by the latent scale (vae.config.scaling_factor, 0.18215 for sd-vae-ft-mse):
+        # `vae` (AutoencoderKL) works on raw latents -- its own training stage, the avatar fingerprint; `face`
+        # (FaceVAE over the same weights) on the UNet's scaled latents = raw x scaling_factor. The UNet's latents go
+        # to face.decode, never to vae.decode.
         self.unet, self.vae, self.audio = unet, vae, audio
         self.face = FaceVAE(vae)
         self.pe = PositionalEncoding(audio.dim)
@@ -55,14 +60,11 @@ class LipSync(nn.Module):
     def trainable_audio(self) -> bool:
         return isinstance(self.audio, MelEncoder)
 
-    # ---- audio -> per-frame audio features (windows); the positional encoding is added in forward
-    def span_windows(self, mel_spans: torch.Tensor, context: int, n: int) -> torch.Tensor:
-        """Training: mel spans (B, 80, 2 (n + 2 context)) -> windows (B, n L, D) of their middle n steps."""
-        return encode_windows(self.audio, mel_spans, context, n)
-
+    # ---- audio -> per-frame windows (lipsync.windows); forward adds the positional encoding, making them tokens
     @torch.no_grad()
     def audio_windows(self, wave: torch.Tensor, n_frames: int, fps: float) -> torch.Tensor:
-        """Inference: a whole 16 kHz wave -> per-frame windows (n_frames, n L, D)."""
+        """Inference: a whole 16 kHz wave -> per-frame windows (n_frames, n L, D). Training cuts mel spans instead
+        (windows.span_windows); streaming audio goes through streaming.WindowStream (pipeline.stream_windows)."""
         feats = self.audio.encode(wave)  # (1, L, T, D)
         return frame_windows(feats, n_frames, fps, self.left, self.right)
 
@@ -71,8 +73,9 @@ class LipSync(nn.Module):
         """UNet image input (B, 8, s, s) from `self.face.unet_input` and audio windows (B, N, D) -> generated faces
         (B, 3, S, S) in [-1, 1]. One UNet pass at t = 0 predicts the scaled latents; no diffusion sampling."""
         w = self.unet.conv_in.weight
-        tokens = self.pe(windows.to(w.device, w.dtype))  # (B, N, D) + sinusoidal PE
-        return self.face.decode(self.unet(unet_in, 0, tokens))  # (B, 4, s, s) -> (B, 3, S, S)
+        tokens = self.pe(windows.to(w.device, w.dtype))  # (B, N, D) windows + sinusoidal PE
+        latents = self.unet(unet_in, 0, tokens)  # (B, 4, s, s), scaled (x scaling_factor) like unet_in
+        return self.face.decode(latents)  # / scaling_factor, then the VAE decoder -> (B, 3, S, S)
 
     # ---- what a checkpoint stores besides the weights (lipsync.checkpoint)
     def configs(self) -> dict:

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from . import references
-from .audio import MelStream
 from .blend import Blend, make_blend, paste
 from .mel_encoder import MelEncoder
+from .streaming import WindowStream
 from .tracking import crop_faces, face_boxes, track_and_fill
 from .vae import to_uint8_images
 
@@ -123,7 +123,8 @@ class Avatar:
     frames: np.ndarray  # (N, H, W, 3) uint8 source frames (array or read-only memmap)
     fps: float
     track: Track
-    latents: torch.Tensor  # (N, 8, s, s) UNet image input per frame, on the model's device/dtype; 0 without a face
+    latents: torch.Tensor  # (N, 8, s, s) UNet image input per frame (scaled latents, model.face.unet_input), on the
+    # model's device/dtype; 0 without a face
     blends: list  # Blend per frame, None without a face
     crop_size: int
     fingerprint: str
@@ -166,7 +167,7 @@ def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", b
     for k in range(0, len(good), batch_size):
         idx = good[k: k + batch_size]
         crops = crop_faces(frames[idx], track.boxes[idx], size, lanczos=model.geometry == "musetalk")
-        parts.append(model.face.unet_input(crops))  # (b, S, S, 3) -> (b, 8, s, s)
+        parts.append(model.face.unet_input(crops))  # (b, S, S, 3) -> (b, 8, s, s), latents x scaling_factor
         if bar is not None:
             bar.update(len(idx))
     encoded = torch.cat(parts)
@@ -304,12 +305,12 @@ def stream_windows(model, chunks, fps):
     """
     if not isinstance(model.audio, MelEncoder):
         raise ValueError("streaming audio needs a checkpoint with our MelEncoder; whisper features are whole-file")
-    mel_stream = MelStream(model.audio, fps, model.left, model.right)
+    stream = WindowStream(model.audio, fps, model.left, model.right)
     for chunk in chunks:
-        windows = mel_stream.push(chunk)
+        windows = stream.push(chunk)
         if len(windows):
             yield windows
-    windows = mel_stream.finish()
+    windows = stream.finish()
     if len(windows):
         yield windows
 

@@ -2,8 +2,10 @@
 
 256x256 RGB in [-1, 1] -> diagonal Gaussian over a (4, 32, 32) latent -> 256x256 RGB. Module names equal diffusers'
 AutoencoderKL so sd-vae-ft-mse loads with strict=True (legacy attention names are mapped by lipsync.weights).
-`FaceVAE` adds MuseTalk's conventions: lower half masked to -1, latents scaled by 0.18215, posterior mean,
-UNet input = cat([masked, reference]) (docs/musetalk.md §3).
+`AutoencoderKL.encode` / `decode` work on raw latents. The UNet's latents are scaled: raw x `scaling_factor`
+(0.18215 for sd-vae-ft-mse). `FaceVAE`, a weightless helper over the same AutoencoderKL, is the one place that scale
+is applied (encode: x scale, decode: / scale), together with MuseTalk's other conventions: lower half masked to -1,
+posterior mean, UNet input = cat([masked, reference]) (docs/musetalk.md §3).
 """
 
 from dataclasses import dataclass
@@ -147,11 +149,13 @@ class AutoencoderKL(nn.Module):
         return x
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        # (B, 3, H, W) in [-1, 1] -> posterior over raw (unscaled) latents (B, 4, H/8, W/8)
+        # (B, 3, H, W) in [-1, 1] -> posterior over raw (unscaled) latents (B, 4, H/f, W/f), f = config.downscale;
+        # the UNet's latents are these x config.scaling_factor: FaceVAE.encode
         return DiagonalGaussian(self.quant_conv(self.encoder(self._layout(x))).contiguous())
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        # raw latents (B, 4, h, w) -> (B, 3, 8h, 8w), roughly [-1, 1], not clamped
+        # raw latents (B, 4, h, w) -> (B, 3, fh, fw), roughly [-1, 1], not clamped; the UNet's (scaled) latents go
+        # through FaceVAE.decode, which divides by config.scaling_factor first
         return self.decoder(self.post_quant_conv(self._layout(z))).contiguous()
 
 
@@ -178,7 +182,15 @@ def mask_lower_half(images: torch.Tensor) -> torch.Tensor:
 
 
 class FaceVAE(nn.Module):
-    """MuseTalk's face I/O on top of an AutoencoderKL: scaled mean latents, the 8-channel UNet input, uint8 decode."""
+    """MuseTalk's face I/O over an AutoencoderKL, on the UNet's *scaled* latents: raw latents x scaling_factor.
+
+    A helper with no weights of its own: `self.vae` is the AutoencoderKL it was given (LipSync.vae and
+    LipSync.face.vae are one module). It is the one place the latent scale goes in and comes out: `encode` multiplies
+    the posterior mean by `scale` (vae.config.scaling_factor, read when the FaceVAE is made), `decode` divides by it
+    before vae.decode. So face.decode(z) == vae.decode(z / scale): the UNet's latents go to this decode, raw latents
+    to vae.decode. (As a submodule holding that AutoencoderKL, it makes a LipSync's state_dict list the VAE's tensors
+    twice, under vae. and face.vae., the same tensors: the stage checkpoints train.py --resume reads hold both.)
+    """
 
     def __init__(self, vae: AutoencoderKL):
         super().__init__()
@@ -186,7 +198,7 @@ class FaceVAE(nn.Module):
         self.scale = vae.config.scaling_factor
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        # (B, 3, S, S) in [-1, 1] -> scaled latents (B, 4, S/8, S/8), posterior mean (deterministic)
+        # (B, 3, S, S) in [-1, 1] -> scaled latents (B, 4, s, s) = posterior mean (deterministic) x scale
         return self.vae.encode(images).mean * self.scale
 
     def unet_input(self, crops, references=None) -> torch.Tensor:
@@ -199,5 +211,5 @@ class FaceVAE(nn.Module):
         return torch.cat([masked, ref], dim=1)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        # scaled latents (B, 4, s, s) -> images (B, 3, S, S) in [-1, 1]
+        # scaled latents (B, 4, s, s), e.g. the UNet's output -> raw (/ scale) -> images (B, 3, S, S) in about [-1, 1]
         return self.vae.decode(latents / self.scale)

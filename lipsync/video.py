@@ -22,7 +22,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-SAMPLE_RATE = 16000
+from .audio import SAMPLE_RATE  # a wave given to write_video is at this rate (lipsync.audio.load_audio's)
 
 
 def ffmpeg_exe():

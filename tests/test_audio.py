@@ -1,4 +1,5 @@
-"""lipsync.audio against independent oracles: transformers' whisper, scipy's resample_poly, hand-computed indices."""
+"""The audio path (lipsync.audio, melspec, windows, streaming) against independent oracles: transformers' whisper,
+scipy's resample_poly, hand-computed indices."""
 
 import math
 import subprocess
@@ -10,11 +11,14 @@ import soundfile as sf
 import torch
 from scipy.signal import resample_poly
 
-import lipsync.audio as audio
-from lipsync.audio import MelStream, PositionalEncoding, encode_windows, frame_windows
+import lipsync.streaming as streaming
+import lipsync.windows as windows
+from lipsync.audio import load_audio
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
-from lipsync.melspec import load_audio, log_mel, mel_filters
+from lipsync.melspec import log_mel, mel_filters
+from lipsync.streaming import WindowStream
 from lipsync.whisper import WhisperEncoder, load_whisper_encoder
+from lipsync.windows import PositionalEncoding, frame_windows, span_windows
 from media import SPEECH, SPEECH_48K, VIDEO
 
 
@@ -40,8 +44,10 @@ def ffmpeg(*args):
 
 
 def test_exports_only_its_own_names():
-    assert all(getattr(audio, name).__module__ == "lipsync.audio" for name in audio.__all__)
-    assert {"frame_windows", "PositionalEncoding", "MelStream"} <= set(audio.__all__)
+    for module in (windows, streaming):
+        assert all(getattr(module, name).__module__ == module.__name__ for name in module.__all__)
+    assert {"frame_windows", "span_windows", "PositionalEncoding"} <= set(windows.__all__)
+    assert streaming.__all__ == ["WindowStream"]
 
 
 # ----------------------------------------------------------------------------- log-mel
@@ -191,7 +197,7 @@ def test_mel_encoder_is_small_and_keeps_the_output_contract():
     assert enc(torch.randn(2, 80, 2 * 37 + 1)).shape == (2, 5, 37, 384)
 
 
-def test_encode_windows_equals_frame_windows_of_whole_file_in_interior(eng):
+def test_span_windows_equals_frame_windows_of_whole_file_in_interior(eng):
     torch.manual_seed(0)
     enc = MelEncoder(MelEncoderConfig.tiny()).eval()
     mel = log_mel(torch.from_numpy(eng[:4 * 16000]), dynamic_floor=False)  # (80, 400)
@@ -200,7 +206,7 @@ def test_encode_windows_equals_frame_windows_of_whole_file_in_interior(eng):
         frames = [5, 17, 60, 95]
         c, n = enc.context, 10
         spans = torch.stack([mel[:, 2 * (2 * f - 4 - c): 2 * (2 * f - 4 + n + c)] for f in frames])
-        got = encode_windows(enc, spans, c, n)
+        got = span_windows(enc, spans, c, n)
     assert got.shape == (4, 50, 128)
     assert torch.allclose(got, whole[frames], atol=1e-5)
 
@@ -252,14 +258,14 @@ def test_positional_encoding_adds_musetalk_sinusoids_without_parameters():
 
 
 @pytest.mark.parametrize("fps", [25, 30])
-def test_mel_stream_windows_equal_offline_windows_for_random_chunks(eng, fps):
+def test_window_stream_windows_equal_offline_windows_for_random_chunks(eng, fps):
     torch.manual_seed(0)
     enc = MelEncoder(MelEncoderConfig.tiny()).eval()
     x = torch.from_numpy(eng[: 2 * 16000 + 5377])
     with torch.no_grad():
         offline = frame_windows(enc.encode(x), math.floor(len(x) / 16000 * fps), fps=fps)
     rng = np.random.default_rng(fps)
-    stream, outs, i = MelStream(enc, fps=fps), [], 0
+    stream, outs, i = WindowStream(enc, fps=fps), [], 0
     while i < len(x):
         k = int(rng.choice([1, 3, 159, 161, 640, 2000, 4321]))
         outs.append(stream.push(x[i: i + k]))

@@ -218,8 +218,8 @@ def test_a_track_file_beside_the_video_replaces_face_tracking(files, capsys, tmp
 
 def test_generated_frames_equal_their_ping_pong_source_exactly_outside_the_blend_mask(files, avatar):
     model = files["model"]
-    tokens = model.audio_windows(files["wave"], 25, FPS)
-    frames = list(P.avatar_frames(model, avatar, tokens, batch_size=5))
+    windows = model.audio_windows(files["wave"], 25, FPS)
+    frames = list(P.avatar_frames(model, avatar, windows, batch_size=5))
     assert len(frames) == 25
     for frame, j in zip(frames, PING_PONG):
         outside = whole_mask(avatar, j) == 0
@@ -242,8 +242,8 @@ def test_saved_avatar_gives_the_same_frames_as_the_in_memory_one(files, avatar, 
     model = files["model"]
     P.save_avatar(avatar, tmp_path / "av")
     loaded = P.load_avatar(tmp_path / "av", model)
-    tokens = model.audio_windows(files["wave"], 25, FPS)
-    for a, b in zip(P.avatar_frames(model, avatar, tokens), P.avatar_frames(model, loaded, tokens), strict=True):
+    windows = model.audio_windows(files["wave"], 25, FPS)
+    for a, b in zip(P.avatar_frames(model, avatar, windows), P.avatar_frames(model, loaded, windows), strict=True):
         assert np.array_equal(a, b)
     with pytest.raises(ValueError, match="different model"):
         P.load_avatar(tmp_path / "av", tiny_model(1))
@@ -309,8 +309,8 @@ def test_streaming_audio_chunks_give_the_frames_of_the_whole_file(files, avatar)
     rng = np.random.default_rng(0)
     cuts = np.sort(rng.choice(np.arange(1, len(wave)), 30, replace=False))
     chunks = np.split(wave.numpy(), cuts)  # 31 chunks of random sizes
-    tokens = torch.cat(list(P.stream_windows(model, chunks, FPS)))
-    torch.testing.assert_close(tokens, model.audio_windows(wave, 25, FPS), atol=1e-5, rtol=0)
+    windows = torch.cat(list(P.stream_windows(model, chunks, FPS)))
+    torch.testing.assert_close(windows, model.audio_windows(wave, 25, FPS), atol=1e-5, rtol=0)
     streamed = list(P.stream_frames(model, avatar, chunks, batch_size=4))
     assert len(streamed) == len(whole) == 25
     diff = np.abs(np.stack(whole).astype(int) - np.stack(streamed))
@@ -320,15 +320,15 @@ def test_streaming_audio_chunks_give_the_frames_of_the_whole_file(files, avatar)
 def test_static_batches_pad_every_model_call_to_the_batch_size_and_give_the_same_frames(files, avatar, monkeypatch):
     """avatar_frames(static=True), used with --compile: tails and no-face gaps are padded so shapes never change."""
     model = files["model"]
-    tokens = model.audio_windows(files["wave"], 25, FPS)
+    windows = model.audio_windows(files["wave"], 25, FPS)
     face = avatar.track.face.copy()
     face[[2, 5, 6]] = False  # frames without a face inside a batch
     avatar = dataclasses.replace(avatar, track=dataclasses.replace(avatar.track, face=face))
-    plain = np.stack(list(P.avatar_frames(model, avatar, tokens, batch_size=4)))
+    plain = np.stack(list(P.avatar_frames(model, avatar, windows, batch_size=4)))
     sizes = []
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda x, w: sizes.append(len(x)) or forward(x, w))
-    static = np.stack(list(P.avatar_frames(model, avatar, tokens, batch_size=4, static=True)))
+    static = np.stack(list(P.avatar_frames(model, avatar, windows, batch_size=4, static=True)))
     assert set(sizes) == {4} and len(sizes) == 7  # 25 frames = 6 full batches + a tail of 1
     gaps = [i for i in range(25) if not avatar.track.face[avatar.source_index(i)]]
     assert gaps == [2, 5, 6, 17, 18, 21]  # ping-pong: they come back on the way back

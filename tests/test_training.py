@@ -18,7 +18,7 @@ from lipsync.training.generator import onto_whisper
 from lipsync.training.loop import batch_at
 from lipsync.training.losses import mouth_crops
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
-from lipsync.melspec import load_audio
+from lipsync.audio import load_audio
 from lipsync.training.prepare import add_whisper_features
 from lipsync.whisper import WhisperEncoder, WhisperEncoderConfig
 from lipsync.model import LipSync
@@ -270,8 +270,8 @@ def interior_items(ds, n, margin=8):
 @pytest.mark.parametrize("fps", [25.0, 30.0])
 def test_training_gives_the_unet_the_inference_image_input_and_audio_tokens(data, tmp_path, monkeypatch, fps):
     """generator_losses' UNet call equals inference's: image input = FaceVAE.unet_input(target crop, reference crop)
-    ([masked, reference] order), tokens = PE + audio_windows over the whole file at the frame's index (interior frames,
-    where the dataset's mel span and the whole-file encoding see the same audio)."""
+    ([masked, reference] order), tokens = PE + model.audio_windows over the whole file at the frame's index (interior
+    frames, where the dataset's mel span and the whole-file encoding see the same audio)."""
     if fps != 25.0:  # the same clips, declared 30 fps: the audio windows must follow time, not frame counts
         for name in ("train_0", "train_1"):
             shutil.copytree(data / name, tmp_path / name)

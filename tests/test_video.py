@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lipsync import video as V
-from lipsync.melspec import load_audio
+from lipsync.audio import load_audio
 
 
 def numbered_frames(n, h=48, w=64):

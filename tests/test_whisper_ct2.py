@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lipsync.melspec import load_audio, log_mel
+from lipsync.audio import load_audio
+from lipsync.melspec import log_mel
 from lipsync.whisper import WhisperEncoder, WhisperEncoderConfig, load_whisper_encoder, read_ctranslate2
 from media import ROOT
 

@@ -158,7 +158,7 @@ class Clips:
         self.info = {}
 
     def get(self, path):
-        from ..melspec import load_audio
+        from ..audio import load_audio
         from ..video import read_video, video_info
         frames, fps = read_video(path)
         if str(path) not in self.info:

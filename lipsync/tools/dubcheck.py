@@ -18,7 +18,7 @@ import json
 import numpy as np
 from tqdm import tqdm
 
-from lipsync.melspec import load_audio
+from lipsync.audio import load_audio
 from lipsync.tools.metrics import lagged_r, lip_opening_68, pearson, silence_masks
 from lipsync.tools.synthetic import frame_envelope
 from lipsync.tracking import MediapipeMissing, MeshTracker, track_landmarks

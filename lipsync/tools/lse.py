@@ -207,7 +207,7 @@ def video_landmarks(path, frames, idx):
 
 def score_video(net, path, batch_size=20) -> dict:
     """A video file with its speech -> the scores of `lse` plus 'fps' (the file's), 'frames' (at 25 fps)."""
-    from lipsync.melspec import load_audio
+    from lipsync.audio import load_audio
     from lipsync.video import read_video
     frames, fps = read_video(path)
     frames, idx = to_25fps(frames, fps)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lipsync.melspec import load_audio
+from lipsync.audio import load_audio
 from lipsync.training import data
 from lipsync.tools.metrics import LOWER_INNER, UPPER_INNER, eye_axes, lip_opening_68
 from lipsync.tools.synthetic import (HELDOUT_BASE, SR, Voice, add_clip_set_flags, frame_envelope, random_sequence,

@@ -166,7 +166,7 @@ def reenact(model, videos, out_dir=None, batch_size=16, progress=True, syncnet=N
     import imageio.v3 as iio
     from tqdm import tqdm
 
-    from ..melspec import load_audio
+    from ..audio import load_audio
     from ..pipeline import box_options, track_frames
     from ..video import SAMPLE_RATE, read_video, video_info
     results = {}

@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from lipsync.audio import window_layout, window_start
-from lipsync.melspec import load_audio, log_mel
+from lipsync.audio import load_audio
+from lipsync.melspec import log_mel
 from lipsync.references import MIN_GAP, closed_frames, jaw_pose, pose_distance
 from lipsync.training.augment import AugmentConfig, apply, draw, map_points
 from lipsync.tracking import to_crop_coords
+from lipsync.windows import window_layout, window_start
 
 # MuseTalk v1.5's rule (similar pose, different lips), v1's (any frame) and ours (a closed mouth, similar pose: the
 # reference never shows the target's mouth shape, so the opening must come from the audio; lipsync.references)
@@ -232,7 +233,7 @@ class _ClipFrames(Dataset):
 
     def audio(self, ci, f):
         """Frame f's audio: the log-mel span (80, 2 (n + 2c)) around its window, (80, 36) at 25 fps, or with
-        features="whisper" its window's tokens (n L, 384) from <clip>/whisper.npy (T50, L, 384)."""
+        features="whisper" its window (n L, 384) from <clip>/whisper.npy (T50, L, 384)."""
         fps = self.clips[ci].fps
         n = window_layout(fps, self.left, self.right)[0]
         s0 = int(window_start(f, fps, self.left))  # floor(f * 50 / fps) - ceil(50 / fps) * left: first 50 Hz step

@@ -112,8 +112,8 @@ def generator_setup(run: Run, stage: str, model: LipSync, lr: float):
     cfg = run.cfg
     perceptual = PerceptualLoss(cfg.vgg or None, size=None if cfg.preset != "musetalk" else 224).to(run.device)
     teacher = load_lipsync(cfg.init).requires_grad_(False).to(run.device) if cfg.loss.keep > 0 else None
-    if teacher is not None:  # one VAE (a decoder stage's, if any) decodes both models' faces
-        teacher.vae, teacher.face = model.vae, model.face
+    if teacher is not None:  # one VAE (a decoder stage's, if any) decodes both models' faces: both handles, raw
+        teacher.vae, teacher.face = model.vae, model.face  # (vae) and scaled (face), onto that one VAE
     run.say(f"[{stage}] perceptual loss: {perceptual.name}; "
             f"audio: {'whisper (frozen)' if cfg.whisper else 'MelEncoder'}"
             f"{f'; kept near {cfg.init} (weight {cfg.loss.keep:g})' if teacher else ''}")

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from lipsync import checks
-from lipsync.melspec import load_audio
+from lipsync.audio import load_audio
 from lipsync.checks import IMAGE_SUFFIXES
 from lipsync.tracking import GEOMETRIES, BoxTracker, MediapipeMissing, MeshTracker, crop_face, face_boxes
 from lipsync.tracking import parse_bbox, track_and_fill

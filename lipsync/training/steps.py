@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from lipsync.training.losses import feature_matching, lsgan_d_loss, lsgan_g_loss, mouth_crops
 from lipsync.training.syncnet import lower_half, sync_loss, sync_pairs, syncnet_bce
+from lipsync.windows import span_windows
 
 
 def lr_lambda(warmup: int, total: int, floor: float = 0.0):
@@ -57,7 +58,7 @@ class Objective(torch.nn.Module):
 
 def vae_step(vae, batch, perceptual, kl_weight=1e-6, perceptual_weight=0.1):
     x = torch.cat([batch["target"], batch["reference"]])  # (2B, 3, S, S)
-    post = vae.encode(x)
+    post = vae.encode(x)  # raw latents: this stage trains the AutoencoderKL itself, its scale is set after it
     # the posterior mean, as the UNet path sees it (FaceVAE.encode): with a 1e-6 KL weight, sampling buries the
     # low-variance latent channels (colour) in unit noise early on, and the decoder learns to ignore them
     rec = vae.decode(post.mean)
@@ -114,20 +115,21 @@ def augment_mel(mel: torch.Tensor, p: float, generator: torch.Generator) -> torc
     return torch.where(on, out, mel)
 
 
-def audio_windows(model, batch, mel_context: int):
-    """The model's cross-attention context for a flattened batch: mel spans (N, 80, 2 (n + 2c)) through its trainable
-    MelEncoder, or the precomputed whisper windows (N, n L, 384)."""
+def batch_windows(model, batch, mel_context: int):
+    """The audio windows (N, n L, D) of a flattened batch (before the positional encoding, which LipSync.forward adds):
+    its mel spans (N, 80, 2 (n + 2c)) through the model's trainable MelEncoder (windows.span_windows), or the
+    precomputed whisper windows (N, n L, 384)."""
     if "mel" in batch:
         n = batch["mel"].shape[-1] // 2 - 2 * mel_context
-        return model.span_windows(batch["mel"], mel_context, n)
+        return span_windows(model.audio, batch["mel"], mel_context, n)
     return batch["audio"]
 
 
 def generate_batch(model, batch, mel_context: int):
     """Flattened batch -> generated faces (N, 3, S, S). The frozen VAE encodes [masked target, reference]."""
     with torch.no_grad():
-        unet_in = model.face.unet_input(batch["target"], batch["reference"])  # (N, 8, s, s)
-    return model(unet_in, audio_windows(model, batch, mel_context))
+        unet_in = model.face.unet_input(batch["target"], batch["reference"])  # (N, 8, s, s), scaled latents
+    return model(unet_in, batch_windows(model, batch, mel_context))
 
 
 def mouth_l1(a, b, boxes) -> torch.Tensor:
@@ -145,8 +147,8 @@ def keep_loss(model, teacher, batch, mel_context: int, mouth_weight: float, n: i
     own = {k: batch[k][:n] for k in ("target", "mel", "audio", "mouth_box") if k in batch}
     with torch.no_grad():
         unet_in = model.face.unet_input(own["target"])  # (n, 8, s, s), reference = the frame itself
-        want = teacher(unet_in, audio_windows(teacher, own, mel_context))
-    got = model(unet_in, audio_windows(model, own, mel_context))
+        want = teacher(unet_in, batch_windows(teacher, own, mel_context))
+    got = model(unet_in, batch_windows(model, own, mel_context))
     return F.l1_loss(got, want) + mouth_weight * mouth_l1(got, want, own["mouth_box"])
 
 
