@@ -497,3 +497,32 @@ def test_syncnet_stage_draws_its_negatives_per_step_and_rank(train_only, tmp_pat
     train.main(common_args(train_only, str(tmp_path / "sync")) + ["--stage", "syncnet", "--syncnet.steps", "2",
                                                                   "--seed", "5"])
     assert calls == [(5, 0, 1, SYNC_NEGATIVES), (5, 1, 1, SYNC_NEGATIVES)]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_stage2_micro_batches_are_consecutive_batches_never_repeated_within_or_across_steps(train_only, stage1_run,
+                                                                                            tmp_path, monkeypatch):
+    """--grad_accum k: micro-batch m of step s trains on batch s k + m, so every micro-batch of the run is a batch of
+    its own (step + m would train batch 1 in steps 0 and 1; step k alone would repeat one batch k times)."""
+    calls, real = [], train.batch_at
+    monkeypatch.setattr(train, "batch_at", lambda data, step, *a: calls.append((step,) + a) or real(data, step, *a))
+    out = str(tmp_path / "accum")
+    shutil.copytree(stage1_run, out)
+    train.main(common_args(train_only, out) + ["--stage", "stage2", "--stage2.steps", "2", "--stage2.batch", "1",
+                                               "--grad_accum", "2", "--loss.sync", "0", "--seed", "5"])
+    assert calls == [(i, 1, 5, 0) for i in range(4)]  # (batch index, stage2.batch, seed, rank)
+
+
+@pytest.mark.parametrize("preset,size", [("tiny", None), ("face128", None), ("musetalk", 224)])
+def test_generator_perceptual_loss_is_on_the_crop_itself_except_musetalks_224_px_pyramid(preset, size):
+    """Our presets' pyramids start at the crop's own size (64 or 128 px); only --preset musetalk resizes to 224 px
+    first, as MuseTalk does (its VGG pyramid needs >= 16 px at 1/8 scale)."""
+    from types import SimpleNamespace
+    from lipsync.training.generator import generator_setup
+    run = SimpleNamespace(cfg=train.parse_args(["--preset", preset]), device=torch.device("cpu"), world=1,
+                          say=lambda *a: None)
+    perceptual = generator_setup(run, "stage1", tiny_model(), 1e-4)[0]
+    assert perceptual.size == size
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    y = x.flip(-1)
+    assert torch.equal(perceptual(x, y), PerceptualLoss(None, size=size)(x, y))
