@@ -27,7 +27,8 @@ from lipsync import checks
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
 from lipsync.checkpoint import export
 from lipsync.model import LipSync
-from lipsync.pipeline import avatar_frames, prepare_avatar, read_track
+from lipsync.pipeline import avatar_frames, prepare_avatar
+from lipsync.track import read_track
 from lipsync.unet import UNet, UNetConfig
 from lipsync.vae import AutoencoderKL, VAEConfig, to_uint8_images
 from lipsync.video import read_video

@@ -39,9 +39,10 @@ from lipsync.checks import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from lipsync.audio import load_audio
 from lipsync.checkpoint import from_published, load_lipsync
 from lipsync.model import compile_for_inference
-from lipsync.pipeline import avatar_frames, check_avatar_folder, load_avatar, prepare_avatar, read_track, save_avatar
-from lipsync.pipeline import box_options as pipeline_box_options
-from lipsync.pipeline import track_file, track_frames
+from lipsync.avatar import check_avatar_folder, load_avatar, save_avatar
+from lipsync.pipeline import avatar_frames, prepare_avatar
+from lipsync.track import box_options as track_box_options
+from lipsync.track import read_track, track_file, track_frames
 from lipsync.references import RULES as REFERENCE_RULES
 from lipsync.tracking import BoxTracker, MeshTracker, parse_bbox
 from lipsync.video import SAMPLE_RATE, iter_frames, read_image, resample_indices, video_info, write_video
@@ -315,9 +316,9 @@ def read_media(args, inputs: Inputs, limit=None):
 
 
 def box_options(args, geometry):
-    """Keyword arguments of pipeline.track_frames / read_track for the model's crop geometry and the flags."""
+    """Keyword arguments of lipsync.track.track_frames / read_track for the model's crop geometry and the flags."""
     margin = {"v15": 10, "v1": 0}[args.version] if args.version else None  # MuseTalk's extra_margin
-    return pipeline_box_options(geometry, args.smooth, margin)
+    return track_box_options(geometry, args.smooth, margin)
 
 
 def face_track(args, inputs: Inputs, frames, idx, n_read, complete, geometry="square"):

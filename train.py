@@ -24,17 +24,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from lipsync.checkpoint import atomic_save, load_lipsync, read_checkpoint
+from lipsync.checkpoint import atomic_save, load_lipsync
 from lipsync.mel_encoder import MelEncoderConfig
 from lipsync.model import LipSync
 from lipsync.training.data import Stage1Dataset, Stage2Dataset, list_clips
-from lipsync.training.flags import check_config, check_settings, clip_geometry, flag, parse_flags, parse_stages
+from lipsync.training.flags import check_config, clip_geometry, flag, parse_flags, parse_stages
 from lipsync.training.generator import (augment_config, build_generator, export_generator, generator_data,
                                         generator_setup, save_sample)
 from lipsync.training.loop import Run, batch_at, clip_and_step, optimizer, to, train_loop, wrap
 from lipsync.training.losses import PatchDiscriminator, PerceptualLoss
 from lipsync.training.steps import (SYNC_NEGATIVES, discriminator_loss, frames_of, latent_scale, step_generator,
                                     syncnet_step, vae_step)
+from lipsync.tools.personalize import personalize_run
 from lipsync.training.syncnet import SyncNet, SyncNetConfig, load_syncnet
 from lipsync.unet import UNetConfig
 from lipsync.vae import AutoencoderKL, VAEConfig
@@ -178,8 +179,6 @@ PRESETS = {
 PERSONALIZE = dict(stage="decoder,stage1", stage1=dict(steps=800, batch=8, lr=2e-4), optim=dict(warmup=10),
                    loss=dict(mouth=2.0, keep=1.0), augment=dict(image=0.5, mel=0.5), log_every=5, sample_every=100,
                    ckpt_every=50)
-PERSONALIZE_MINUTES = 14.0  # the whole command: tracking + puppets + fine-tune (+ export) on 2 CPU cores
-PERSONALIZE_CLIPS = dict(clips=4, seconds=6.0)
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -388,32 +387,11 @@ def main(argv=None):
     stages = parse_stages(cfg.stage)
     try:
         if cfg.personalize:
-            cfg = personalize(cfg, stages)
+            cfg = personalize_run(cfg, stages, BUNDLED)  # its puppet clips first, then the stages below
         check_config(cfg, stages)
         run_stages(cfg, stages)
     except (OSError, ValueError, pickle.UnpicklingError) as err:  # bad inputs: missing or unreadable files
         raise SystemExit(f"error: {' '.join(str(err).split())[:600]}") from None
-
-
-def personalize(cfg: TrainConfig, stages) -> TrainConfig:
-    """Make OUT/clips (puppets of the --personalize face at --init's crop size) and point the run at them: the decoder
-    stage, then stage 1, from --init (the bundled model by default), stopped in time for the whole command to fit
-    PERSONALIZE_MINUTES."""
-    t0 = time.time()
-    if stages != ("decoder", "stage1"):
-        raise ValueError("--personalize runs its own stages (decoder, stage1); leave --stage out")
-    if not os.path.isfile(cfg.personalize):
-        raise ValueError(f"--personalize {cfg.personalize}: no such file")
-    init = cfg.init or BUNDLED
-    if not os.path.isfile(init):
-        raise ValueError(f"--init {init} not found")
-    check_settings(cfg)  # before the slow part; check_config follows once the clips exist
-    from lipsync.tools.personalize import make_clips
-    crop = read_checkpoint(init)["config"]["crop_size"]
-    data = make_clips(cfg.personalize, cfg.out, crop, seed=cfg.seed, say=tqdm.write, **PERSONALIZE_CLIPS)
-    left = PERSONALIZE_MINUTES - (time.time() - t0) / 60 - 0.5  # 0.5 min for loading and the export
-    minutes = min(cfg.max_minutes, left) if cfg.max_minutes else left
-    return dataclasses.replace(cfg, init=init, data=str(data), max_minutes=max(minutes, 0.5))
 
 
 def run_stages(cfg: TrainConfig, stages):

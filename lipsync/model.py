@@ -7,7 +7,7 @@ published weights) is lipsync.checkpoint.
 One frame (S crop side, s latent side, D audio width, L encoder states; the bundled face128 model: 128, 32, 128, 5;
 the MuseTalk weights: 256, 32, 384, 5):
 
-    frame (H, W, 3) uint8 -> landmarks (68, 2), box (4,)   pipeline.track_frames / read_track
+    frame (H, W, 3) uint8 -> landmarks (68, 2), box (4,)   track.track_frames / read_track
     -> crop (S, S, 3) uint8                                tracking.crop_faces
     -> [masked crop, reference crop] latents (8, s, s)     LipSync.face.unet_input (+ references.pick)
     file -> wave (16 kHz mono)                             audio.load_audio

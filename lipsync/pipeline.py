@@ -7,139 +7,27 @@ similar pose) unless `prepare_avatar(reference=...)` names another rule or other
 backward (ping-pong, 2N cycle), so audio longer than the video loops without a jump. Per frame the loop then runs
 only audio windows -> LipSync.forward (PE, UNet, VAE decode) -> paste.
 
-    track = track_frames(frames, tracker)                 # or read_track(...) / a BoxTracker for --bbox
-    avatar = prepare_avatar(frames, fps, track, model)    # save_avatar(avatar, DIR) / load_avatar(DIR, model)
+    track = track_frames(frames, tracker)                 # lipsync.track: or read_track(...), a BoxTracker for --bbox
+    avatar = prepare_avatar(frames, fps, track, model)    # lipsync.avatar: save_avatar(avatar, DIR) / load_avatar(DIR)
     for frame in avatar_frames(model, avatar, model.audio_windows(wave, n, fps)): ...
     for frame in stream_frames(model, avatar, audio_chunks): ...  # MelEncoder checkpoints: frames as audio arrives
 
-A saved avatar is a folder written as DIR.partial and renamed when complete: frames.npy (N, H, W, 3) uint8,
-track.npz (spec layout), latents.npy (N, 8, s, s) float32, blend.npz, and avatar_info.json (crop size and geometry,
-fps, the reference rule, the VAE fingerprint: latents from another VAE or crop would be garbage, so load_avatar refuses them with a clear
-message).
+Avatars on disk: lipsync.avatar. Face tracks: lipsync.track.
 """
-
-import hashlib
-import json
-import os
-import shutil
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import references
-from .blend import Blend, make_blend, paste
+from .avatar import Avatar, vae_fingerprint
+from .blend import make_blend, paste
 from .mel_encoder import MelEncoder
 from .streaming import WindowStream
-from .tracking import crop_faces, face_boxes, track_and_fill
+from .track import Track
+from .tracking import crop_faces
 from .vae import to_uint8_images
 
-AVATAR_VERSION = 1
-
-
-@dataclass
-class Track:
-    landmarks: np.ndarray  # (N, 68, 2) float32 source pixels; no-face frames hold the nearest face's
-    face: np.ndarray  # (N,) bool
-    boxes: np.ndarray  # (N, 4) float32 crop boxes
-    tracker: str = "mediapipe"
-
-    def __len__(self):
-        return len(self.face)
-
-    def select(self, idx) -> "Track":
-        return Track(self.landmarks[idx], self.face[idx], self.boxes[idx], self.tracker)
-
-
-def box_options(geometry, smooth=None, margin=None) -> dict:
-    """Keyword arguments of track_frames / read_track for a crop geometry, infer.py's defaults where None: square
-    boxes smoothed over time (Gaussian sigma 2 frames); MuseTalk's per-frame boxes unsmoothed, extra_margin 10
-    (v1.5)."""
-    if geometry == "square":
-        return dict(geometry=geometry, smooth_sigma=2.0 if smooth is None else smooth)
-    return dict(geometry=geometry, margin=10 if margin is None else margin, smooth_sigma=smooth or 0.0)
-
-
-def track_frames(frames, tracker, bbox_shift=0.0, margin=10.0, smooth_sigma=2.0, bar=None,
-                 geometry="square") -> Track:
-    """Run a tracker (tracking.MeshTracker / BoxTracker) over frames, as lipsync.training.prepare does; closes it.
-    Boxes of `geometry` (tracking.face_boxes; "musetalk" boxes end at the frame's bottom edge)."""
-    height = np.shape(frames)[1] if geometry != "square" else None
-    landmarks, face, _ = track_and_fill(frames, tracker, bar)
-    boxes = face_boxes(landmarks, geometry, bbox_shift, margin, smooth_sigma, height)
-    return Track(landmarks, face, boxes, tracker.name)
-
-
-def track_file(media) -> Path | None:
-    """A precomputed track beside a video or image: `<file>.track.npz` (e.g. demo.mp4.track.npz), else
-    `<stem>.track.npz`."""
-    media = Path(media)
-    for cand in (media.with_name(media.name + ".track.npz"), media.with_suffix(".track.npz")):
-        if cand.is_file():
-            return cand
-    return None
-
-
-def read_track(path, bbox_shift=0.0, margin=10.0, smooth_sigma=2.0, geometry="square", height=None) -> Track:
-    """track.npz (landmarks, face, boxes as written by lipsync.training.prepare). For the square geometry its boxes
-    are used as they are unless bbox_shift moves the midline; then they are recomputed from the landmarks with the
-    file's own chin margin. "musetalk" boxes are always computed from the landmarks (exact, and cheap)."""
-    with np.load(path) as z:
-        landmarks, face = z["landmarks"].astype(np.float32), z["face"].astype(bool)
-        boxes = z["boxes"].astype(np.float32) if "boxes" in z else None
-    if landmarks.ndim != 3 or landmarks.shape[1:] != (68, 2) or face.shape != landmarks.shape[:1]:
-        raise ValueError(f"{path}: expected landmarks (N, 68, 2) and face (N,), got {landmarks.shape}, {face.shape}")
-    if not face.any():
-        raise ValueError(f"{path}: no face found in any frame")
-    if geometry != "square":
-        boxes = face_boxes(landmarks, geometry, bbox_shift, margin, smooth_sigma, height)
-        return Track(landmarks, face, boxes, "file")
-    if boxes is not None and bbox_shift:
-        margin = float(np.median(boxes[:, 3] - landmarks[:, 8, 1]))
-    if boxes is None or bbox_shift:
-        boxes = face_boxes(landmarks, "square", bbox_shift, margin, smooth_sigma)
-    return Track(landmarks, face, boxes, "file")
-
-
-def vae_fingerprint(model) -> str:
-    """Short hash of the VAE encoder weights (what cached latents depend on), the same in fp32, fp16 and bf16."""
-    h = hashlib.sha1()
-    vae = model.vae
-    for name, t in sorted(vae.state_dict().items()):
-        if name.startswith(("encoder.", "quant_conv.")):
-            flat = t.detach().flatten()
-            h.update(f"{name}{tuple(t.shape)}".encode())
-            h.update(flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float16).numpy().tobytes())
-    h.update(str(model.crop_size).encode())
-    return h.hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------- avatar
-
-
-@dataclass
-class Avatar:
-    frames: np.ndarray  # (N, H, W, 3) uint8 source frames (array or read-only memmap)
-    fps: float
-    track: Track
-    latents: torch.Tensor  # (N, 8, s, s) UNet image input per frame (scaled latents, model.face.unet_input), on the
-    # model's device/dtype; 0 without a face
-    blends: list  # Blend per frame, None without a face
-    crop_size: int
-    fingerprint: str
-    source: str = ""
-    geometry: str = "square"  # crop geometry of the latents (tracking.GEOMETRIES)
-    reference: str = "self"  # the rule that picked each frame's reference (lipsync.references), "custom" for a list
-
-    def __len__(self):
-        return len(self.frames)
-
-    def source_index(self, i):
-        """Output frame index/indices -> source frame: 0 .. N-1, N-1 .. 0, 0 .. (MuseTalk's frames + frames[::-1])."""
-        n = len(self.frames)
-        j = np.asarray(i) % (2 * n)
-        return np.where(j < n, j, 2 * n - 1 - j)
 
 
 def with_references(latents: torch.Tensor, reference) -> torch.Tensor:
@@ -189,76 +77,11 @@ def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", b
                   model.geometry, rule)
 
 
-def check_avatar_folder(folder) -> None:
-    """An avatar may only replace an older avatar or an empty folder, never other files."""
-    folder = Path(folder)
-    if folder.exists() and not (folder / "avatar_info.json").is_file() and (not folder.is_dir() or any(
-            folder.iterdir())):
-        raise ValueError(f"{folder} exists and is not an avatar folder; pick a new or empty --avatar DIR")
-
-
-def save_avatar(avatar: Avatar, folder) -> Path:
-    """Write the avatar to folder (replacing an older avatar) via folder.partial, avatar_info.json last."""
-    folder = Path(folder)
-    check_avatar_folder(folder)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    np.save(partial / "frames.npy", np.asarray(avatar.frames))
-    t = avatar.track
-    np.savez(partial / "track.npz", boxes=t.boxes, face=t.face, landmarks=t.landmarks)
-    np.save(partial / "latents.npy", avatar.latents.float().cpu().numpy())
-    empty = Blend((0, 0, 0, 0), (0, 0, 0, 0), np.zeros((0, 0), np.float16), (0, 0, 0, 0))
-    blends = [b or empty for b in avatar.blends]
-    sizes = [b.mask.size for b in blends]
-    np.savez(partial / "blend.npz", boxes=np.array([b.box for b in blends], np.int64),
-             rects=np.array([b.rect for b in blends], np.int64), mouths=np.array([b.mouth for b in blends], np.int64),
-             offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-             masks=np.concatenate([b.mask.ravel() for b in blends]).astype(np.float16))
-    info = {"version": AVATAR_VERSION, "fps": avatar.fps, "frames": len(avatar), "size": list(avatar.frames.shape[1:3]),
-            "crop_size": avatar.crop_size, "fingerprint": avatar.fingerprint, "source": avatar.source,
-            "tracker": t.tracker, "geometry": avatar.geometry, "reference": avatar.reference}
-    (partial / "avatar_info.json").write_text(json.dumps(info, indent=1))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.rename(partial, folder)
-    return folder
-
-
-def load_avatar(folder, model) -> Avatar:
-    """Read a saved avatar for `model` (latents go to its device/dtype); refuses one prepared with another VAE."""
-    folder = Path(folder)
-    info_path = folder / "avatar_info.json"
-    if not info_path.is_file():
-        raise FileNotFoundError(f"{folder} is not a prepared avatar (no avatar_info.json); "
-                                f"make one with --prepare-avatar VIDEO --avatar {folder}")
-    info = json.loads(info_path.read_text())
-    redo = f"prepare it again: python infer.py --prepare-avatar {info.get('source') or 'VIDEO'} --avatar {folder}"
-    if info.get("version") != AVATAR_VERSION:
-        raise ValueError(f"{folder}: avatar format version {info.get('version')} is not {AVATAR_VERSION}; {redo}")
-    if (info["crop_size"] != model.crop_size or info["fingerprint"] != vae_fingerprint(model)
-            or info.get("geometry", "square") != model.geometry):
-        raise ValueError(f"{folder} was prepared for a different model (VAE fingerprint {info['fingerprint']}, "
-                         f"crop {info['crop_size']} {info.get('geometry', 'square')}); {redo} with this checkpoint")
-    frames = np.load(folder / "frames.npy", mmap_mode="r")
-    with np.load(folder / "track.npz") as z:
-        track = Track(z["landmarks"], z["face"], z["boxes"], info.get("tracker", "file"))
-    p = next(model.vae.parameters())
-    latents = torch.from_numpy(np.load(folder / "latents.npy")).to(p.device, p.dtype)
-    with np.load(folder / "blend.npz") as z:
-        off, masks = z["offsets"], z["masks"]
-        blends = [Blend(tuple(map(int, z["boxes"][i])), tuple(map(int, r)), masks[off[i]: off[i + 1]].reshape(
-                  r[2] - r[0], r[3] - r[1]), tuple(map(int, z["mouths"][i]))) if track.face[i] else None
-                  for i, r in enumerate(z["rects"])]
-    return Avatar(frames, info["fps"], track, latents, blends, info["crop_size"], info["fingerprint"],
-                  info.get("source", ""), info.get("geometry", "square"), info.get("reference", "self"))
-
-
 # ----------------------------------------------------------------------------- generation
 
 
 @torch.inference_mode()
-def _render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: bool, detail: bool, pad_to: int = 0):
+def render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: bool, detail: bool, pad_to: int = 0):
     """Audio windows (b, T, D) for output frames first .. first + b - 1 -> those frames, in order. With pad_to, the
     model always sees pad_to frames (the last face frame repeated, extra outputs dropped): static shapes for compiled
     models and CUDA graphs."""
@@ -291,10 +114,10 @@ def avatar_frames(model, avatar: Avatar, windows, batch_size=8, start=0, colour=
     for block in blocks:
         pending = block if pending is None else torch.cat([pending, block.to(pending.device)])
         while len(pending) >= batch_size:
-            yield from _render(model, avatar, pending[:batch_size], done, colour, detail, pad_to)
+            yield from render(model, avatar, pending[:batch_size], done, colour, detail, pad_to)
             pending, done = pending[batch_size:], done + batch_size
     if pending is not None and len(pending):
-        yield from _render(model, avatar, pending, done, colour, detail, pad_to)
+        yield from render(model, avatar, pending, done, colour, detail, pad_to)
 
 
 def stream_windows(model, chunks, fps):

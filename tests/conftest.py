@@ -47,7 +47,7 @@ def one_thread():
 def spied_dub():
     """8 demo frames 0.2 s apart (mouths differ) at 176x304 with a fixed-box track, and a tiny model whose UNet
     records every image input it is given: (frames, track, model, calls)."""
-    from lipsync import pipeline
+    from lipsync.track import track_frames
     from lipsync.mel_encoder import MelEncoderConfig
     from lipsync.model import build
     from lipsync.tracking import BoxTracker, parse_bbox
@@ -57,7 +57,7 @@ def spied_dub():
     frames = np.stack(list(itertools.islice(iter_frames(os.path.join(ROOT, "assets", "demo.mp4")), 0, 40, 5)))
     frames = torch.nn.functional.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2), size=(304, 176),
                                              mode="bilinear", antialias=True).permute(0, 2, 3, 1).contiguous().numpy()
-    track = pipeline.track_frames(frames, BoxTracker(parse_bbox("55,78,115,131")))
+    track = track_frames(frames, BoxTracker(parse_bbox("55,78,115,131")))
     torch.manual_seed(0)
     model = build(UNetConfig.tiny(), VAEConfig.tiny(), MelEncoderConfig.tiny(), 64).eval()
     calls, forward = [], model.unet.forward

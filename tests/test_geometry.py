@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import infer
 import train
 from lipsync import pipeline as P
+from lipsync import avatar as A
+from lipsync import track as tracks
 from lipsync.training import prepare
 from lipsync.training.flags import clip_geometry
 from lipsync import tracking as T
@@ -206,25 +208,25 @@ def test_a_musetalk_geometry_checkpoint_crops_with_musetalks_boxes_in_infer(tmp_
     args = infer.parse_args(["--video", "x.mp4"])
     for version, margin in ((None, 10), ("v15", 10), ("v1", 0)):
         args.version = version
-        track = P.track_frames(frames, FixedTracker(lm), **infer.box_options(args, "musetalk"))
+        track = tracks.track_frames(frames, FixedTracker(lm), **infer.box_options(args, "musetalk"))
         assert np.array_equal(track.boxes, T.musetalk_box(lm, 0, margin, DEMO_H))  # per frame: no smoothing
     args.version, args.smooth = None, 3.0
-    smoothed = P.track_frames(frames, FixedTracker(lm), **infer.box_options(args, "musetalk")).boxes
+    smoothed = tracks.track_frames(frames, FixedTracker(lm), **infer.box_options(args, "musetalk")).boxes
     assert np.allclose(smoothed, T.smooth_boxes(T.musetalk_box(lm, 0, 10, DEMO_H), 3.0))
     args.smooth = None
-    square = P.track_frames(frames, FixedTracker(lm), **infer.box_options(args, "square")).boxes
+    square = tracks.track_frames(frames, FixedTracker(lm), **infer.box_options(args, "square")).boxes
     assert np.array_equal(square, T.smooth_boxes(T.crop_box(lm), 2.0))  # our square crop, as before
 
     model = tiny_model("musetalk")
-    track = P.track_frames(frames, FixedTracker(lm), **infer.box_options(args, "musetalk"))
+    track = tracks.track_frames(frames, FixedTracker(lm), **infer.box_options(args, "musetalk"))
     avatar = P.prepare_avatar(frames, 25.0, track, model)
     x1, y1, x2, y2 = (int(v) for v in track.boxes[2])
     expected = model.face.unet_input(T.resize_lanczos4(frames[2, y1:y2, x1:x2], 64, 64)[None])
     torch.testing.assert_close(avatar.latents[2], expected[0], atol=1e-5, rtol=0)  # of MuseTalk's Lanczos crop
-    P.save_avatar(avatar, tmp_path / "av")
-    assert P.load_avatar(tmp_path / "av", model).geometry == "musetalk"
+    A.save_avatar(avatar, tmp_path / "av")
+    assert A.load_avatar(tmp_path / "av", model).geometry == "musetalk"
     with pytest.raises(ValueError, match="different model"):
-        P.load_avatar(tmp_path / "av", tiny_model("square"))  # same VAE, other crops: refused
+        A.load_avatar(tmp_path / "av", tiny_model("square"))  # same VAE, other crops: refused
 
 
 def test_prepare_writes_musetalk_geometry_clips_and_records_it(tmp_path, monkeypatch):

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 import infer
 from lipsync import pipeline as P
+from lipsync import avatar as A
+from lipsync import track as T
 from lipsync.mel_encoder import MelEncoderConfig
 from lipsync.checkpoint import export
 from lipsync.model import build
@@ -54,7 +56,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def avatar(files):
-    track = P.track_frames(files["frames"], BoxTracker(parse_bbox(BBOX)))
+    track = T.track_frames(files["frames"], BoxTracker(parse_bbox(BBOX)))
     return P.prepare_avatar(files["frames"], FPS, track, files["model"], batch_size=8)
 
 
@@ -229,7 +231,7 @@ def test_generated_frames_equal_their_ping_pong_source_exactly_outside_the_blend
 
 def test_frames_without_a_face_pass_through_unchanged(files):
     model = files["model"]
-    track = P.track_frames(files["frames"], BoxTracker(parse_bbox(BBOX)))
+    track = T.track_frames(files["frames"], BoxTracker(parse_bbox(BBOX)))
     track.face[[2, 3, 7]] = False
     av = P.prepare_avatar(files["frames"], FPS, track, model)
     frames = list(P.avatar_frames(model, av, model.audio_windows(files["wave"], 10, FPS), batch_size=4))
@@ -240,17 +242,17 @@ def test_frames_without_a_face_pass_through_unchanged(files):
 
 def test_saved_avatar_gives_the_same_frames_as_the_in_memory_one(files, avatar, tmp_path):
     model = files["model"]
-    P.save_avatar(avatar, tmp_path / "av")
-    loaded = P.load_avatar(tmp_path / "av", model)
+    A.save_avatar(avatar, tmp_path / "av")
+    loaded = A.load_avatar(tmp_path / "av", model)
     windows = model.audio_windows(files["wave"], 25, FPS)
     for a, b in zip(P.avatar_frames(model, avatar, windows), P.avatar_frames(model, loaded, windows), strict=True):
         assert np.array_equal(a, b)
     with pytest.raises(ValueError, match="different model"):
-        P.load_avatar(tmp_path / "av", tiny_model(1))
+        A.load_avatar(tmp_path / "av", tiny_model(1))
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     with pytest.raises(ValueError, match="not an avatar folder"):
-        P.save_avatar(avatar, tmp_path / "notes")  # never deletes a folder of other files
+        A.save_avatar(avatar, tmp_path / "notes")  # never deletes a folder of other files
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
 
 
@@ -278,7 +280,7 @@ def test_smooth_0_turns_box_smoothing_off_and_other_values_and_the_defaults_reac
 
     def boxes(argv):
         opts = infer.box_options(infer.parse_args(argv), geometry)
-        return P.track_frames(frames, ListTracker(lm), **opts).boxes
+        return T.track_frames(frames, ListTracker(lm), **opts).boxes
 
     def jitter(b):
         return np.abs(np.diff(b[:, :2], axis=0)).max()
@@ -297,8 +299,8 @@ def test_bbox_shift_moves_the_midline_of_a_precomputed_track_keeping_its_margin(
     lm = np.repeat(template_landmarks(parse_bbox(BBOX))[None], 5, axis=0)
     boxes = crop_box(lm, margin=5)
     np.savez(tmp_path / "t.npz", landmarks=lm, face=np.ones(5, bool), boxes=boxes)
-    assert np.array_equal(P.read_track(tmp_path / "t.npz").boxes, boxes)
-    shifted = P.read_track(tmp_path / "t.npz", bbox_shift=4).boxes
+    assert np.array_equal(T.read_track(tmp_path / "t.npz").boxes, boxes)
+    shifted = T.read_track(tmp_path / "t.npz", bbox_shift=4).boxes
     np.testing.assert_allclose(shifted, crop_box(lm, bbox_shift=4, margin=5), atol=1e-4)
 
 
@@ -418,7 +420,7 @@ def test_face_vae_round_trip_equals_the_vaes_own_and_scales_latents_once(files):
     plain VAE's decode(posterior mean), and the latents themselves are mean * scale (a missing or doubled scale on
     either side breaks one of the two)."""
     face, vae = files["model"].face, files["model"].vae
-    crops = P.crop_faces(files["frames"][:2], P.track_frames(files["frames"][:2], BoxTracker(parse_bbox(BBOX))).boxes,
+    crops = P.crop_faces(files["frames"][:2], T.track_frames(files["frames"][:2], BoxTracker(parse_bbox(BBOX))).boxes,
                          64)
     x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
@@ -437,7 +439,7 @@ def test_avatar_caches_each_frames_own_unet_input_and_blend(files):
     model, frames = files["model"], files["frames"]
     lm = template_landmarks(parse_bbox(BBOX))[None] + np.stack([np.array([2.0 * j, 0.0], np.float32)
                                                                  for j in range(len(frames))])[:, None]
-    track = P.Track(lm, np.ones(len(frames), bool), crop_box(lm), "file")
+    track = T.Track(lm, np.ones(len(frames), bool), crop_box(lm), "file")
     av = P.prepare_avatar(frames, FPS, track, model, batch_size=8)
     for j in (0, 5, 11):
         with torch.no_grad():

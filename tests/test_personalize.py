@@ -10,6 +10,7 @@ import soundfile as sf
 import torch
 
 import train
+from lipsync.tools import personalize
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
 from lipsync.checkpoint import export, load_lipsync
 from lipsync.model import LipSync
@@ -39,7 +40,7 @@ def test_personalize_fine_tunes_the_init_model_on_puppets_of_the_face(tmp_path, 
     else:
         source = tmp_path / "me.jpg"
         iio.imwrite(source, frames[0])
-    monkeypatch.setattr(train, "PERSONALIZE_CLIPS", dict(clips=2, seconds=0.6))
+    monkeypatch.setattr(personalize, "CLIPS", dict(clips=2, seconds=0.6))
     out = tmp_path / "run"
     train.main(["--personalize", str(source), "--out", str(out), "--init", str(init), "--decoder.steps", "2",
                 "--decoder.batch", "2", "--stage1.steps", "3", "--stage1.batch", "2", "--log_every", "1"])

@@ -51,10 +51,12 @@ def test_a_still_image_is_its_own_reference_and_unknown_rules_fail():
 @pytest.mark.usefixtures("one_thread")
 def test_avatar_uses_the_models_rule_records_it_and_the_unet_sees_those_frames(spied_dub, tmp_path):
     from lipsync import pipeline
+    from lipsync.avatar import load_avatar, save_avatar
+    from lipsync.track import Track
     frames, track, model, calls = spied_dub
     n = len(frames)
     lm, _ = synthetic_track(n)
-    track = pipeline.Track(lm.astype(np.float32), track.face, track.boxes, track.tracker)
+    track = Track(lm.astype(np.float32), track.face, track.boxes, track.tracker)
     closed = references.pick("closed_pose", lm, track.face)
     assert len(set(closed.tolist())) > 1 and (closed != np.arange(n)).any()
     model.reference = "closed_pose"
@@ -66,7 +68,7 @@ def test_avatar_uses_the_models_rule_records_it_and_the_unet_sees_those_frames(s
         own = model.face.unet_input(crop_faces(frames, track.boxes, 64))  # (n, 8, s, s) [masked i, i]
     torch.testing.assert_close(calls[-1][:, :4], own[:, :4], atol=1e-5, rtol=0)
     torch.testing.assert_close(calls[-1][:, 4:], own[closed, 4:], atol=1e-5, rtol=0)
-    saved = pipeline.load_avatar(pipeline.save_avatar(avatar, tmp_path / "av"), model)
+    saved = load_avatar(save_avatar(avatar, tmp_path / "av"), model)
     assert saved.reference == "closed_pose"
     torch.testing.assert_close(saved.latents, avatar.latents)
     selfish = pipeline.prepare_avatar(frames, 25.0, track, model, batch_size=n, reference="self")

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from lipsync import audio, blend, melspec, pipeline, references, tracking, vae, video, windows
+from lipsync import audio, blend, melspec, pipeline, references, track, tracking, vae, video, windows
+from lipsync.avatar import Avatar
+from lipsync.track import read_track, track_file
 from lipsync.mel_encoder import MelEncoderConfig
 from lipsync.model import build
 from lipsync.unet import UNetConfig
@@ -46,7 +48,7 @@ def readme_trace():
 def test_every_name_in_the_readme_trace_exists():
     """Each `module.function`, `Class.method`, `model.attribute` or bare name the trace mentions resolves in lipsync."""
     model = build(UNET_CFG, VAE_CFG, AUDIO_CFG, S)
-    roots = {"model": model, "LipSync": model, "avatar": pipeline.Avatar}  # instances hold model.audio, .face, .vae
+    roots = {"model": model, "LipSync": model, "avatar": Avatar}  # instances hold model.audio, .face, .vae
     product = [importlib.import_module(f"lipsync.{p.stem}") for p in sorted((ROOT / "lipsync").glob("*.py"))]
     names = [n for n in re.findall(r"`([^`]+)`", readme_trace()) if not re.search(r"^--|/|\.(npz|mp4|py)$", n)]
     assert len(names) >= 30
@@ -83,8 +85,8 @@ def test_one_frame_traced_as_the_readme_tells_it(tmp_path):
     H, W = video.video_info(VIDEO).size
     assert frames.shape[1:] == (H, W, 3) and frames.dtype == np.uint8
 
-    # 2. face track from the video's track file (pipeline.read_track) -> landmarks (68, 2), face flag, box (4,)
-    track = pipeline.read_track(pipeline.track_file(VIDEO)).select(np.arange(N_SOURCE))
+    # 2. face track from the video's track file (track.read_track) -> landmarks (68, 2), face flag, box (4,)
+    track = read_track(track_file(VIDEO)).select(np.arange(N_SOURCE))
     assert track.landmarks.shape[1:] == (68, 2) and track.face.shape == (N_SOURCE,) and track.boxes.shape[1:] == (4,)
     assert track.face.all()
 

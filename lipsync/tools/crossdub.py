@@ -44,7 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..pipeline import avatar_frames, box_options, prepare_avatar, track_frames
+from ..pipeline import avatar_frames, prepare_avatar
+from ..track import box_options, track_frames
 from ..tracking import MeshTracker
 from ..video import SAMPLE_RATE, fit_length
 from .metrics import detail_ratios, lagged_r, lip_opening_468, silence_masks
@@ -133,7 +134,7 @@ def mean_metrics(pairs: list) -> dict:
 
 
 def face_track(frames, geometry):
-    """Frames (N, H, W, 3) -> pipeline.Track from mediapipe with infer.py's box options for the model's geometry
+    """Frames (N, H, W, 3) -> track.Track from mediapipe with infer.py's box options for the model's geometry
     (unsmoothed MuseTalk boxes, smoothed square ones)."""
     return track_frames(frames, MeshTracker(), **box_options(geometry))
 

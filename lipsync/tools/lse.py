@@ -194,7 +194,7 @@ def to_25fps(frames, fps):
 def video_landmarks(path, frames, idx):
     """Filled (N, 68, 2) landmarks of the 25 fps frames: from `<video>.track.npz` (at the source rate) if there is
     one, else mediapipe's face mesh on the frames."""
-    from lipsync.pipeline import read_track, track_file
+    from lipsync.track import read_track, track_file
     from lipsync.tracking import MeshTracker, fill_missing, track_and_fill
     found = track_file(path)
     if found is not None:

@@ -5,14 +5,21 @@ No speech of theirs is needed. The face is tracked once (lipsync.training.prepar
 any-face recipe does for its training people (assets/README.md).
 """
 
+import dataclasses
+import os
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from lipsync.checkpoint import read_checkpoint
+
 from lipsync.tools.puppet import make_puppet_clip, write_puppet_clip
+from lipsync.training.flags import check_settings
 from lipsync.training.prepare import prepare_clip
 
+MINUTES = 14.0  # the whole command: tracking + puppets + fine-tune (+ export) on 2 CPU cores
+CLIPS = dict(clips=4, seconds=6.0)  # puppet clips made of the face
 SOURCE_CROP = 256  # the puppet warp works on 256 px crops and writes the model's crop size
 
 
@@ -33,3 +40,23 @@ def make_clips(source, out, crop_size: int, clips: int = 4, seconds: float = 6.0
             write_puppet_clip(folder, name, clip, prepared.path, "train", seed)
     say(f"[personalize] {clips} puppet clips of {seconds:g} s in {time.time() - t0:.0f} s -> {folder}")
     return folder
+
+
+def personalize_run(cfg, stages, bundled):
+    """train.py --personalize: make OUT/clips (puppets of the face at --init's crop size) and point the run at them --
+    train.py's PERSONALIZE recipe (the decoder stage, then stage 1) from --init (`bundled` by default), stopped in
+    time for the whole command to fit MINUTES. cfg: train.TrainConfig -> the same with init, data and max_minutes."""
+    t0 = time.time()
+    if stages != ("decoder", "stage1"):
+        raise ValueError("--personalize runs its own stages (decoder, stage1); leave --stage out")
+    if not os.path.isfile(cfg.personalize):
+        raise ValueError(f"--personalize {cfg.personalize}: no such file")
+    init = cfg.init or bundled
+    if not os.path.isfile(init):
+        raise ValueError(f"--init {init} not found")
+    check_settings(cfg)  # before the slow part; train.py checks the whole config once the clips exist
+    crop = read_checkpoint(init)["config"]["crop_size"]
+    data = make_clips(cfg.personalize, cfg.out, crop, seed=cfg.seed, say=tqdm.write, **CLIPS)
+    left = MINUTES - (time.time() - t0) / 60 - 0.5  # 0.5 min for loading and the export
+    minutes = min(cfg.max_minutes, left) if cfg.max_minutes else left
+    return dataclasses.replace(cfg, init=init, data=str(data), max_minutes=max(minutes, 0.5))

@@ -167,7 +167,7 @@ def reenact(model, videos, out_dir=None, batch_size=16, progress=True, syncnet=N
     from tqdm import tqdm
 
     from ..audio import load_audio
-    from ..pipeline import box_options, track_frames
+    from ..track import box_options, track_frames
     from ..video import SAMPLE_RATE, read_video, video_info
     results = {}
     for video in tqdm(videos, desc="reenact", unit="clip", disable=not progress):
