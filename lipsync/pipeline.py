@@ -61,10 +61,11 @@ def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", b
     encoded = torch.cat(parts)
     latents = encoded.new_zeros((len(frames),) + encoded.shape[1:])
     latents[torch.from_numpy(good).to(latents.device)] = encoded
-    rule = reference if isinstance(reference, str) or reference is None else "custom"
-    if rule != "custom":
-        rule = rule or getattr(model, "reference", "self")
+    if reference is None or isinstance(reference, str):
+        rule = reference or model.reference
         reference = references.pick(rule, track.landmarks, track.face)
+    else:
+        rule = "custom"
     reference = np.asarray(reference)
     if reference.shape != (len(frames),) or not track.face[reference[good]].all():
         raise ValueError(f"reference must name, for each of the {len(frames)} frames, a frame with a face")

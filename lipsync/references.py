@@ -20,6 +20,7 @@ nose bridge 27).
 import numpy as np
 
 RULES = ("self", "closed_pose")
+CHUNK = 64  # frames whose pose distances closed_pose computes at once
 MIN_GAP = 5  # a reference is at least this many frames from its frame (training always; closed_pose where it can)
 CLOSED_FRACTION = 0.2  # the share of a track's face frames that count as closed-mouthed
 
@@ -56,10 +57,13 @@ def closed_pose(landmarks, face):
     at least MIN_GAP frames away (any closed-mouthed frame when none is that far)."""
     cand = np.flatnonzero(closed_frames(landmarks, face))
     jaw = jaw_pose(landmarks)
-    dist = pose_distance(jaw, jaw[cand])  # (N, K)
-    near = np.abs(np.arange(len(jaw))[:, None] - cand[None]) < MIN_GAP
-    dist = np.where(near & ~near.all(1, keepdims=True), np.inf, dist)
-    return cand[dist.argmin(1)]
+    out = np.empty(len(jaw), np.int64)
+    for i in range(0, len(jaw), CHUNK):  # (CHUNK, K, 17, 2) at a time: a long video's N x K would not fit in memory
+        dist = pose_distance(jaw[i:i + CHUNK], jaw[cand])  # (c, K)
+        near = np.abs(np.arange(i, i + len(dist))[:, None] - cand[None]) < MIN_GAP
+        dist = np.where(near & ~near.all(1, keepdims=True), np.inf, dist)
+        out[i:i + len(dist)] = cand[dist.argmin(1)]
+    return out
 
 
 def pick(rule, landmarks, face):
@@ -69,4 +73,4 @@ def pick(rule, landmarks, face):
         raise ValueError(f"reference rule must be one of {', '.join(RULES)}, not {rule!r}")
     if rule == "self" or face.sum() < 2:  # one face frame (a still photo): nothing else to show
         return np.arange(len(face))
-    return closed_pose(np.asarray(landmarks, np.float64), face).astype(np.int64)
+    return closed_pose(np.asarray(landmarks, np.float64), face)

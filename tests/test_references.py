@@ -11,12 +11,12 @@ from lipsync.tracking import template_landmarks
 CLOSED = [2, 5, 10, 18, 25, 26]  # 6 of 30 frames: the CLOSED_FRACTION (20 %) most closed; no frame has a tie
 
 
-def synthetic_track(n=30):
+def synthetic_track(n=30, closed=CLOSED):
     """Landmarks whose inner lips (62, 66) are shut on CLOSED and open elsewhere by a distinct amount, and whose jaw
     (0-16) is shifted sideways by i pixels on frame i (a pose that changes steadily): (landmarks (n, 68, 2), face)."""
     base = template_landmarks((100, 100, 300, 340)).astype(np.float64)  # (68, 2)
     lm = np.repeat(base[None], n, 0)
-    gaps = np.where(np.isin(np.arange(n), CLOSED), 0.0, 4.0 + np.arange(n) * 0.5)  # pixels
+    gaps = np.where(np.isin(np.arange(n), closed), 0.0, 4.0 + np.arange(n) * 0.5)  # pixels
     mid = (base[62, 1] + base[66, 1]) / 2
     lm[:, 62, 1], lm[:, 66, 1] = mid - gaps / 2, mid + gaps / 2
     lm[:, 0:17, 0] += np.arange(n)[:, None]
@@ -32,6 +32,19 @@ def test_closed_pose_gives_every_frame_the_closed_frame_nearest_in_pose():
     expected = closed[np.where(apart < references.MIN_GAP, 99, apart).argmin(1)]  # nearest at least 5 frames away
     assert ref.tolist() == expected.tolist()
     assert ref[0] == 5 and ref[7] == 2 and ref[20] == 25 and ref[29] == 18  # never itself, never within 5 frames
+
+def test_closed_pose_on_a_track_longer_than_its_chunk_is_the_nearest_far_closed_frame_everywhere():
+    """closed_pose works through a long track CHUNK frames at a time: every chunk must give the same rule (the
+    chunk's own frame numbers for the 5-frame gap, candidates from the whole track)."""
+    n = 4 * references.CHUNK + 17
+    closed = np.sort(np.random.default_rng(0).choice(n, n // 5 + 1, replace=False))  # the quantile falls on a 0
+    lm, face = synthetic_track(n, closed)
+    assert np.flatnonzero(references.closed_frames(lm, face)).tolist() == closed.tolist()
+    jaw = references.jaw_pose(lm)  # the rule restated for the whole track at once: nearest allowed closed pose
+    dist = references.pose_distance(jaw, jaw[closed])
+    dist[np.abs(np.arange(n)[:, None] - closed[None]) < references.MIN_GAP] = np.inf
+    assert references.pick("closed_pose", lm, face).tolist() == closed[dist.argmin(1)].tolist()
+
 
 def test_closed_pose_never_picks_a_frame_without_a_face_and_self_is_each_frame():
     lm, face = synthetic_track()
