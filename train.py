@@ -109,7 +109,7 @@ class TrainConfig:
     vgg: str = flag("", "a local torchvision vgg19 state dict for MuseTalk's VGG perceptual loss (else an L1 + SSIM "
                         "pyramid)")
     init: str = flag("", "a lipsync.pt to fine-tune: stage 1 starts from its UNet and audio encoder, on its frozen VAE "
-                         "and sizes")
+                         "and sizes; the syncnet stage from its SyncNet, when it carries one of the preset's design")
     personalize: str = flag("", "a video or photo of one person: fine-tune --init (default the bundled model) on "
                                 "puppets of that face with synthesised speech, in about 15 minutes on a CPU; writes "
                                 "OUT/lipsync.pt")
@@ -258,7 +258,14 @@ def stage_syncnet(run: Run, root):
     torch.manual_seed(cfg.seed)
     c = cfg.sync_context
     data = Stage2Dataset(root, "train", T=sync_cfg.n_frames + 2 * c, seed=cfg.seed, crop_size=sync_cfg.crop_size)
-    syncnet = SyncNet(sync_cfg).to(run.device)
+    syncnet = SyncNet(sync_cfg)
+    start = load_syncnet(cfg.init) if cfg.init else None  # a fine-tune refines --init's SyncNet when it has one
+    if start is not None and start.config == sync_cfg:
+        syncnet.load_state_dict(start.state_dict())
+        run.say(f"[syncnet] starting from {cfg.init}'s SyncNet")
+    elif start is not None:
+        run.say(f"[syncnet] {cfg.init}'s SyncNet is another design than this preset's: starting from random weights")
+    syncnet = syncnet.to(run.device)
     net, opt = wrap(syncnet, syncnet_step, run), optimizer(syncnet.parameters(), cfg.syncnet.lr, cfg)
 
     def step_fn(step):

@@ -500,6 +500,30 @@ def test_syncnet_stage_draws_its_negatives_per_step_and_rank(train_only, tmp_pat
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_syncnet_stage_fine_tunes_the_syncnet_that_init_carries(train_only, stage1_run, tmp_path, monkeypatch):
+    """--stage syncnet --init X: the stage starts from X's SyncNet when X carries one of this preset's design (a
+    fine-tune on real speech refines the critic it already has), from random weights when X carries none."""
+    import dataclasses
+    from lipsync.training.syncnet import SyncNet, SyncNetConfig
+    cfg = SyncNetConfig.tiny()
+    torch.manual_seed(123)
+    planted = SyncNet(cfg).state_dict()
+    ckpt = torch.load(os.path.join(stage1_run, "lipsync.pt"), weights_only=True)
+    assert "syncnet" not in ckpt
+    with_sync = str(tmp_path / "with_sync.pt")
+    torch.save(dict(ckpt, syncnet={"config": dataclasses.asdict(cfg), "state": planted}), with_sync)
+    starts = {}
+    monkeypatch.setattr(train, "train_loop", lambda run, stage, modules, *a, **k: starts.setdefault(
+        run.cfg.init, {n: t.clone() for n, t in modules["syncnet"].state_dict().items()}))
+    for i, init in enumerate((with_sync, os.path.join(stage1_run, "lipsync.pt"))):
+        train.main(common_args(train_only, str(tmp_path / f"run{i}")) + ["--stage", "syncnet", "--init", init])
+    assert starts[with_sync].keys() == planted.keys()
+    assert all(torch.equal(starts[with_sync][n], planted[n]) for n in planted)
+    fresh = starts[os.path.join(stage1_run, "lipsync.pt")]
+    assert not any(torch.equal(fresh[n], planted[n]) for n in planted if n.endswith("weight") and planted[n].dim() > 1)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_stage2_micro_batches_are_consecutive_batches_never_repeated_within_or_across_steps(train_only, stage1_run,
                                                                                             tmp_path, monkeypatch):
     """--grad_accum k: micro-batch m of step s trains on batch s k + m, so every micro-batch of the run is a batch of
