@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from lipsync.checkpoint import atomic_save, load_lipsync
 from lipsync.mel_encoder import MelEncoderConfig

@@ -77,6 +77,11 @@ def inside_polygon(poly: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarr
 FEATHER_FRAC = 0.06  # the mask's blur radius, and the source detail's fade into the mouth, as a fraction of the crop
 
 
+def feather_radius(crop_side: int, frac: float = FEATHER_FRAC) -> int:
+    """Blur radius in source pixels for a crop `crop_side` pixels high."""
+    return max(1, round(frac * crop_side))
+
+
 def make_blend(landmarks, box, frame_size, feather_frac=FEATHER_FRAC, cheek_inset=0.06, chin_drop=0.15) -> Blend:
     """Landmarks (68, 2) and crop box (4,) in source pixels, frame (H, W) -> the frame's Blend: the lower face
     inside the jaw line, minus the nose, below the crop's midline, feathered.
@@ -87,7 +92,7 @@ def make_blend(landmarks, box, frame_size, feather_frac=FEATHER_FRAC, cheek_inse
     """
     lm = np.asarray(landmarks, np.float64)
     x0, y0, w, h = pixel_box(box)
-    r = max(1, round(feather_frac * h))
+    r = feather_radius(h, feather_frac)
     mid = h / 2  # the crop's midline in box coordinates (source pixel i spans [i, i + 1))
     pts = lm - (x0, y0)
 
@@ -197,7 +202,7 @@ def paste(frame: np.ndarray, crop: np.ndarray, blend: Blend, colour: bool = True
         skin[mt:mb, ml:mr] = 0
         gen = match_colour(gen, low, skin)
     if detail:
-        gen = gen + keep_weight(m.shape, blend.mouth, max(1, round(FEATHER_FRAC * h)))[..., None] * (src - low)
+        gen = gen + keep_weight(m.shape, blend.mouth, feather_radius(h))[..., None] * (src - low)
     mixed = src + m[..., None] * (gen - src)
     out[t:b, left:right] = mixed.round_().clamp_(0, 255).to(torch.uint8).numpy()
     return out

@@ -6,6 +6,7 @@ clamped to max - 8, then (x + 4) / 4. The STFT runs in float64 so the result doe
 split.
 """
 
+import functools
 import math
 
 import torch
@@ -21,6 +22,7 @@ CHUNK_SAMPLES = 30 * SAMPLE_RATE  # whisper's fixed 30 s window
 # ----------------------------------------------------------------------------- whisper log-mel
 
 
+@functools.lru_cache(maxsize=None)
 def mel_filters(n_mels=N_MELS, n_fft=N_FFT, sr=SAMPLE_RATE, fmax=8000.0):
     """(n_mels, n_fft // 2 + 1) Slaney-scale, Slaney-normalised triangular filters (librosa's `filters.mel`)."""
     def hz_to_mel(f):

@@ -57,9 +57,10 @@ def closed_pose(landmarks, face):
     at least MIN_GAP frames away (any closed-mouthed frame when none is that far)."""
     cand = np.flatnonzero(closed_frames(landmarks, face))
     jaw = jaw_pose(landmarks)
+    cand_jaw = jaw[cand]  # (K, 17, 2)
     out = np.empty(len(jaw), np.int64)
     for i in range(0, len(jaw), CHUNK):  # (CHUNK, K, 17, 2) at a time: a long video's N x K would not fit in memory
-        dist = pose_distance(jaw[i:i + CHUNK], jaw[cand])  # (c, K)
+        dist = pose_distance(jaw[i:i + CHUNK], cand_jaw)  # (c, K)
         near = np.abs(np.arange(i, i + len(dist))[:, None] - cand[None]) < MIN_GAP
         dist = np.where(near & ~near.all(1, keepdims=True), np.inf, dist)
         out[i:i + len(dist)] = cand[dist.argmin(1)]

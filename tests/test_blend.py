@@ -162,3 +162,12 @@ def test_source_detail_restores_the_texture_finer_than_the_crop_outside_the_mout
     assert np.array_equal(kept[core], soft[core])  # the source mouth's detail never comes back
     outside = full_mask(blend) == 0
     assert np.array_equal(kept[outside], frame[outside])
+
+
+def test_keep_weight_is_one_minus_the_feathered_mouth_box():
+    """The detail weight's separable shortcut equals the 2-D route: 1 - feather(the mouth box's indicator)."""
+    from lipsync.blend import feather, keep_weight
+    shape, (mt, ml, mb, mr), r = (40, 56), (18, 12, 31, 43), 5
+    box = torch.zeros(shape)
+    box[mt:mb, ml:mr] = 1
+    assert torch.allclose(keep_weight(shape, (mt, ml, mb, mr), r), 1 - feather(box, r), atol=1e-6)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from lipsync import audio, blend, melspec, pipeline, references, track, tracking, vae, video, windows
+from lipsync import audio, blend, melspec, pipeline, references, tracking, vae, video, windows
 from lipsync.avatar import Avatar
 from lipsync.track import read_track, track_file
 from lipsync.mel_encoder import MelEncoderConfig

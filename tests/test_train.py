@@ -504,7 +504,6 @@ def test_syncnet_stage_fine_tunes_the_syncnet_that_init_carries(train_only, stag
     """--stage syncnet --init X: the stage starts from X's SyncNet when X carries one of this preset's design (a
     fine-tune on real speech refines the critic it already has), from random weights when X carries none."""
     import dataclasses
-    from lipsync.training.syncnet import SyncNet, SyncNetConfig
     cfg = SyncNetConfig.tiny()
     torch.manual_seed(123)
     planted = SyncNet(cfg).state_dict()
