@@ -19,6 +19,7 @@ from lipsync.training.flags import check_settings
 from lipsync.training.prepare import prepare_clip
 
 MINUTES = 14.0  # the whole command: tracking + puppets + fine-tune (+ export) on 2 CPU cores
+CLIPS = dict(clips=4, seconds=6.0)  # puppet clips made of the face
 SOURCE_CROP = 256  # the puppet warp works on 256 px crops and writes the model's crop size
 
 
@@ -55,7 +56,7 @@ def personalize_run(cfg, stages, bundled):
         raise ValueError(f"--init {init} not found")
     check_settings(cfg)  # before the slow part; train.py checks the whole config once the clips exist
     crop = read_checkpoint(init)["config"]["crop_size"]
-    data = make_clips(cfg.personalize, cfg.out, crop, seed=cfg.seed, say=tqdm.write)
+    data = make_clips(cfg.personalize, cfg.out, crop, seed=cfg.seed, say=tqdm.write, **CLIPS)
     left = MINUTES - (time.time() - t0) / 60 - 0.5  # 0.5 min for loading and the export
     minutes = min(cfg.max_minutes, left) if cfg.max_minutes else left
     return dataclasses.replace(cfg, init=init, data=str(data), max_minutes=max(minutes, 0.5))
