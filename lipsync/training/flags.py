@@ -134,8 +134,6 @@ def check_settings(cfg):
             raise ValueError(f"--{name} must be >= 1, not {value}")
     if cfg.loss.keep > 0 and not (cfg.init or cfg.personalize):
         raise ValueError("--loss.keep holds a fine-tune to its --init model; give --init")
-    if cfg.loss.lip > 0 and not cfg.gauge:
-        raise ValueError("--loss.lip needs a lip gauge: give --gauge (python -m lipsync.training.gauge)")
     if "decoder" in parse_stages(cfg.stage) and not (cfg.init or cfg.personalize):
         raise ValueError("the decoder stage fine-tunes the VAE decoder of an --init model; give --init")
     if cfg.reference not in REFERENCE_RULES:

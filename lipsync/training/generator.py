@@ -23,7 +23,6 @@ from lipsync.training.flags import clip_geometry
 from lipsync.training.loop import Run, maybe_compile, optimizer, wrap
 from lipsync.training.losses import PerceptualLoss
 from lipsync.training.prepare import add_whisper_features
-from lipsync.training.gauge import load_gauge
 from lipsync.training.steps import generator_losses, sample_grid
 from lipsync.unet import UNet
 from lipsync.vae import AutoencoderKL, VAEConfig
@@ -108,22 +107,19 @@ def generator_data(run: Run, model: LipSync, root, **kwargs) -> dict:
 
 
 def generator_setup(run: Run, stage: str, model: LipSync, lr: float):
-    """Perceptual loss, the loss module (compiled / DDP-wrapped), trainable parameters and their optimizer, the
-    frozen --init model that --loss.keep holds the fine-tune to and the frozen lip gauge of --loss.lip (each None
-    when its weight is 0)."""
+    """Perceptual loss, the loss module (compiled / DDP-wrapped), trainable parameters and their optimizer, and the
+    frozen --init model that --loss.keep holds the fine-tune to (None without it)."""
     cfg = run.cfg
     perceptual = PerceptualLoss(cfg.vgg or None, size=None if cfg.preset != "musetalk" else 224).to(run.device)
     teacher = load_lipsync(cfg.init).requires_grad_(False).to(run.device) if cfg.loss.keep > 0 else None
     if teacher is not None:  # one VAE (a decoder stage's, if any) decodes both models' faces: both handles, raw
         teacher.vae, teacher.face = model.vae, model.face  # (vae) and scaled (face), onto that one VAE
-    gauge = load_gauge(cfg.gauge, run.device) if cfg.loss.lip > 0 else None
     run.say(f"[{stage}] perceptual loss: {perceptual.name}; "
             f"audio: {'whisper (frozen)' if cfg.whisper else 'MelEncoder'}"
-            f"{f'; kept near {cfg.init} (weight {cfg.loss.keep:g})' if teacher else ''}"
-            f"{f'; lip gauge {cfg.gauge} (weight {cfg.loss.lip:g})' if gauge else ''}")
+            f"{f'; kept near {cfg.init} (weight {cfg.loss.keep:g})' if teacher else ''}")
     net = wrap(maybe_compile(model, cfg), generator_losses, run)
     params = list(model.unet.parameters()) + list(model.audio.parameters())
-    return perceptual, net, params, optimizer(params, lr, cfg), teacher, gauge
+    return perceptual, net, params, optimizer(params, lr, cfg), teacher
 
 
 def save_sample(run: Run, stage: str, step: int, steps: int, batch: dict, pred):

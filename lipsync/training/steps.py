@@ -3,8 +3,6 @@
 Stages (docs/musetalk.md §7): `vae` (our own small AutoencoderKL, since sd-vae-ft-mse cannot be downloaded here),
 `syncnet` (BCE on in-sync vs shifted audio), `stage1` (single frames: L1 + perceptual pyramid) and `stage2`
 (T consecutive frames: + LSGAN on face and mouth crops with feature matching, + SyncNet loss from the frozen SyncNet).
-Our additions, off by default: a mouth-box L1 (--loss.mouth), an L1 to the --init model's own faces (--loss.keep) and
-a frozen lip gauge's reading of the opening (--loss.lip, lipsync.training.gauge).
 Every function takes a batch dict from lipsync.training.data and returns (loss, {name: float}) for logging.
 """
 
@@ -12,7 +10,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lipsync.training.gauge import gauge_loss
 from lipsync.training.losses import feature_matching, lsgan_d_loss, lsgan_g_loss, mouth_crops
 from lipsync.training.syncnet import lower_half, sync_loss, sync_pairs, syncnet_bce
 from lipsync.windows import span_windows
@@ -166,10 +163,9 @@ def step_generator(seed: int, step: int, rank: int, *stream: int) -> torch.Gener
     return torch.Generator().manual_seed(hash((seed, step, rank) + stream) % (2 ** 63))
 
 
-def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=None, teacher=None, gauge=None, rank=0,
-                     micro=0):
+def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=None, teacher=None, rank=0, micro=0):
     """Stage 1 (discs/syncnet None) or stage 2 generator loss; with a teacher (the --init model of a fine-tune) and
-    cfg.loss.keep > 0, + keep_loss on half the batch; with a lip gauge and cfg.loss.lip > 0, + gauge_loss; mel augmentation drawn for (seed, step, rank, micro-batch).
+    cfg.loss.keep > 0, + keep_loss on half the batch; mel augmentation drawn for (seed, step, rank, micro-batch).
     Returns (loss, logs, generated, target)."""
     B, T = batch["target"].shape[:2] if batch["target"].dim() == 5 else (batch["target"].shape[0], 1)
     batch = frames_of(batch)
@@ -185,10 +181,6 @@ def generator_losses(model, batch, cfg, perceptual, step, discs=None, syncnet=No
         m = mouth_l1(pred, target, batch["mouth_box"])
         loss = loss + cfg.loss.mouth * m
         logs["mouth"] = m.item()
-    if gauge is not None and cfg.loss.lip > 0:  # the opening, read the way a critic that knows lips reads it
-        g = gauge_loss(gauge, pred, target, batch["mouth_box"])
-        loss = loss + cfg.loss.lip * g
-        logs["lip"] = g.item()
     if teacher is not None and cfg.loss.keep > 0:
         k = keep_loss(model, teacher, batch, cfg.mel_context, cfg.loss.mouth, max(1, target.shape[0] // 2))
         loss = loss + cfg.loss.keep * k
