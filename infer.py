@@ -38,7 +38,7 @@ from lipsync import checks
 from lipsync.checks import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from lipsync.audio import load_audio
 from lipsync.checkpoint import from_published, load_lipsync
-from lipsync.model import compile_for_inference
+from lipsync.model import check_guidance, compile_for_inference
 from lipsync.avatar import check_avatar_folder, load_avatar, save_avatar
 from lipsync.pipeline import avatar_frames, prepare_avatar
 from lipsync.track import box_options as track_box_options
@@ -79,6 +79,10 @@ def parse_args(argv):
                    "itself, MuseTalk's inference: its original mouth is in view and tends to be copied), closed_pose "
                    "(a closed-mouthed frame of similar pose: the mouth comes from the audio) or auto (the rule the "
                    "checkpoint was trained for; self for the official weights). A still image is its own reference")
+    p.add_argument("--audio-guidance", type=float, metavar="G", help="how far the mouth follows the speech: each "
+                   "frame is also generated with silence and the speech's change from that silent face is scaled by "
+                   "G (1 = none, MuseTalk's one pass; above 1 a wider-moving mouth for two UNet passes a frame). "
+                   "Default: the checkpoint's (1 for the official weights)")
     p.add_argument("--no-source-detail", action="store_true", help="paste the generated face alone, soft at the "
                    "crop's resolution (MuseTalk's paste); by default the source's own detail finer than the crop "
                    "(skin texture, the jaw line) is kept everywhere but around the mouth")
@@ -205,6 +209,8 @@ def resolve_inputs(args) -> Inputs:
     bbox = parse_bbox(args.bbox) if args.bbox else None
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, not {args.batch_size}")
+    if args.audio_guidance is not None:
+        check_guidance(args.audio_guidance, InputError)
     if args.smooth is not None and not args.smooth >= 0:
         raise InputError("--smooth must be >= 0 (0 = no smoothing)")
     fps = checks.positive(args.fps, "--fps") if args.fps is not None else None
@@ -252,6 +258,8 @@ def load_model(args, inputs: Inputs, device, dtype):
     else:
         model = load_lipsync(inputs.ckpt, device, dtype, whisper=args.whisper)
     model = model.to(device)  # the weights are there already; this also moves the PE buffer
+    if args.audio_guidance is not None:
+        model.guidance = args.audio_guidance
     if args.compile:
         compile_for_inference(model)
     return model

@@ -82,7 +82,8 @@ def load_lipsync(path: str, device="cpu", dtype=torch.float32, whisper: str | No
             audio = WhisperEncoder(config_from_dict(WhisperEncoderConfig, obj["whisper"]["config"]))
         assign_weights(audio, obj["whisper"]["state"], dtype, device, f"{path} [whisper]")
     return LipSync(unet, vae, audio.eval(), cfg["crop_size"], cfg["left"], cfg["right"],
-                   cfg.get("geometry", "square"), cfg.get("reference", "self")).to(device).eval()
+                   cfg.get("geometry", "square"), cfg.get("reference", "self"),
+                   cfg.get("guidance", 1.0)).to(device).eval()
 
 
 def from_published(unet: str, vae: str, whisper: str, device="cpu", dtype=torch.float32) -> LipSync:

@@ -14,15 +14,23 @@ the MuseTalk weights: 256, 32, 384, 5):
     -> features (1, L, T at 50/s, D)                       LipSync.audio.encode (MelEncoder, WhisperEncoder)
     -> windows (n_frames, 10 L, D) at 25 fps               LipSync.audio_windows -> windows.frame_windows
     forward: + sinusoidal PE = tokens -> UNet at t = 0     LipSync.forward (pipeline.avatar_frames batches it)
+    (inference: with audio guidance g != 1, z(silence) + g (z(audio) - z(silence))   LipSync.generate)
     -> scaled latent (4, s, s) -> (3, S, S) about [-1, 1]  LipSync.face.decode (FaceVAE: / scaling_factor, decode)
     -> pasted through the soft lower-face mask             blend.paste -> frame (H, W, 3) uint8
 
 One UNet pass is enough: the UNet is trained to output the frame's clean latent at t = 0, so there is no noise to
 remove. In training the reference is another frame (a visible target mouth would be copied); at inference
 `LipSync.reference` names the rule (lipsync.references): "self" as in MuseTalk, or "closed_pose".
+
+Audio guidance (ours; MuseTalk has none, g = 1 is its behaviour and costs nothing): a small generator trained with L1
+draws a muted mouth for speech unlike its training voices, moving in time but a fraction as far as the speaker's.
+`generate` also runs the UNet on the same faces with the tokens of silence and moves the latent g times as far from
+that silent face as the speech took it (classifier-free guidance, with silence as the "no audio" condition): what the
+audio changes is amplified, what it leaves alone (the face, its colours) is not. Two UNet passes per frame, batched.
 """
 
 import dataclasses
+import math
 
 import torch
 import torch.nn as nn
@@ -35,9 +43,16 @@ from .vae import AutoencoderKL, FaceVAE, VAEConfig
 from .windows import PositionalEncoding, frame_windows
 
 
+def check_guidance(g: float, error=ValueError) -> float:
+    """An audio guidance scale must be a finite number >= 0 (0 = the silent face, 1 = none)."""
+    if not (math.isfinite(g) and g >= 0):
+        raise error(f"--audio-guidance must be a number >= 0 (1 = none), not {g}")
+    return g
+
+
 class LipSync(nn.Module):
     def __init__(self, unet: UNet, vae: AutoencoderKL, audio: nn.Module, crop_size: int, left: int = 2,
-                 right: int = 2, geometry: str = "square", reference: str = "self"):
+                 right: int = 2, geometry: str = "square", reference: str = "self", guidance: float = 1.0):
         super().__init__()
         if audio.dim != unet.config.cross_attention_dim:
             raise ValueError(f"audio features are {audio.dim}-dim but the UNet attends to "
@@ -55,6 +70,8 @@ class LipSync(nn.Module):
             raise ValueError(f"unknown reference rule {reference!r}; choose from {', '.join(REFERENCE_RULES)}")
         self.crop_size, self.left, self.right, self.geometry = crop_size, left, right, geometry
         self.reference = reference  # the reference rule infer.py uses by default: the one the model was trained for
+        self.guidance = guidance  # the audio guidance infer.py uses by default (1 = none; see generate)
+        self._silence = None  # (L, T, D) the audio encoder's features of 1 s of silence, made on first use
 
     @property
     def trainable_audio(self) -> bool:
@@ -77,12 +94,36 @@ class LipSync(nn.Module):
         latents = self.unet(unet_in, 0, tokens)  # (B, 4, s, s), scaled (x scaling_factor) like unet_in
         return self.face.decode(latents)  # / scaling_factor, then the VAE decoder -> (B, 3, S, S)
 
+    @torch.no_grad()
+    def silence_windows(self, n_tokens: int) -> torch.Tensor:
+        """One frame's window (n_tokens, D) of silence: the middle n_tokens / L steps of the encoder's features of
+        1 s of zeros, rows ordered like frame_windows (L t + layer)."""
+        if self._silence is None:
+            p = next(self.audio.parameters())
+            self._silence = self.audio.encode(torch.zeros(16000, device=p.device))[0]  # (L, T, D)
+        L, T, D = self._silence.shape
+        steps = n_tokens // L
+        first = (T - steps) // 2
+        return self._silence[:, first: first + steps].transpose(0, 1).reshape(steps * L, D)
+
+    def generate(self, unet_in: torch.Tensor, windows: torch.Tensor, guidance: float | None = None) -> torch.Tensor:
+        """Inference: forward with audio guidance g (default self.guidance). g = 1 is forward itself; otherwise the
+        latent is z(silence) + g (z(audio) - z(silence)), both from one batched UNet pass -> faces (B, 3, S, S)."""
+        g = self.guidance if guidance is None else guidance
+        if g == 1:
+            return self(unet_in, windows)
+        w = self.unet.conv_in.weight
+        quiet = self.silence_windows(windows.shape[1]).to(windows)[None].expand_as(windows)
+        tokens = self.pe(torch.cat([windows, quiet]).to(w.device, w.dtype))  # (2B, N, D)
+        z, z0 = self.unet(torch.cat([unet_in, unet_in]), 0, tokens).chunk(2)  # (B, 4, s, s) each
+        return self.face.decode(z0 + g * (z - z0))
+
     # ---- what a checkpoint stores besides the weights (lipsync.checkpoint)
     def configs(self) -> dict:
         audio = dataclasses.asdict(self.audio.cfg) if self.trainable_audio else None
         return {"unet": dataclasses.asdict(self.unet.config), "vae": dataclasses.asdict(self.vae.config),
                 "audio": audio, "crop_size": self.crop_size, "left": self.left, "right": self.right,
-                "geometry": self.geometry, "reference": self.reference}
+                "geometry": self.geometry, "reference": self.reference, "guidance": self.guidance}
 
 
 def build(unet_cfg: UNetConfig, vae_cfg: VAEConfig, audio_cfg: MelEncoderConfig, crop_size: int) -> LipSync:

@@ -94,7 +94,7 @@ def render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: boo
         if len(sel) < pad_to:
             sel = np.concatenate([sel, np.full(pad_to - len(sel), sel[-1])])
         unet_in = avatar.latents[torch.from_numpy(src[sel]).to(avatar.latents.device)]
-        crops = iter(to_uint8_images(model(unet_in, windows[torch.from_numpy(sel)])))  # (b', S, S, 3)
+        crops = iter(to_uint8_images(model.generate(unet_in, windows[torch.from_numpy(sel)])))  # (b', S, S, 3)
     for j, i in enumerate(src):
         yield (paste(avatar.frames[i], next(crops), avatar.blends[i], colour, detail) if has[j]
                else np.array(avatar.frames[i]))

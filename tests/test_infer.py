@@ -542,3 +542,26 @@ def test_cli_keeps_a_video_frame_rate_other_than_25(fps, files, capsys, tmp_path
     keep = face_box_lower_half_excluded(frames.shape[1:3])
     expect = [i if i < 12 else 23 - i if i < 24 else i - 24 for i in range(fps)]  # ping-pong over 12 frames
     assert [nearest_source(f, source, keep) for f in frames] == expect
+
+
+def test_audio_guidance_defaults_to_the_checkpoints_and_the_flag_overrides_it(files, capsys, tmp_path, monkeypatch):
+    """--audio-guidance unset: the checkpoint's value (1 for ours unless set); given: that value reaches every
+    generated batch; a negative one stops with one line and writes nothing."""
+    from lipsync.model import LipSync
+    seen = []
+    real = LipSync.generate
+    monkeypatch.setattr(LipSync, "generate", lambda self, *a, **k: seen.append(self.guidance) or real(self, *a, **k))
+    model = tiny_model(0)
+    model.guidance = 1.5
+    export(model, tmp_path / "guided.pt")
+    for ckpt, extra, want in ((files["ckpt"], [], 1.0), (tmp_path / "guided.pt", [], 1.5),
+                              (tmp_path / "guided.pt", ["--audio-guidance", "3"], 3.0)):
+        seen.clear()
+        code, err = run_cli(["--video", files["video"], "--audio", files["audio"], "--ckpt", ckpt, "--bbox", BBOX,
+                             "--out", tmp_path / "o.mp4"] + extra, capsys)
+        assert code == 0, err
+        assert seen and set(seen) == {want}
+    code, err = run_cli(["--video", files["video"], "--audio", files["audio"], "--ckpt", files["ckpt"], "--bbox", BBOX,
+                         "--audio-guidance", "-1", "--out", tmp_path / "bad.mp4"], capsys)
+    assert code == 1 and err.strip().startswith("error:") and "--audio-guidance" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad.mp4").exists()

@@ -321,3 +321,58 @@ def test_bundled_face_vae_128_loads_as_the_face128_presets_vae_and_reconstructs_
     with torch.no_grad():
         back = to_uint8_images(face.decode(face.encode(to_model_images(crops))))
     assert psnr(back, crops) > 22
+
+
+def _tiny_lipsync(seed=0):
+    from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
+    from lipsync.model import LipSync
+    torch.manual_seed(seed)
+    return LipSync(UNet(UNetConfig.tiny()), AutoencoderKL(VAEConfig.tiny()), MelEncoder(MelEncoderConfig.tiny()),
+                   64).eval()
+
+
+def test_silence_windows_are_a_frames_window_of_silent_audio_in_frame_windows_row_order():
+    model = _tiny_lipsync()
+    one_second = model.audio_windows(torch.zeros(16000), 25, 25.0)  # (25, 10 L, D)
+    torch.testing.assert_close(model.silence_windows(one_second.shape[1]), one_second[12], rtol=0, atol=0)
+
+
+def test_audio_guidance_scales_the_latents_change_from_the_silent_face():
+    """generate: g = 1 is forward itself (one UNet pass); otherwise decode(z0 + g (z - z0)) with z0 the UNet's latent
+    for the same faces with silence; g = 0 gives the silent face."""
+    model = _tiny_lipsync()
+    calls = []
+    model.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    unet_in, windows = torch.randn(3, 8, 16, 16), torch.randn(3, 50, 128)
+    quiet = model.silence_windows(50)[None].expand(3, -1, -1)
+    with torch.no_grad():
+        plain, silent = model(unet_in, windows), model(unet_in, quiet)
+        z = model.unet(unet_in, 0, model.pe(windows))
+        z0 = model.unet(unet_in, 0, model.pe(quiet))
+        assert not torch.allclose(z, z0, atol=1e-3)  # the audio changes the latent: scaling it would show
+        calls.clear()
+        assert torch.equal(model.generate(unet_in, windows), plain) and calls == [3]  # default guidance 1
+        for g in (0.0, 2.5):
+            calls.clear()
+            got = model.generate(unet_in, windows, g)
+            assert calls == [6]  # one batched pass: speech and silence
+            torch.testing.assert_close(got, model.face.decode(z0 + g * (z - z0)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.generate(unet_in, windows, 0.0), silent, atol=1e-5, rtol=0)
+        model.guidance = 2.5
+        torch.testing.assert_close(model.generate(unet_in, windows), model.generate(unet_in, windows, 2.5))
+
+
+def test_checkpoint_keeps_the_audio_guidance_and_older_ones_load_without_it(tmp_path):
+    from lipsync.checkpoint import export, load_lipsync, read_checkpoint
+    from lipsync.model import check_guidance
+    model = _tiny_lipsync()
+    model.guidance = 2.0
+    export(model, str(tmp_path / "g.pt"))
+    assert load_lipsync(str(tmp_path / "g.pt")).guidance == 2.0
+    obj = read_checkpoint(str(tmp_path / "g.pt"))
+    del obj["config"]["guidance"]
+    torch.save(obj, tmp_path / "old.pt")
+    assert load_lipsync(str(tmp_path / "old.pt")).guidance == 1.0
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="--audio-guidance"):
+            check_guidance(bad)

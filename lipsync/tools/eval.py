@@ -27,6 +27,7 @@ from lipsync.tools.eval_report import SCALE_NOTE, clip_record, print_report, str
 from lipsync.training.data import MIN_GAP, list_clips, load_clip
 from lipsync.checks import pick_device
 from lipsync.melspec import log_mel
+from lipsync.model import check_guidance
 from lipsync.references import RULES as REFERENCE_RULES
 from lipsync.tools.metrics import lip_opening_68, pearson
 from lipsync.tools.synthetic_face import dark_mouth_height
@@ -64,7 +65,7 @@ def regenerate_crops(model, crops, targets, refs, windows, batch_size: int = 32,
     for i in range(0, len(targets), batch_size):
         sl = slice(i, min(len(targets), i + batch_size))
         unet_in = model.face.unet_input(np.asarray(crops[targets[sl]]), np.asarray(crops[refs[sl]]))
-        out.append(to_uint8_images(model(unet_in, windows[sl])))
+        out.append(to_uint8_images(model.generate(unet_in, windows[sl])))
         if bar is not None:
             bar.update(sl.stop - sl.start)
     return np.concatenate(out)
@@ -216,9 +217,16 @@ def _real_clips(args, run):
     from lipsync.checkpoint import load_lipsync
     from lipsync.weights import CheckpointError
     try:
-        return run(load_lipsync(args.ckpt, pick_device(args.device), whisper=args.whisper).eval())
+        return run(guided(load_lipsync(args.ckpt, pick_device(args.device), whisper=args.whisper).eval(), args))
     except (CheckpointError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def guided(model, args):
+    """The model with --audio-guidance, when given, as its guidance (else the checkpoint's own)."""
+    if args.audio_guidance is not None:
+        model.guidance = check_guidance(args.audio_guidance)
+    return model
 
 
 def _syncnet_v2(args):
@@ -291,6 +299,8 @@ def main(argv=None):
     p.add_argument("--crossdub", nargs="+", metavar="VIDEO", help="cross-dubbing instead: dub each real talking "
                    "clip with the NEXT clip's speech (the last with the first's) as infer.py does, and compare the "
                    "dubbed mouth with the speech's real speaker's mouth (lipsync.tools.crossdub)")
+    p.add_argument("--audio-guidance", type=float, metavar="G", help="audio guidance, as infer.py's (default: the "
+                   "checkpoint's; 1 = none)")
     p.add_argument("--reference", choices=REFERENCE_RULES, help="--crossdub: the reference rule to dub with "
                    "(default: the checkpoint's, as infer.py's --reference auto)")
     p.add_argument("--lse", action="store_true", help="score the VIDEOs given (dubbed mp4s with their speech) with "
@@ -335,7 +345,7 @@ def main(argv=None):
     from lipsync.checkpoint import load_lipsync
     from lipsync.weights import CheckpointError
     try:
-        model = load_lipsync(args.ckpt, device, whisper=args.whisper)
+        model = guided(load_lipsync(args.ckpt, device, whisper=args.whisper), args)
         syncnet = load_syncnet(args.syncnet or args.ckpt)
     except (CheckpointError, ValueError, KeyError) as e:
         raise SystemExit(f"cannot load: {e}") from None
