@@ -190,7 +190,7 @@ def test_crossdub_cli_dubs_a_cycle_and_writes_json_and_montages(tmp_path):
     b_speech = np.concatenate([wave[sr * 5:sr * 5 + sr // 10], np.zeros(sr * 3 // 10, np.float32)])
     write_video(b, frames[60:72], 30.0, audio=b_speech)  # 30 fps, 0.4 s: 0.1 s of speech, then 0.3 s of silence
     res = evaluate.main(["--ckpt", str(ROOT / "assets" / "demo.pt"), "--crossdub", str(a), str(b), "--out",
-                         str(tmp_path / "out"), "--device", "cpu", "--threads", "1"])
+                         str(tmp_path / "out"), "--device", "cpu", "--threads", "1", "--audio-guidance", "1.5"])
     assert [(p["video"], p["speech"]) for p in res["pairs"]] == [(str(a), str(b)), (str(b), str(a))]
     first, second = res["pairs"]
     assert first["frames"] == 16 and second["frames"] == 12
@@ -202,6 +202,7 @@ def test_crossdub_cli_dubs_a_cycle_and_writes_json_and_montages(tmp_path):
     for p in res["pairs"]:  # the dubbed video against its own source frames
         assert 0 < p["detail_lips"] < 10 and 0 < p["detail_rest"] < 10
     saved = json.loads((tmp_path / "out" / "crossdub.json").read_text())
+    assert saved["guidance"] == 1.5 and saved["reference"] == "self"  # how it was dubbed: the flag reached the model
     assert saved["mean"]["r_original"] == pytest.approx(np.mean([p["r_original"] for p in res["pairs"]]))
     assert saved["mean"]["detail_lips"] == pytest.approx(np.mean([p["detail_lips"] for p in res["pairs"]]))
     import imageio.v3 as iio

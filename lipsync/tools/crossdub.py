@@ -241,7 +241,7 @@ def crossdub(model, videos, out_dir=None, reference=None, batch_size=8, silence_
         lse_mean = {k: float(np.mean([p["lse"][k] for p in pairs])) for k in ("lse_d", "lse_c")}
     res = {"pairs": pairs, "mean": {**mean_metrics(pairs), **({"lse": lse_mean} if syncnet is not None else {})},
            "silence_db": silence_db, "min_silence_s": MIN_SILENCE, "max_lag": MAX_LAG,
-           "reference": getattr(reference, "__name__", reference or model.reference)}
+           "reference": getattr(reference, "__name__", reference or model.reference), "guidance": model.guidance}
     if out_dir is not None:
         (Path(out_dir) / "crossdub.json").write_text(json.dumps(to_json(res), indent=1))
     return res
