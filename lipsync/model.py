@@ -35,6 +35,7 @@ import math
 import torch
 import torch.nn as nn
 
+from .audio import SAMPLE_RATE
 from .mel_encoder import MelEncoder, MelEncoderConfig
 from .references import RULES as REFERENCE_RULES
 from .tracking import GEOMETRIES
@@ -100,7 +101,7 @@ class LipSync(nn.Module):
         1 s of zeros, rows ordered like frame_windows (L t + layer)."""
         if self._silence is None:
             p = next(self.audio.parameters())
-            self._silence = self.audio.encode(torch.zeros(16000, device=p.device))[0]  # (L, T, D)
+            self._silence = self.audio.encode(torch.zeros(SAMPLE_RATE, device=p.device))[0]  # (L, T, D)
         L, T, D = self._silence.shape
         steps = n_tokens // L
         first = (T - steps) // 2
