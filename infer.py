@@ -86,6 +86,9 @@ def parse_args(argv):
     p.add_argument("--no-source-detail", action="store_true", help="paste the generated face alone, soft at the "
                    "crop's resolution (MuseTalk's paste); by default the source's own detail finer than the crop "
                    "(skin texture, the jaw line) is kept everywhere but around the mouth")
+    p.add_argument("--no-restorer", action="store_true", help="paste the mouth as generated, without the "
+                   "checkpoint's mouth restorer (a learned 2x upscale, used on faces pasted over 1.25x the crop size; "
+                   "checkpoints without one ignore this)")
     p.add_argument("--batch-size", type=int, default=8, help="frames per UNet + decoder call (and per VAE encode "
                    "when preparing)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -260,6 +263,8 @@ def load_model(args, inputs: Inputs, device, dtype):
     model = model.to(device)  # the weights are there already; this also moves the PE buffer
     if args.audio_guidance is not None:
         model.guidance = args.audio_guidance
+    if args.no_restorer:
+        model.restorer = None
     if args.compile:
         compile_for_inference(model)
     return model

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from lipsync.checkpoint import atomic_save, load_lipsync
+from lipsync.restore import Restorer, RestorerConfig
 from lipsync.mel_encoder import MelEncoderConfig
 from lipsync.model import LipSync
 from lipsync.training.data import Stage1Dataset, Stage2Dataset, list_clips
@@ -32,6 +33,7 @@ from lipsync.training.generator import (augment_config, build_generator, export_
                                         generator_setup, save_sample)
 from lipsync.training.loop import Run, batch_at, clip_and_step, optimizer, to, train_loop, wrap
 from lipsync.training.losses import PatchDiscriminator, PerceptualLoss
+from lipsync.training.restorer import RestorerDataset, critic_step, restorer_step
 from lipsync.training.steps import (SYNC_NEGATIVES, discriminator_loss, frames_of, latent_scale, step_generator,
                                     syncnet_step, vae_step)
 from lipsync.tools.personalize import personalize_run
@@ -73,6 +75,8 @@ class LossWeights:
     mouth_gan: float = flag(0.01, "stage 2: weight of the LSGAN loss on the mouth crop")
     fm: float = flag(0.1, "stage 2: weight of discriminator feature matching")
     sync: float = flag(0.05, "stage 2: weight of the SyncNet loss (0 = no SyncNet needed)")
+    restorer_gan: float = flag(0.0, "restorer stage: weight of an LSGAN loss on the restored lower face (0 = L1 + "
+                                    "perceptual only)")
     keep: float = flag(0.0, "fine-tunes (--init): weight of an L1 to --init's own output with each frame as its own "
                             "reference (how infer.py dubs a video), so the fine-tune keeps what --init does there "
                             "(0 = off)")
@@ -132,6 +136,13 @@ class TrainConfig:
         steps="optimizer steps of stage 2 (T consecutive frames: + GANs and the SyncNet loss)",
         batch="stage 2: clips of T frames per micro-batch",
         lr="stage 2: peak learning rate of the UNet and the audio encoder"))
+    restorer: StageConfig = flag(StageConfig(1500, 8, 1e-3), dict(
+        steps="optimizer steps of the restorer stage: a 2x mouth upscaler (lipsync.restore) trained on --data's "
+              "faces at twice the crop size, added to the generator this run exports (or --init's)",
+        batch="restorer stage: faces per step", lr="restorer stage: peak learning rate"))
+    restorer_input: str = flag("generated", "restorer stage: what the restorer learns to restore, the generator's "
+                                            "own faces (generated: each frame its own reference, the clip's audio) "
+                                            "or the real crops through its VAE (vae)")
     d_lr: float = flag(2e-4, "stage 2: learning rate of the face and mouth discriminators")
     grad_accum: int = flag(1, "stage 2: micro-batches per optimizer step")
     optim: OptimConfig = flag(OptimConfig())
@@ -352,6 +363,55 @@ def stage2(run: Run, root) -> LipSync:
     return model
 
 
+def stage_restorer(run: Run, root):
+    """A mouth restorer (lipsync.restore) for the generator this run exported (OUT/lipsync.pt) or else --init's,
+    trained on the faces in root at twice its crop size through its frozen VAE; writes the generator with it as
+    OUT/lipsync.pt."""
+    cfg = run.cfg
+    exported = os.path.join(cfg.out, "lipsync.pt")
+    source = exported if {"stage1", "stage2"} & set(parse_stages(cfg.stage)) else cfg.init
+    model = load_lipsync(source)
+    vae = model.vae.to(run.device).requires_grad_(False)
+    side = model.crop_size
+    rcfg = RestorerConfig()
+    data = RestorerDataset(root, "train", size=rcfg.scale * side, seed=cfg.seed)
+    run.say(f"[restorer] {len(data)} faces of at least {rcfg.scale * side} px; generator {source}; inputs: "
+            f"{cfg.restorer_input}")
+    if cfg.restorer_input == "generated":
+        data.add_generated(model.to(run.device))
+    torch.manual_seed(cfg.seed)
+    restorer = Restorer(rcfg).to(run.device)
+    perceptual = PerceptualLoss(cfg.vgg or None, size=None).to(run.device)
+    net, opt = wrap(restorer, restorer_step, run), optimizer(restorer.parameters(), cfg.restorer.lr, cfg)
+    modules, optims = {"restorer": restorer}, {"restorer": opt}
+    disc = None
+    if cfg.loss.restorer_gan > 0:
+        disc = PatchDiscriminator(channels=(32, 64, 128, 128)).to(run.device)
+        d_net, d_opt = wrap(disc, critic_step, run), optimizer(disc.parameters(), cfg.d_lr, cfg)
+        modules["discriminator"], optims["discriminator"] = disc, d_opt
+
+    def step_fn(step):
+        batch = to(batch_at(data, step, cfg.restorer.batch, cfg.seed, run.rank), run.device)
+        if disc is not None:
+            disc.requires_grad_(False)  # the restorer's adversarial term must not train the critic
+        with run.amp():
+            loss, logs, pred, target = net(batch, vae, perceptual, side, disc=disc, gan_weight=cfg.loss.restorer_gan)
+        loss.backward()
+        clip_and_step(opt, restorer.parameters(), cfg)
+        if disc is not None:
+            disc.requires_grad_(True)
+            with run.amp():
+                d_loss, d_logs = d_net(pred, target)
+            d_loss.backward()
+            clip_and_step(d_opt, disc.parameters(), cfg)
+            logs |= d_logs
+        return logs
+
+    train_loop(run, "restorer", modules, optims, cfg.restorer.steps, step_fn)
+    model.restorer = restorer.cpu().eval()
+    export_generator(run, "restorer", model)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -420,6 +480,8 @@ def run_stages(cfg: TrainConfig, stages):
             stage_decoder(run, cfg.data)
         elif stage == "syncnet":
             stage_syncnet(run, cfg.data)
+        elif stage == "restorer":
+            stage_restorer(run, cfg.data)
         else:
             model = (stage1 if stage == "stage1" else stage2)(run, cfg.data)
     if model is not None:

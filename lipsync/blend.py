@@ -10,7 +10,8 @@ a 720p face, so everything pasted is soft. But only the mouth and jaw move with 
 the source patch at the crop's own resolution -- low = the patch taken down to S px and back up, the round trip the
 crop went through; high = patch - low, what the crop could never hold -- and adds the high band to the generated
 face everywhere except around the mouth (Blend.mouth, feathered): cheeks, skin texture and the jaw line keep the
-source's sharpness, while the mouth, whose original shape must not come back, is the generated one alone.
+source's sharpness, while the mouth, whose original shape must not come back, is the generated one alone. There, a
+model with a restorer (lipsync.restore) supplies a face generated at S px and restored to 2S (`fine`).
 """
 
 from dataclasses import dataclass
@@ -181,10 +182,12 @@ def keep_weight(shape, mouth, radius: int) -> torch.Tensor:
     return 1 - torch.outer(side(h, mt, mb), side(w, ml, mr))
 
 
-def paste(frame: np.ndarray, crop: np.ndarray, blend: Blend, colour: bool = True, detail: bool = True) -> np.ndarray:
+def paste(frame: np.ndarray, crop: np.ndarray, blend: Blend, colour: bool = True, detail: bool = True,
+          fine: np.ndarray | None = None) -> np.ndarray:
     """Source frame (H, W, 3) uint8 + generated crop (S, S, 3) uint8 -> new frame; pixels where the mask is 0 are
     the source's exactly. detail: add the source's own detail finer than the crop's resolution outside the mouth
-    (module doc)."""
+    (module doc). fine: the same face restored to more pixels (lipsync.restore), used around the mouth only, fading
+    to the crop where the source's detail takes over."""
     out = np.array(frame)  # a copy, also of a read-only memmap
     t, left, b, right = blend.rect
     if b <= t:
@@ -193,16 +196,23 @@ def paste(frame: np.ndarray, crop: np.ndarray, blend: Blend, colour: bool = True
     gen = resize_crop(crop, h, w)[t - y0: b - y0, left - x0: right - x0].float()  # (b - t, right - left, 3)
     src = torch.from_numpy(out[t:b, left:right]).float()
     m = torch.from_numpy(blend.mask).float()
+    keep = keep_weight(m.shape, blend.mouth, feather_radius(h))[..., None] if detail or fine is not None else None
+    if fine is not None:
+        fine = resize_crop(fine, h, w)[t - y0: b - y0, left - x0: right - x0].float()
     low = low_band(src, crop.shape[0] / h, crop.shape[1] / w) if detail else src  # what the crop could hold
     if colour:
         # the VAE drifts in colour: match the generated pixels' mean and std to the source's over the skin part of the
-        # mask (minus the mouth, whose content legitimately differs), so no seam shows where the mask fades out
+        # mask (minus the mouth, whose content legitimately differs), so no seam shows where the mask fades out; the
+        # restored face has colours of its own, so it is matched by its own statistics
         skin = m.clone()
         mt, ml, mb, mr = blend.mouth
         skin[mt:mb, ml:mr] = 0
         gen = match_colour(gen, low, skin)
+        fine = match_colour(fine, low, skin) if fine is not None else None
+    if fine is not None:
+        gen = gen + (1 - keep) * (fine - gen)
     if detail:
-        gen = gen + keep_weight(m.shape, blend.mouth, feather_radius(h))[..., None] * (src - low)
+        gen = gen + keep * (src - low)
     mixed = src + m[..., None] * (gen - src)
     out[t:b, left:right] = mixed.round_().clamp_(0, 255).to(torch.uint8).numpy()
     return out

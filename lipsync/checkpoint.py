@@ -2,10 +2,11 @@
 
 Our checkpoint (`export` / `load_lipsync`) is one torch file: {"format": FORMAT, "config": LipSync.configs(), "unet",
 "vae", "audio": state dicts (audio None for a model on frozen whisper features; then "whisper" holds that encoder's
-config and weights, so the checkpoint runs with nothing else)} plus any `extra` entries (train.py adds its SyncNet).
-The config holds the crop geometry the model was trained on (lipsync.tracking.GEOMETRIES; "square" when absent) and
-the reference rule infer.py gives it by default (lipsync.references; "self" when absent). The published MuseTalk UNet + sd-vae-ft-mse + whisper-tiny load through `from_published`, unchanged, and
-use MuseTalk's own crop ("musetalk", docs/geometry.md).
+config and weights, so the checkpoint runs with nothing else)} plus an optional "restorer" (lipsync.restore: its
+config and weights) and any `extra` entries (train.py adds its SyncNet). The config holds the crop geometry the model
+was trained on (lipsync.tracking.GEOMETRIES; "square" when absent) and the reference rule infer.py gives it by default
+(lipsync.references; "self" when absent). The published MuseTalk UNet + sd-vae-ft-mse + whisper-tiny load through
+`from_published`, unchanged, and use MuseTalk's own crop ("musetalk", docs/geometry.md).
 """
 
 import dataclasses
@@ -17,6 +18,7 @@ import torch
 from .blocks import config_from_dict
 from .mel_encoder import MelEncoder, MelEncoderConfig
 from .model import LipSync
+from .restore import Restorer, RestorerConfig
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 from .weights import CheckpointError, assign_weights, load_unet, load_vae, read_tensors
@@ -48,6 +50,8 @@ def export(model: LipSync, path: str, dtype=torch.float32, extra: dict | None = 
            "audio": sd(model.audio) if model.trainable_audio else None}
     if not model.trainable_audio:  # the frozen whisper encoder travels along (tiny.en's own weights are fp16)
         obj["whisper"] = {"config": dataclasses.asdict(model.audio.cfg), "state": sd(model.audio)}
+    if model.restorer is not None:
+        obj["restorer"] = {"config": dataclasses.asdict(model.restorer.cfg), "state": sd(model.restorer)}
     obj.update(extra or {})
     atomic_save(obj, path)
 
@@ -81,9 +85,13 @@ def load_lipsync(path: str, device="cpu", dtype=torch.float32, whisper: str | No
         with torch.device("meta"):
             audio = WhisperEncoder(config_from_dict(WhisperEncoderConfig, obj["whisper"]["config"]))
         assign_weights(audio, obj["whisper"]["state"], dtype, device, f"{path} [whisper]")
-    return LipSync(unet, vae, audio.eval(), cfg["crop_size"], cfg["left"], cfg["right"],
-                   cfg.get("geometry", "square"), cfg.get("reference", "self"),
-                   cfg.get("guidance", 1.0)).to(device).eval()
+    model = LipSync(unet, vae, audio.eval(), cfg["crop_size"], cfg["left"], cfg["right"],
+                    cfg.get("geometry", "square"), cfg.get("reference", "self"), cfg.get("guidance", 1.0))
+    if obj.get("restorer") is not None:
+        with torch.device("meta"):
+            model.restorer = Restorer(config_from_dict(RestorerConfig, obj["restorer"]["config"]))
+        assign_weights(model.restorer, obj["restorer"]["state"], dtype, device, f"{path} [restorer]")
+    return model.to(device).eval()
 
 
 def from_published(unet: str, vae: str, whisper: str, device="cpu", dtype=torch.float32) -> LipSync:

@@ -16,6 +16,7 @@ the MuseTalk weights: 256, 32, 384, 5):
     forward: + sinusoidal PE = tokens -> UNet at t = 0     LipSync.forward (pipeline.avatar_frames batches it)
     (inference: with audio guidance g != 1, z(silence) + g (z(audio) - z(silence))   LipSync.generate)
     -> scaled latent (4, s, s) -> (3, S, S) about [-1, 1]  LipSync.face.decode (FaceVAE: / scaling_factor, decode)
+    (optional, faces larger than S px: -> (3, 2S, 2S)      LipSync.restorer, lipsync.restore)
     -> pasted through the soft lower-face mask             blend.paste -> frame (H, W, 3) uint8
 
 One UNet pass is enough: the UNet is trained to output the frame's clean latent at t = 0, so there is no noise to
@@ -73,6 +74,7 @@ class LipSync(nn.Module):
         self.reference = reference  # the reference rule infer.py uses by default: the one the model was trained for
         self.guidance = guidance  # the audio guidance infer.py uses by default (1 = none; see generate)
         self._silence = None  # (L, T, D) the audio encoder's features of 1 s of silence, made on first use
+        self.restorer = None  # optional lipsync.restore.Restorer: generated faces at 2S px for the paste's mouth
 
     @property
     def trainable_audio(self) -> bool:

@@ -22,6 +22,7 @@ from . import references
 from .avatar import Avatar, vae_fingerprint
 from .blend import make_blend, paste
 from .mel_encoder import MelEncoder
+from .restore import MIN_UPSCALE
 from .streaming import WindowStream
 from .track import Track
 from .tracking import crop_faces
@@ -94,10 +95,28 @@ def render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: boo
         if len(sel) < pad_to:
             sel = np.concatenate([sel, np.full(pad_to - len(sel), sel[-1])])
         unet_in = avatar.latents[torch.from_numpy(src[sel]).to(avatar.latents.device)]
-        crops = iter(to_uint8_images(model.generate(unet_in, windows[torch.from_numpy(sel)])))  # (b', S, S, 3)
+        faces = model.generate(unet_in, windows[torch.from_numpy(sel)])  # (b', 3, S, S)
+        crops = iter(to_uint8_images(faces))  # (b', S, S, 3)
+        fines = iter(restored(model, faces, [avatar.blends[i] for i in src[sel]]))
     for j, i in enumerate(src):
-        yield (paste(avatar.frames[i], next(crops), avatar.blends[i], colour, detail) if has[j]
+        yield (paste(avatar.frames[i], next(crops), avatar.blends[i], colour, detail, next(fines)) if has[j]
                else np.array(avatar.frames[i]))
+
+
+@torch.inference_mode()
+def restored(model, faces: torch.Tensor, blends) -> list:
+    """Generated faces (b, 3, S, S) -> for each, its restored face (2S, 2S, 3) uint8 when the model has a restorer
+    and the paste scales the face up more than MIN_UPSCALE times, else None (little detail to add: the demo's
+    129 px faces from 128 px crops are pasted as generated)."""
+    out = [None] * len(faces)
+    side = faces.shape[-1]
+    big = [k for k, b in enumerate(blends) if model.restorer is not None and b.box[2] > MIN_UPSCALE * side]
+    if big:
+        r = model.restorer
+        fine = to_uint8_images(r(faces[big].to(next(r.parameters()).dtype)))  # (k, 2S, 2S, 3)
+        for k, f in zip(big, fine):
+            out[k] = f
+    return out
 
 
 def avatar_frames(model, avatar: Avatar, windows, batch_size=8, start=0, colour=True, static=False, detail=True):

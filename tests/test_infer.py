@@ -200,6 +200,28 @@ def test_no_source_detail_flag_turns_the_source_detail_off_and_it_is_on_by_defau
     assert not np.array_equal(read_video(outs[0])[0], read_video(outs[1])[0])
 
 
+def test_a_checkpoints_restorer_is_used_by_default_and_no_restorer_turns_it_off(files, capsys, tmp_path, monkeypatch):
+    """A checkpoint with a mouth restorer: infer.py runs it on every face (the test video's faces are pasted more than
+    1.25x the 64 px crop) and the output differs from --no-restorer's, which never runs it."""
+    from lipsync.restore import Restorer, RestorerConfig
+    calls = []
+    real = Restorer.forward
+    monkeypatch.setattr(Restorer, "forward", lambda self, x: calls.append(len(x)) or real(self, x))
+    model = tiny_model(0)
+    model.restorer = Restorer(RestorerConfig(channels=8, blocks=1))
+    torch.nn.init.normal_(model.restorer.tail.weight, std=0.2)
+    export(model, tmp_path / "restored.pt")
+    outs, counts = [tmp_path / "restored.mp4", tmp_path / "plain.mp4"], []
+    for out, extra in zip(outs, ([], ["--no-restorer"])):
+        calls.clear()
+        code, err = run_cli(["--video", files["video"], "--audio", files["audio"], "--ckpt", tmp_path / "restored.pt",
+                             "--bbox", BBOX, "--out", out] + extra, capsys)
+        assert code == 0, err
+        counts.append(sum(calls))
+    assert counts[0] == len(read_video(outs[0])[0]) and counts[1] == 0
+    assert not np.array_equal(read_video(outs[0])[0], read_video(outs[1])[0])
+
+
 def test_a_track_file_beside_the_video_replaces_face_tracking(files, capsys, tmp_path, monkeypatch):
     video = tmp_path / "tracked.mp4"
     video.write_bytes(files["video"].read_bytes())

@@ -15,7 +15,8 @@ from lipsync.training.data import REFERENCE_RULES, list_clips
 from lipsync.tracking import GEOMETRIES
 
 STAGES = ("vae", "syncnet", "stage1", "stage2")  # --stage all: the whole recipe from random init
-STAGE_NAMES = ("vae", "decoder", "syncnet", "stage1", "stage2")  # run order; decoder only by name, on an --init model
+STAGE_NAMES = ("vae", "decoder", "syncnet", "stage1", "stage2", "restorer")  # run order; decoder and restorer only by
+# name: the decoder on an --init model, the restorer on the generator this run exports (or --init)
 
 
 def flag(default, help=None):
@@ -136,6 +137,11 @@ def check_settings(cfg):
         raise ValueError("--loss.keep holds a fine-tune to its --init model; give --init")
     if "decoder" in parse_stages(cfg.stage) and not (cfg.init or cfg.personalize):
         raise ValueError("the decoder stage fine-tunes the VAE decoder of an --init model; give --init")
+    if "restorer" in (stages := parse_stages(cfg.stage)) and not (cfg.init or {"stage1", "stage2"} & set(stages)):
+        raise ValueError("the restorer stage adds a mouth restorer to a generator: give --init, or run stage1/stage2 "
+                         "before it")
+    if cfg.restorer_input not in ("generated", "vae"):
+        raise ValueError(f"--restorer_input must be generated or vae, not {cfg.restorer_input!r}")
     if cfg.reference not in REFERENCE_RULES:
         raise ValueError(f"--reference must be one of {', '.join(REFERENCE_RULES)}, not {cfg.reference!r}")
     checks.creatable(cfg.out)
@@ -152,7 +158,8 @@ def check_config(cfg, stages):
     inputs = {"--vae_path": cfg.vae_path, "--whisper": cfg.whisper, "--vgg": cfg.vgg, "--init": cfg.init}
     stages = [s for s in stages if not (s == "vae" and (cfg.vae_path or cfg.init))]  # the given VAE is used
     written = [f"{s}.pt" for s in stages] + [f"{s}.final.pt" for s in ("vae", "decoder", "syncnet") if s in stages]
-    written += ["lipsync.pt", "metrics.jsonl", "samples"] if {"stage1", "stage2"} & set(stages) else ["metrics.jsonl"]
+    exports = {"stage1", "stage2", "restorer"} & set(stages)
+    written += ["lipsync.pt", "metrics.jsonl", "samples"] if exports else ["metrics.jsonl"]
     for flag_name, path in inputs.items():
         if path and not os.path.exists(path):
             raise ValueError(f"{flag_name} {path} not found")
