@@ -7,9 +7,8 @@ residual, computed at S px and moved to 2S by a sub-pixel convolution (ESPCN: Sh
 and Video Super-Resolution Using an Efficient Sub-Pixel Convolutional Neural Network", CVPR 2016).
 
 It is trained self-supervised (`train.py --stage restorer`, lipsync.training.restorer): real face crops at 2S px are
-the targets, and the input is the same crop taken down to S px and through the model's own VAE (encode, decode), the
-most detail the generator can hand over. The last convolution starts at zero, so an untrained restorer is exactly
-the bilinear upscale. blend.paste uses the restored face only around the mouth; everywhere else the source frame's
+the targets, and the input is the face the generator itself draws for that frame at S px (or the real crop through
+its VAE). The last convolution starts at zero, so an untrained restorer is exactly the bilinear upscale. blend.paste uses the restored face only around the mouth; everywhere else the source frame's
 own detail is kept.
 """
 

@@ -119,11 +119,11 @@ def test_render_restores_only_faces_pasted_larger_than_the_crop():
     assert restored(SimpleNamespace(restorer=None), faces, blends) == [None, None, None]
 
 
-def large_and_small_faces(root, side=128, n=4):
-    """One clip of n frames of side px crops: frames 0-1 from face boxes 150 px wide, 2-3 from 100 px boxes."""
+def large_and_small_faces(root, side=128, n=4, widths=(150, 150, 100, 100)):
+    """One clip of n frames of side px crops, from face boxes `widths` px wide (frames 0-1 large, 2-3 small)."""
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
-    widths = np.array([150, 150, 100, 100], np.float32)[:n]
+    widths = np.array(widths, np.float32)[:n]
     boxes = np.stack([np.zeros(n), np.zeros(n), widths, widths], 1).astype(np.float32)
     meta = {"version": 1, "fps": 25.0, "frames": n, "crop_size": side, "sr": 16000, "geometry": "square",
             "split": "train"}
@@ -143,6 +143,28 @@ def test_training_faces_are_only_those_from_boxes_at_least_the_output_size(tmp_p
     assert got == plain | mirrored  # both frames, as they are and mirrored, never a small face
     with pytest.raises(ValueError, match="at least 256 px"):
         RestorerDataset(tmp_path, "train", size=256)
+
+
+def test_generated_inputs_are_the_models_own_face_for_that_frame_and_flip_with_their_target(tmp_path):
+    """add_generated: item i's input is the generator's face for its frame (the target taken down to the model's
+    size, its own reference, the clip's audio window for that frame), mirrored together with the target."""
+    crops = large_and_small_faces(tmp_path, widths=(100, 150, 100, 150))  # frames 1 and 3
+    data = RestorerDataset(tmp_path, "train", size=128)
+    model = tiny_lipsync()
+    data.add_generated(model, batch_size=1)
+    clip = data.clips[0]
+    windows = model.audio_windows(clip.wave, len(clip), clip.fps)
+    for item_index, i in enumerate((1, 3)):
+        x = torch.from_numpy(crops[i]).permute(2, 0, 1)[None].float() / 127.5 - 1
+        small = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+        small = ((small + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+        with torch.no_grad():
+            want = to_uint8_images(model(model.face.unet_input(small), windows[i: i + 1]))[0]
+        for data.epoch in range(6):
+            item = data[item_index]
+            got = ((item["input"] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            flipped = not torch.equal(item["target"], data.target(0, i))
+            assert np.abs(got.astype(int) - (want[:, ::-1] if flipped else want)).max() <= 1
 
 
 def test_the_restorer_learns_the_lower_face_through_the_vae(tmp_path):

@@ -1,14 +1,13 @@
 """The mouth restorer's training data and loss (lipsync.restore; `train.py --stage restorer`).
 
-Self-supervised, no labels: real face crops at 2S px are the targets; the input is the same crop taken down to S px
-(antialiased bilinear, as tracking.crop_face crops) and through the generator's own frozen VAE (posterior mean, then
-decode), which is the most detail the generator can hand over, or (`--restorer_input generated`) the face the
-generator itself draws for that frame, each frame its own reference, with the clip's audio: what it is softer than
-its VAE, the restorer then learns too. Only the lower part of the face is scored (the paste
-uses the restored face only around the mouth), and only frames whose face box is at least 2S source pixels wide: a
-smaller face would be scaled up to the target size, with no real detail to learn. An L1-trained restorer draws the
-average of the details a soft input allows; `--loss.restorer_gan` adds a patch discriminator (LSGAN, as stage 2's)
-that pushes it toward the real faces' sharpness.
+Self-supervised, no labels: real face crops at 2S px are the targets. The input (`--restorer_input`) is either the
+face the generator itself draws for that frame at S px, each frame its own reference, with the clip's audio
+(generated, the default: what the restorer sees in use), or the real crop taken down to S px (antialiased bilinear, as
+tracking.crop_face crops) and through the generator's frozen VAE (vae: only what the VAE loses). Only the lower part
+of the face is scored (the paste uses the restored face only around the mouth), and only frames whose face box is at
+least 2S source pixels wide: a smaller face would be scaled up to the target size, with no real detail to learn. An
+L1-trained restorer draws the average of the details a soft input allows; `--loss.restorer_gan` adds a patch
+discriminator (LSGAN, as stage 2's) that pushes it toward the real faces' sharpness.
 """
 
 import numpy as np
@@ -29,7 +28,7 @@ class RestorerDataset(Dataset):
     def __init__(self, root, split: str, size: int, seed: int = 0):
         self.size, self.seed, self.epoch = size, seed, 0
         self.clips, self.items = [], []  # prepared clips; (clip, frame) per item
-        self.generated = None  # per clip: uint8 (N, S, S, 3) faces for its items' frames (add_generated)
+        self.generated = None  # {clip: {frame: uint8 (3, S, S) generated face}} (add_generated)
         for path in list_clips(root, split):
             clip = load_clip(path)
             wide = clip.face & (clip.boxes[:, 2] - clip.boxes[:, 0] >= size)
