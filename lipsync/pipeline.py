@@ -108,13 +108,10 @@ def restored(model, faces: torch.Tensor, blends) -> list:
     """Generated faces (b, 3, S, S) -> for each, its restored face (2S, 2S, 3) uint8 when the model has a restorer
     and the paste scales the face up more than MIN_UPSCALE times, else None (little detail to add: the demo's
     129 px faces from 128 px crops are pasted as generated)."""
-    out = [None] * len(faces)
-    side = faces.shape[-1]
-    big = [k for k, b in enumerate(blends) if model.restorer is not None and b.box[2] > MIN_UPSCALE * side]
+    out, r = [None] * len(faces), model.restorer
+    big = [k for k, b in enumerate(blends) if b.box[2] > MIN_UPSCALE * faces.shape[-1]] if r is not None else []
     if big:
-        r = model.restorer
-        fine = to_uint8_images(r(faces[big].to(next(r.parameters()).dtype)))  # (k, 2S, 2S, 3)
-        for k, f in zip(big, fine):
+        for k, f in zip(big, to_uint8_images(r(faces[big].to(next(r.parameters()).dtype)))):  # (2S, 2S, 3) each
             out[k] = f
     return out
 

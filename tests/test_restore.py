@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 import train
-from lipsync.blend import make_blend, paste
+from lipsync.blend import make_blend, paste, resize_crop
 from lipsync.checkpoint import export, load_lipsync
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
 from lipsync.model import LipSync
@@ -155,9 +155,7 @@ def test_generated_inputs_are_the_models_own_face_for_that_frame_and_flip_with_t
     clip = data.clips[0]
     windows = model.audio_windows(clip.wave, len(clip), clip.fps)
     for item_index, i in enumerate((1, 3)):
-        x = torch.from_numpy(crops[i]).permute(2, 0, 1)[None].float() / 127.5 - 1
-        small = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
-        small = ((small + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+        small = resize_crop(crops[i], 64, 64)[None]  # the crop at the model's size, as infer.py's crop_faces would
         with torch.no_grad():
             want = to_uint8_images(model(model.face.unet_input(small), windows[i: i + 1]))[0]
         for data.epoch in range(6):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from lipsync.blend import resize_crop
 from lipsync.training.data import list_clips, load_clip
 from lipsync.training.losses import lsgan_d_loss, lsgan_g_loss
 
@@ -59,9 +60,8 @@ class RestorerDataset(Dataset):
             windows = model.audio_windows(clip.wave, len(clip), clip.fps)[frames]  # (n, N, D)
             faces = []
             for k in range(0, len(frames), batch_size):
-                x = torch.stack([self.target(c, i) for i in frames[k: k + batch_size]])
-                crops = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-                crops = ((crops.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+                chunk = frames[k: k + batch_size]
+                crops = torch.stack([resize_crop(np.array(clip.crops[i]), side, side) for i in chunk])  # (b, S, S, 3)
                 faces.append(model(model.face.unet_input(crops), windows[k: k + batch_size]))  # (b, 3, S, S)
             faces = ((torch.cat(faces).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             self.generated[c] = dict(zip(frames, faces))
