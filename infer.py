@@ -77,8 +77,10 @@ def parse_args(argv):
     p.add_argument("--reference", default="auto", choices=("auto",) + REFERENCE_RULES,
                    help="which frame shows the UNet the person's face beside each masked frame: self (the frame "
                    "itself, MuseTalk's inference: its original mouth is in view and tends to be copied), closed_pose "
-                   "(a closed-mouthed frame of similar pose: the mouth comes from the audio) or auto (the rule the "
-                   "checkpoint was trained for; self for the official weights). A still image is its own reference")
+                   "(a closed-mouthed frame of similar pose: the mouth comes from the audio), audio (per frame, a "
+                   "frame of similar pose whose mouth is as open as the speech asks for then; needs a checkpoint with "
+                   "an opening head) or auto (the rule the checkpoint was trained for; self for the official "
+                   "weights). A still image is its own reference")
     p.add_argument("--audio-guidance", type=float, metavar="G", help="how far the mouth follows the speech: each "
                    "frame is also generated with silence and the speech's change from that silent face is scaled by "
                    "G (1 = none, MuseTalk's one pass; above 1 a wider-moving mouth for two UNet passes a frame). "
@@ -141,9 +143,10 @@ def run(args, stage=lambda name: None):
         return
     n = math.floor(seconds * avatar.fps)
     windows = model.audio_windows(wave, n, avatar.fps)
+    openings = model.openings(wave, n, avatar.fps) if avatar.reference == "audio" else None  # the audio rule's
     stage("generating")
     frames = tqdm(avatar_frames(model, avatar, windows, args.batch_size, static=args.compile,
-                                detail=not args.no_source_detail), total=n,
+                                detail=not args.no_source_detail, openings=openings), total=n,
                   desc="lip-sync", unit="frame", disable=None, leave=False)
     write_video(inputs.out, _then(frames, lambda: stage("encoding")), avatar.fps, audio=inputs.audio, crf=args.crf)
     took = time.perf_counter() - start
@@ -265,6 +268,9 @@ def load_model(args, inputs: Inputs, device, dtype):
         model.guidance = args.audio_guidance
     if args.no_restorer:
         model.restorer = None
+    if args.reference == "audio" and model.opening is None:
+        raise InputError(f"--reference audio needs a checkpoint with an opening head (train.py --stage opening); "
+                         f"{inputs.ckpt or args.unet} has none")
     if args.compile:
         compile_for_inference(model)
     return model

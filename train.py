@@ -20,17 +20,20 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from lipsync.checkpoint import atomic_save, load_lipsync
+from lipsync.opening import OpeningConfig, OpeningHead
+from lipsync.references import mouth_gap
 from lipsync.restore import Restorer, RestorerConfig
 from lipsync.mel_encoder import MelEncoderConfig
 from lipsync.model import LipSync
-from lipsync.training.data import Stage1Dataset, Stage2Dataset, list_clips
+from lipsync.training.data import Stage1Dataset, Stage2Dataset, list_clips, load_clip
 from lipsync.training.flags import check_config, clip_geometry, flag, parse_flags, parse_stages
 from lipsync.training.generator import (augment_config, build_generator, export_generator, generator_data,
-                                        generator_setup, save_sample)
+                                        generator_setup, inference_reference, save_sample)
 from lipsync.training.loop import Run, batch_at, clip_and_step, optimizer, to, train_loop, wrap
 from lipsync.training.losses import PatchDiscriminator, PerceptualLoss
 from lipsync.training.restorer import RestorerDataset, critic_step, restorer_step
@@ -39,6 +42,8 @@ from lipsync.training.steps import (SYNC_NEGATIVES, discriminator_loss, frames_o
 from lipsync.tools.personalize import personalize_run
 from lipsync.training.syncnet import SyncNet, SyncNetConfig, load_syncnet
 from lipsync.unet import UNetConfig
+from lipsync.whisper import load_whisper_encoder
+from lipsync.windows import frame_windows
 from lipsync.vae import AutoencoderKL, VAEConfig
 
 SYNTHETIC_CLIPS, SYNTHETIC_SECONDS = 40, 10.0  # what an empty default --data is filled with
@@ -95,8 +100,9 @@ class TrainConfig:
                                "with image and mel augmentation: the any-face CPU model) or musetalk (the published "
                                "sizes and hyperparameters)")
     stage: str = flag("all", "what to run: all (vae, syncnet, stage1, stage2), or a comma list of those and decoder "
-                             "(fine-tunes --init's VAE decoder); listed stages run in the order vae, decoder, syncnet, "
-                             "stage1, stage2")
+                             "(fine-tunes --init's VAE decoder), restorer (a mouth upscaler) or opening (the audio "
+                             "rule's opening head); listed stages run in the order vae, decoder, syncnet, stage1, "
+                             "stage2, restorer, opening")
     data: str = flag("data/synthetic", "folder of prepared clips; the default folder is filled with synthetic clips "
                                        "when empty")
     out: str = flag("runs/tiny", "run folder: stage checkpoints, metrics.jsonl, samples/ and the final lipsync.pt")
@@ -143,6 +149,12 @@ class TrainConfig:
     restorer_input: str = flag("generated", "restorer stage: what the restorer learns to restore, the generator's "
                                             "own faces (generated: each frame its own reference, the clip's audio) "
                                             "or the real crops through its VAE (vae)")
+    opening_lam: float = flag(OpeningConfig.lam, "opening stage: ridge penalty of the opening head (a closed-form "
+                                                 "fit from the generator's audio windows to --data's lip gaps, for "
+                                                 "the audio reference rule)")
+    opening_whisper: str = flag("", "opening stage: a whisper encoder folder or file for the head to read the speech "
+                                    "with (stored with it; its windows can order a new voice's openings better than a "
+                                    "MelEncoder generator's own); default: the generator's own audio encoder")
     d_lr: float = flag(2e-4, "stage 2: learning rate of the face and mouth discriminators")
     grad_accum: int = flag(1, "stage 2: micro-batches per optimizer step")
     optim: OptimConfig = flag(OptimConfig())
@@ -154,9 +166,11 @@ class TrainConfig:
     mel_context: int = flag(4, "50 Hz steps of audio context the MelEncoder sees around each window")
     reference: str = flag("pose_mouth", "how stages 1 and 2 pick each target's reference frame: pose_mouth (MuseTalk "
                                         "v1.5: similar pose, different lips), random (v1: any frame of the clip at "
-                                        "least 5 frames away) or closed_pose (a closed-mouthed frame of similar pose: "
-                                        "the opening must come from the audio; the exported model then makes it "
-                                        "infer.py's default reference)")
+                                        "least 5 frames away), closed_pose (a closed-mouthed frame of similar pose: "
+                                        "the opening must come from the audio) or audio (a frame of similar pose with "
+                                        "the target's own lip gap: the model learns to draw its reference's mouth, "
+                                        "which infer.py's audio rule picks from the speech; needs --stage opening). "
+                                        "closed_pose and audio become the exported model's default reference")
     augment: AugmentRates = flag(AugmentRates())
     # run
     device: str = flag("auto", "auto (cuda when available), cpu, cuda, ...")
@@ -412,6 +426,35 @@ def stage_restorer(run: Run, root):
     export_generator(run, "restorer", model)
 
 
+@torch.no_grad()
+def stage_opening(run: Run, root):
+    """The opening head (lipsync.opening) of the generator this run exported (OUT/lipsync.pt) or else --init's: a
+    ridge regression from its own audio windows to the inner-lip gap (lipsync.references.mouth_gap) of every face
+    frame of root's training clips, in closed form. Writes the generator with it as OUT/lipsync.pt; its default
+    reference rule is the run's (--reference audio makes it "audio", as for stages 1 and 2)."""
+    cfg = run.cfg
+    exported = os.path.join(cfg.out, "lipsync.pt")
+    source = exported if {"stage1", "stage2", "restorer"} & set(parse_stages(cfg.stage)) else cfg.init
+    model = load_lipsync(source)
+    encoder = load_whisper_encoder(cfg.opening_whisper).float().eval() if cfg.opening_whisper else None
+    feats = (encoder or model.audio).encode(torch.zeros(16000))  # (1, L, T, D): fixes the shape of the head's input
+    steps = frame_windows(feats, 1, 25.0, model.left, model.right).shape[1] // feats.shape[1]
+    model.opening = OpeningHead(OpeningConfig(steps, feats.shape[1], feats.shape[-1], cfg.opening_lam), encoder=encoder)
+    xs, ys = [], []
+    for path in list_clips(root, "train"):
+        clip = load_clip(path)
+        windows = model.opening_windows(clip.wave, len(clip), clip.fps)  # (n, steps L, D)
+        xs.append(model.opening.features(windows)[clip.face])  # (faces, steps D)
+        ys.append(mouth_gap(clip.landmarks)[clip.face])
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    head = model.opening.fit(x, y)
+    r = np.corrcoef(head.predict(x), y)[0, 1]
+    run.say(f"[opening] {len(xs)} clips, {len(y)} frames; generator {source}; features: "
+            f"{cfg.opening_whisper or 'its own audio encoder'}; training r {r:.2f}")
+    model.reference = inference_reference(cfg)
+    export_generator(run, "opening", model)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -482,6 +525,8 @@ def run_stages(cfg: TrainConfig, stages):
             stage_syncnet(run, cfg.data)
         elif stage == "restorer":
             stage_restorer(run, cfg.data)
+        elif stage == "opening":
+            stage_opening(run, cfg.data)
         else:
             model = (stage1 if stage == "stage1" else stage2)(run, cfg.data)
     if model is not None:

@@ -3,10 +3,12 @@
 Our checkpoint (`export` / `load_lipsync`) is one torch file: {"format": FORMAT, "config": LipSync.configs(), "unet",
 "vae", "audio": state dicts (audio None for a model on frozen whisper features; then "whisper" holds that encoder's
 config and weights, so the checkpoint runs with nothing else)} plus an optional "restorer" (lipsync.restore: its
-config and weights) and any `extra` entries (train.py adds its SyncNet). The config holds the crop geometry the model
-was trained on (lipsync.tracking.GEOMETRIES; "square" when absent) and the reference rule infer.py gives it by default
-(lipsync.references; "self" when absent). The published MuseTalk UNet + sd-vae-ft-mse + whisper-tiny load through
-`from_published`, unchanged, and use MuseTalk's own crop ("musetalk", docs/geometry.md).
+config and weights), an optional "opening" (lipsync.opening: the "audio" reference rule's head in float64, with its
+own whisper encoder's config and weights when it has one) and any `extra` entries (train.py adds its SyncNet). The
+config holds the crop geometry the model was trained on (lipsync.tracking.GEOMETRIES; "square" when absent) and the
+reference rule infer.py gives it by default (lipsync.references; "self" when absent). The published MuseTalk UNet +
+sd-vae-ft-mse + whisper-tiny load through `from_published`, unchanged, and use MuseTalk's own crop ("musetalk",
+docs/geometry.md).
 """
 
 import dataclasses
@@ -18,6 +20,7 @@ import torch
 from .blocks import config_from_dict
 from .mel_encoder import MelEncoder, MelEncoderConfig
 from .model import LipSync
+from .opening import OpeningConfig, OpeningHead
 from .restore import Restorer, RestorerConfig
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
@@ -52,6 +55,10 @@ def export(model: LipSync, path: str, dtype=torch.float32, extra: dict | None = 
         obj["whisper"] = {"config": dataclasses.asdict(model.audio.cfg), "state": sd(model.audio)}
     if model.restorer is not None:
         obj["restorer"] = {"config": dataclasses.asdict(model.restorer.cfg), "state": sd(model.restorer)}
+    if model.opening is not None:  # float64 whatever `dtype`: the ridge's standardisation needs the precision
+        obj["opening"] = {"config": dataclasses.asdict(model.opening.cfg), "state": model.opening.state_dict()}
+        if (enc := model.opening.encoder) is not None:  # its own whisper encoder travels along
+            obj["opening"]["whisper"] = {"config": dataclasses.asdict(enc.cfg), "state": sd(enc)}
     obj.update(extra or {})
     atomic_save(obj, path)
 
@@ -91,6 +98,15 @@ def load_lipsync(path: str, device="cpu", dtype=torch.float32, whisper: str | No
         with torch.device("meta"):
             model.restorer = Restorer(config_from_dict(RestorerConfig, obj["restorer"]["config"]))
         assign_weights(model.restorer, obj["restorer"]["state"], dtype, device, f"{path} [restorer]")
+    if obj.get("opening") is not None:
+        encoder = None
+        if (own := obj["opening"].get("whisper")) is not None:
+            with torch.device("meta"):
+                encoder = WhisperEncoder(config_from_dict(WhisperEncoderConfig, own["config"]))
+            assign_weights(encoder, own["state"], torch.float32, "cpu", f"{path} [opening whisper]")
+            encoder.eval()
+        model.opening = OpeningHead(config_from_dict(OpeningConfig, obj["opening"]["config"]),
+                                    {k: v.numpy() for k, v in obj["opening"]["state"].items()}, encoder)
     return model.to(device).eval()
 
 

@@ -75,6 +75,7 @@ class LipSync(nn.Module):
         self.guidance = guidance  # the audio guidance infer.py uses by default (1 = none; see generate)
         self._silence = None  # (L, T, D) the audio encoder's features of 1 s of silence, made on first use
         self.restorer = None  # optional lipsync.restore.Restorer: generated faces at 2S px for the paste's mouth
+        self.opening = None  # optional lipsync.opening.OpeningHead: the opening the speech asks for ("audio" rule)
 
     @property
     def trainable_audio(self) -> bool:
@@ -87,6 +88,23 @@ class LipSync(nn.Module):
         (windows.span_windows); streaming audio goes through streaming.WindowStream (pipeline.stream_windows)."""
         feats = self.audio.encode(wave)  # (1, L, T, D)
         return frame_windows(feats, n_frames, fps, self.left, self.right)
+
+    @torch.no_grad()
+    def opening_windows(self, wave: torch.Tensor, n_frames: int, fps: float) -> torch.Tensor:
+        """The windows (n_frames, n L, D) the opening head reads: from its own encoder (on the CPU) when it has one,
+        else the generator's (audio_windows)."""
+        if self.opening is None:
+            raise ValueError("the audio reference rule needs a checkpoint with an opening head (train.py --stage "
+                             "opening)")
+        enc = self.opening.encoder
+        if enc is None:
+            return self.audio_windows(wave, n_frames, fps)
+        return frame_windows(enc.encode(wave.float().cpu()), n_frames, fps, self.left, self.right)
+
+    def openings(self, wave: torch.Tensor, n_frames: int, fps: float):
+        """The "audio" reference rule's input: the lip gap the speech asks for at each output frame -> (n_frames,)
+        float64 (lipsync.opening)."""
+        return self.opening(self.opening_windows(wave, n_frames, fps))
 
     # ---- the MuseTalk step
     def forward(self, unet_in: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:

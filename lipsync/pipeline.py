@@ -1,15 +1,18 @@
 """Inference: frames + face track -> Avatar (everything that does not depend on the audio) -> generated frames.
 
-An `Avatar` holds what MuseTalk's realtime mode caches (docs/musetalk.md §6): the source frames, their
-face track, the UNet's image input per frame -- latents of [masked crop, reference crop], the reference picked by
-the model's rule (lipsync.references: the frame itself as in MuseTalk's inference, or a closed-mouthed frame of
-similar pose) unless `prepare_avatar(reference=...)` names another rule or other frames -- and the blend masks (lipsync.blend). Output frame i shows source frame `avatar.source_index(i)`: the video plays forward then
+An `Avatar` holds what MuseTalk's realtime mode caches (docs/musetalk.md §6): the source frames, their face track,
+the UNet's image input per frame -- latents of [masked crop, reference crop], the reference picked by the model's
+rule (lipsync.references: the frame itself as in MuseTalk's inference, or a closed-mouthed frame of similar pose;
+under the "audio" rule every frame keeps its own crop and the speech picks the reference per output frame, in
+avatar_frames) unless `prepare_avatar(reference=...)` names another rule or other frames -- and the blend masks
+(lipsync.blend). Output frame i shows source frame `avatar.source_index(i)`: the video plays forward then
 backward (ping-pong, 2N cycle), so audio longer than the video loops without a jump. Per frame the loop then runs
 only audio windows -> LipSync.forward (PE, UNet, VAE decode) -> paste.
 
     track = track_frames(frames, tracker)                 # lipsync.track: or read_track(...), a BoxTracker for --bbox
     avatar = prepare_avatar(frames, fps, track, model)    # lipsync.avatar: save_avatar(avatar, DIR) / load_avatar(DIR)
     for frame in avatar_frames(model, avatar, model.audio_windows(wave, n, fps)): ...
+    # the "audio" rule also takes openings=model.openings(wave, n, fps)
     for frame in stream_frames(model, avatar, audio_chunks): ...  # MelEncoder checkpoints: frames as audio arrives
 
 Avatars on disk: lipsync.avatar. Face tracks: lipsync.track.
@@ -42,9 +45,10 @@ def with_references(latents: torch.Tensor, reference) -> torch.Tensor:
 def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", bar=None, reference=None) -> Avatar:
     """Crops -> VAE latents of [masked, reference] (batched) and blend masks for every frame with a face.
 
-    reference: a rule of lipsync.references ("self", "closed_pose"), or (N,) frame indices: frame i's reference crop
-    is frame reference[i]'s (one with a face wherever frame i has one); default None = the model's own rule
-    (model.reference)."""
+    reference: a rule of lipsync.references ("self", "closed_pose", "audio"), or (N,) frame indices: frame i's
+    reference crop is frame reference[i]'s (one with a face wherever frame i has one); default None = the model's own
+    rule (model.reference). With "audio" the latents keep every frame's own crop as its reference half, and
+    avatar_frames swaps in the frame the speech picks (references.audio_match)."""
     frames = np.asarray(frames)
     if len(frames) != len(track):
         raise ValueError(f"{len(frames)} frames but a track of {len(track)}")
@@ -64,13 +68,15 @@ def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", b
     latents[torch.from_numpy(good).to(latents.device)] = encoded
     if reference is None or isinstance(reference, str):
         rule = reference or model.reference
-        reference = references.pick(rule, track.landmarks, track.face)
+        if rule == "audio":  # chosen per output frame from the speech (render); the avatar keeps every frame's own
+            check_opening(model)
+        reference = references.pick("self" if rule == "audio" else rule, track.landmarks, track.face)
     else:
         rule = "custom"
     reference = np.asarray(reference)
     if reference.shape != (len(frames),) or not track.face[reference[good]].all():
         raise ValueError(f"reference must name, for each of the {len(frames)} frames, a frame with a face")
-    if rule != "self":
+    if rule not in ("self", "audio"):
         latents = with_references(latents, reference)
     shape = frames.shape[1:3]
     blends = [make_blend(track.landmarks[i], track.boxes[i], shape) if track.face[i] else None
@@ -82,11 +88,25 @@ def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", b
 # ----------------------------------------------------------------------------- generation
 
 
+def check_opening(model) -> None:
+    if model.opening is None:
+        raise ValueError("the audio reference rule needs a checkpoint with an opening head (train.py --stage "
+                         "opening); use --reference self or closed_pose")
+
+
+def audio_references(avatar: Avatar, openings, start: int = 0) -> np.ndarray:
+    """The "audio" rule for output frames start .. start + n - 1: their predicted openings (n,) (model.openings) ->
+    (n,) each one's reference frame (references.audio_match on the avatar's track)."""
+    shown = avatar.source_index(np.arange(start, start + len(openings)))
+    return references.audio_match(avatar.track.landmarks, avatar.track.face, openings, shown)
+
+
 @torch.inference_mode()
-def render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: bool, detail: bool, pad_to: int = 0):
+def render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: bool, detail: bool, pad_to: int = 0,
+           refs=None):
     """Audio windows (b, T, D) for output frames first .. first + b - 1 -> those frames, in order. With pad_to, the
     model always sees pad_to frames (the last face frame repeated, extra outputs dropped): static shapes for compiled
-    models and CUDA graphs."""
+    models and CUDA graphs. refs (b,): each frame's reference frame, replacing the avatar's (the "audio" rule)."""
     src = avatar.source_index(np.arange(first, first + len(windows)))
     has = avatar.track.face[src]
     crops = iter(())
@@ -94,7 +114,10 @@ def render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: boo
         sel = np.flatnonzero(has)
         if len(sel) < pad_to:
             sel = np.concatenate([sel, np.full(pad_to - len(sel), sel[-1])])
-        unet_in = avatar.latents[torch.from_numpy(src[sel]).to(avatar.latents.device)]
+        dev = avatar.latents.device
+        unet_in = avatar.latents[torch.from_numpy(src[sel]).to(dev)]  # (b', 8, s, s)
+        if refs is not None:
+            unet_in = torch.cat([unet_in[:, :4], avatar.latents[torch.from_numpy(refs[sel]).to(dev), 4:]], 1)
         faces = model.generate(unet_in, windows[torch.from_numpy(sel)])  # (b', 3, S, S)
         crops = iter(to_uint8_images(faces))  # (b', S, S, 3)
         fines = iter(restored(model, faces, [avatar.blends[i] for i in src[sel]]))
@@ -116,7 +139,8 @@ def restored(model, faces: torch.Tensor, blends) -> list:
     return out
 
 
-def avatar_frames(model, avatar: Avatar, windows, batch_size=8, start=0, colour=True, static=False, detail=True):
+def avatar_frames(model, avatar: Avatar, windows, batch_size=8, start=0, colour=True, static=False, detail=True,
+                  openings=None):
     """Audio windows -> full frames (H, W, 3) uint8, yielded in order as each batch is made.
 
     windows: (n, T, D) (model.audio_windows) for n output frames, or an iterable of such blocks arriving over time
@@ -124,17 +148,32 @@ def avatar_frames(model, avatar: Avatar, windows, batch_size=8, start=0, colour=
     from `start`) shows avatar.source_index(i); frames without a face pass through unchanged.
     static: every UNet/decoder call gets exactly batch_size frames (tails and no-face gaps padded), so a compiled
     model never re-compiles; the frames are the same. colour, detail: blend.paste's colour matching and the
-    source's fine detail outside the mouth.
+    source's fine detail outside the mouth. openings: (n,) the whole speech's predicted lip gaps
+    (model.openings(wave, n, fps)), which an avatar prepared with the "audio" rule needs.
     """
+    refs = None
+    if avatar.reference == "audio":
+        if not isinstance(windows, torch.Tensor):
+            raise ValueError("the audio reference rule ranks the whole speech's openings, so it cannot stream; "
+                             "prepare the avatar with reference self or closed_pose")
+        check_opening(model)
+        if openings is None or len(openings) != len(windows):
+            raise ValueError("an avatar with the audio reference rule needs the speech's openings for every frame "
+                             "(model.openings)")
+        refs = audio_references(avatar, openings, start)  # (n,)
     blocks = [windows] if isinstance(windows, torch.Tensor) else windows
     pending, done, pad_to = None, start, batch_size if static else 0
+
+    def part(k):
+        return None if refs is None else refs[done - start: done - start + k]
+
     for block in blocks:
         pending = block if pending is None else torch.cat([pending, block.to(pending.device)])
         while len(pending) >= batch_size:
-            yield from render(model, avatar, pending[:batch_size], done, colour, detail, pad_to)
+            yield from render(model, avatar, pending[:batch_size], done, colour, detail, pad_to, part(batch_size))
             pending, done = pending[batch_size:], done + batch_size
     if pending is not None and len(pending):
-        yield from render(model, avatar, pending, done, colour, detail, pad_to)
+        yield from render(model, avatar, pending, done, colour, detail, pad_to, part(len(pending)))
 
 
 def stream_windows(model, chunks, fps):

@@ -13,16 +13,23 @@ audio:
   closed_pose` trains with the same kind of reference (lipsync.training.data: drawn from the quarter of those frames
   nearest in pose), and a checkpoint trained so makes it infer.py's default (LipSync.reference).
 
-Both take iBUG-68 landmarks in any pixel frame: openings and poses are normalised by the face height (chin 8 to
+- "audio": per output frame, a frame of the same track of similar jaw pose whose lips are as far apart as the speech
+  asks for then (audio_match, with lipsync.opening's prediction). The reference shows a mouth, but the speech chose
+  it, not the video: dubbed with new speech, the original mouth's movement is not what the UNet is shown. `train.py
+  --reference audio` trains with references whose gap is nearest the target's own (the answer the audio should
+  give), so the model learns to draw the mouth its reference shows, in its frame's pose.
+
+All take iBUG-68 landmarks in any pixel frame: openings and poses are normalised by the face height (chin 8 to
 nose bridge 27).
 """
 
 import numpy as np
 
-RULES = ("self", "closed_pose")
+RULES = ("self", "closed_pose", "audio")
 CHUNK = 64  # frames whose pose distances closed_pose computes at once
 MIN_GAP = 5  # a reference is at least this many frames from its frame (training always; closed_pose where it can)
 CLOSED_FRACTION = 0.2  # the share of a track's face frames that count as closed-mouthed
+MATCH_POOL = 0.25  # "audio": the share of a track's other face frames, nearest in jaw pose, it picks the mouth from
 
 
 def face_height(landmarks):
@@ -67,6 +74,38 @@ def closed_pose(landmarks, face):
     return out
 
 
+def audio_match(landmarks, face, predicted, frames=None):
+    """The "audio" rule: (N, 68, 2), (N,) the track; predicted (n,) how open the speech asks the mouth to be at each
+    output frame (lipsync.opening: only their order counts); frames (n,) the source frame each output frame shows
+    (default 0 .. n-1) -> (n,) each output frame's reference frame.
+
+    Each prediction's rank among the n becomes the gap at that quantile of the track's own face frames (the
+    speaker's own range: the quietest moments get its most closed mouths). The reference is, among the MATCH_POOL
+    share of face frames nearest in jaw pose to the shown frame and at least MIN_GAP frames from it (any face frame
+    when none is that far), the one whose gap is nearest that target. Output frames showing no face keep their own
+    frame (nothing is generated there)."""
+    landmarks, face = np.asarray(landmarks, np.float64), np.asarray(face, bool)
+    predicted = np.asarray(predicted, np.float64)
+    frames = np.arange(len(predicted)) if frames is None else np.asarray(frames)
+    good = np.flatnonzero(face)
+    gap, jaw = mouth_gap(landmarks), jaw_pose(landmarks)
+    rank = np.argsort(np.argsort(predicted, kind="stable"), kind="stable") / max(1, len(predicted) - 1)
+    target = np.quantile(gap[good], rank)  # (n,)
+    out = frames.copy()
+    pools = {}
+    for k, i in enumerate(frames):
+        if not face[i]:
+            continue
+        if i not in pools:
+            far = good[np.abs(good - i) >= MIN_GAP]
+            far = far if len(far) else good
+            dist = pose_distance(jaw[i:i + 1], jaw[far])[0]
+            pools[i] = far[np.argsort(dist, kind="stable")[:max(1, int(len(far) * MATCH_POOL))]]
+        pool = pools[i]
+        out[k] = pool[np.abs(gap[pool] - target[k]).argmin()]
+    return out
+
+
 def pick(rule, landmarks, face):
     """The reference frame of every frame of a track -> (N,) int64 indices, each naming a frame with a face."""
     face = np.asarray(face, bool)
@@ -74,4 +113,6 @@ def pick(rule, landmarks, face):
         raise ValueError(f"reference rule must be one of {', '.join(RULES)}, not {rule!r}")
     if rule == "self" or face.sum() < 2:  # one face frame (a still photo): nothing else to show
         return np.arange(len(face))
+    if rule == "audio":
+        raise ValueError("the audio rule picks per output frame from the speech: references.audio_match")
     return closed_pose(np.asarray(landmarks, np.float64), face)

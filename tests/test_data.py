@@ -85,7 +85,7 @@ def test_dataloader_workers_give_the_same_batches(root):
     assert torch.equal(one["reference"], two["reference"]) and torch.equal(one["mel"], two["mel"])
 
 
-@pytest.mark.parametrize("sample", ["pose_mouth", "random", "closed_pose"])
+@pytest.mark.parametrize("sample", ["pose_mouth", "random", "closed_pose", "audio"])
 def test_reference_is_far_inside_clip_and_never_a_no_face_frame(root, sample):
     ds = Stage1Dataset(root, "train", seed=0, sample=sample, length=600)
     seen_no_face_clip = False
@@ -133,6 +133,33 @@ def test_closed_pose_references_are_closed_mouthed_frames_of_the_targets_nearest
         y = random[i]
         opening["random"].append(random.clips[int(y["clip"])].truth["opening"][int(y["ref_frame"])])
     assert np.mean(opening["closed_pose"]) < 0.5 * np.mean(opening["random"])
+
+
+def test_audio_references_show_the_targets_own_opening_from_the_nearest_poses(root):
+    """The training rule of the "audio" reference: one of the MATCH_DRAW frames whose inner-lip gap is nearest the
+    target's, among the MATCH_POOL share of far frames nearest in jaw pose; so its mouth is the target's (the answer
+    infer.py's rule asks the audio for), never the target frame itself."""
+    from lipsync.references import MATCH_POOL, jaw_pose, mouth_gap, pose_distance
+    from lipsync.training.data import MATCH_DRAW
+    ds = Stage1Dataset(root, "train", seed=0, sample="audio", length=300)
+    random = Stage1Dataset(root, "train", seed=0, sample="random", length=300)
+    error = {"audio": [], "random": []}
+    for i in range(300):
+        x = ds[i]
+        ci, f, r = int(x["clip"]), int(x["frame"]), int(x["ref_frame"])
+        clip = ds.clips[ci]
+        lm = to_crop_coords(clip.landmarks, clip.boxes, 256)
+        cand = np.flatnonzero(clip.face & (np.abs(np.arange(len(clip)) - f) >= 5))
+        dist = pose_distance(jaw_pose(lm)[f:f + 1], jaw_pose(lm)[cand])[0]
+        pool = cand[np.argsort(dist, kind="stable")[:max(1, int(len(cand) * MATCH_POOL))]]
+        gap = mouth_gap(lm)
+        assert r in pool and r != f
+        assert np.abs(gap[r] - gap[f]) <= np.sort(np.abs(gap[pool] - gap[f]))[MATCH_DRAW - 1] + 1e-12
+        error["audio"].append(abs(clip.truth["opening"][r] - clip.truth["opening"][f]))
+        y = random[i]
+        truth = random.clips[int(y["clip"])].truth["opening"]
+        error["random"].append(abs(truth[int(y["ref_frame"])] - truth[int(y["frame"])]))
+    assert np.mean(error["audio"]) < 0.5 * np.mean(error["random"])
 
 
 def test_mel_is_the_frame_window_plus_context_and_floor_outside(root):

@@ -587,3 +587,19 @@ def test_audio_guidance_defaults_to_the_checkpoints_and_the_flag_overrides_it(fi
                          "--audio-guidance", "-1", "--out", tmp_path / "bad.mp4"], capsys)
     assert code == 1 and err.strip().startswith("error:") and "--audio-guidance" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "bad.mp4").exists()
+
+
+def test_the_audio_reference_needs_an_opening_head_and_one_error_line_writes_nothing(files, capsys, tmp_path):
+    code, err = run_cli(["--video", files["video"], "--audio", files["audio"], "--ckpt", files["ckpt"], "--bbox", BBOX,
+                         "--reference", "audio", "--out", tmp_path / "x.mp4"], capsys)
+    assert code == 1 and err.strip().startswith("error:") and "opening head" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.mp4").exists()
+    from lipsync.opening import OpeningConfig, OpeningHead
+    model = tiny_model(0)
+    model.opening, model.reference = OpeningHead(OpeningConfig(10, 5, 128)), "audio"
+    model.opening.beta[:] = 1.0
+    export(model, tmp_path / "audio.pt")
+    code, err = run_cli(["--video", files["video"], "--audio", files["audio"], "--ckpt", tmp_path / "audio.pt",
+                         "--bbox", BBOX, "--out", tmp_path / "y.mp4"], capsys)
+    assert code == 0, err
+    assert read_video(tmp_path / "y.mp4")[0].shape[0] > 1

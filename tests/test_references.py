@@ -105,9 +105,10 @@ def test_checkpoint_carries_the_reference_rule_and_old_ones_mean_self(tmp_path):
     assert load_lipsync(str(tmp_path / "old.pt")).reference == "self"
 
 
-def test_train_exports_closed_pose_only_for_a_model_trained_with_it():
+def test_train_exports_closed_pose_or_audio_only_for_a_model_trained_with_it():
     import train
     from lipsync.training.generator import inference_reference
     assert inference_reference(train.TrainConfig(reference="closed_pose")) == "closed_pose"
+    assert inference_reference(train.TrainConfig(reference="audio")) == "audio"
     for rule in ("pose_mouth", "random"):
         assert inference_reference(train.TrainConfig(reference=rule)) == "self"

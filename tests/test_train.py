@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -549,3 +550,23 @@ def test_generator_perceptual_loss_is_on_the_crop_itself_except_musetalks_224_px
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     y = x.flip(-1)
     assert torch.equal(perceptual(x, y), PerceptualLoss(None, size=size)(x, y))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_fine_tune_drops_a_stale_opening_head_and_the_opening_stage_fits_a_new_one(train_only, stage1_run, tmp_path):
+    """--init's opening head reads its audio encoder's features: a run that trains that encoder must not export it
+    (it would pick references from features that no longer mean the same), and --stage stage1,opening refits it."""
+    from lipsync.checkpoint import export, load_lipsync
+    from lipsync.opening import OpeningConfig, OpeningHead
+    model = load_lipsync(os.path.join(stage1_run, "lipsync.pt"))
+    model.opening, model.reference = OpeningHead(OpeningConfig(10, 5, model.audio.dim)), "audio"
+    model.opening.beta[:] = 7.0
+    init = str(tmp_path / "with_head.pt")
+    export(model, init)
+    plain, refit = str(tmp_path / "plain"), str(tmp_path / "refit")
+    train.main(common_args(train_only, plain) + ["--init", init, "--stage", "stage1", "--stage1.steps", "1"])
+    assert load_lipsync(os.path.join(plain, "lipsync.pt")).opening is None
+    train.main(common_args(train_only, refit) + ["--init", init, "--stage", "stage1,opening", "--stage1.steps", "1",
+                                                 "--reference", "audio"])
+    head = load_lipsync(os.path.join(refit, "lipsync.pt"))
+    assert head.reference == "audio" and head.opening is not None and not np.allclose(head.opening.beta, 7.0)

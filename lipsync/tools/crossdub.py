@@ -147,7 +147,8 @@ def dub_clip(model, frames, fps, wave, track, reference=None, batch_size=8) -> n
     reference = reference(track) if callable(reference) else reference
     avatar = prepare_avatar(frames, fps, track, model, batch_size, reference=reference)
     windows = model.audio_windows(wave, len(frames), fps)
-    return np.stack(list(avatar_frames(model, avatar, windows, batch_size)))
+    openings = model.openings(wave, len(frames), fps) if avatar.reference == "audio" else None
+    return np.stack(list(avatar_frames(model, avatar, windows, batch_size, openings=openings)))
 
 
 class Clips:

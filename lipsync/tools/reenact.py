@@ -114,10 +114,14 @@ def reenact_clip(model, frames, fps, wave, track, batch_size=16):
     rows = {}
     own = avatar.latents  # (N, 8, s, s) [masked own frame, own frame as reference]
     if model.reference != "self":
-        avatar.latents = with_references(own, references.pick(model.reference, track.landmarks, track.face))
+        if model.reference == "audio":  # the avatar keeps its own crops; the speech picks per frame (avatar_frames)
+            avatar.reference = "audio"
+        else:
+            avatar.latents = with_references(own, references.pick(model.reference, track.landmarks, track.face))
+        openings = model.openings(wave, n, fps) if model.reference == "audio" else None
         rows[f"model, infer.py's reference ({model.reference})"] = np.stack(
-            list(avatar_frames(model, avatar, windows, batch_size)))
-    avatar.latents = own
+            list(avatar_frames(model, avatar, windows, batch_size, openings=openings)))
+    avatar.latents, avatar.reference = own, "self"
     rows["model, own frame as reference"] = np.stack(list(avatar_frames(model, avatar, windows, batch_size)))
     avatar.latents = with_references(own, far_reference(n))  # [masked own frame, far frame as reference]
     rows["model, far reference"] = np.stack(list(avatar_frames(model, avatar, windows, batch_size)))

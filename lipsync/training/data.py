@@ -20,14 +20,15 @@ from torch.utils.data import Dataset
 
 from lipsync.audio import load_audio
 from lipsync.melspec import log_mel
-from lipsync.references import MIN_GAP, closed_frames, jaw_pose, pose_distance
+from lipsync.references import MATCH_POOL, MIN_GAP, closed_frames, jaw_pose, mouth_gap, pose_distance
 from lipsync.training.augment import AugmentConfig, apply, draw, map_points
 from lipsync.tracking import to_crop_coords
 from lipsync.windows import window_layout, window_start
 
 # MuseTalk v1.5's rule (similar pose, different lips), v1's (any frame) and ours (a closed mouth, similar pose: the
 # reference never shows the target's mouth shape, so the opening must come from the audio; lipsync.references)
-REFERENCE_RULES = ("pose_mouth", "random", "closed_pose")
+MATCH_DRAW = 3  # sample="audio": the reference is one of this many pose-near frames whose lip gap is nearest
+REFERENCE_RULES = ("pose_mouth", "random", "closed_pose", "audio")
 
 
 @dataclass
@@ -153,6 +154,9 @@ class _ClipFrames(Dataset):
         if sample == "closed_pose":  # each clip's closed-mouthed frames and every frame's jaw pose
             self.closed = [closed_frames(lm, c.face) for lm, c in zip(self.norm_lm, self.clips)]
             self.jaw = [jaw_pose(lm) for lm in self.norm_lm]
+        if sample == "audio":  # every frame's jaw pose and inner-lip gap
+            self.jaw = [jaw_pose(lm) for lm in self.norm_lm]
+            self.gap = [mouth_gap(lm) for lm in self.norm_lm]
         self.whisper = None
         if features == "whisper":
             self.whisper = [np.load(c.path / "whisper.npy", mmap_mode="r") for c in self.clips]  # (T50, L, D) each
@@ -192,8 +196,10 @@ class _ClipFrames(Dataset):
         box, the k = int(0.51 N) frames with the most similar jaw contour (points 0-15) and the k with the most
         different inner lips (60-66); uniformly from their intersection, else (sample="random", or an empty
         intersection) from the whole clip. sample="closed_pose": uniformly from the quarter nearest in jaw pose of the
-        clip's closed-mouthed frames (lipsync.references), as infer.py's rule of that name picks the nearest. Always
-        >= MIN_GAP frames away and never a frame without a face."""
+        clip's closed-mouthed frames (lipsync.references), as infer.py's rule of that name picks the nearest.
+        sample="audio": of the MATCH_POOL share of frames nearest in jaw pose, uniformly one of the MATCH_DRAW nearest
+        to the target's own inner-lip gap (infer.py's rule of that name picks the one nearest the gap the audio
+        predicts). Always >= MIN_GAP frames away and never a frame without a face."""
         clip, lm = self.clips[ci], self.norm_lm[ci]
         n = len(clip)
         far = (np.abs(np.arange(n) - d) >= MIN_GAP) & clip.face
@@ -202,6 +208,13 @@ class _ClipFrames(Dataset):
             if len(cand):
                 dist = pose_distance(self.jaw[ci][d:d + 1], self.jaw[ci][cand])[0]  # (K,)
                 return int(rng.choice(cand[np.argsort(dist, kind="stable")[:max(1, len(cand) // 4)]]))
+        if self.sample == "audio":
+            cand = np.flatnonzero(far)
+            if len(cand):
+                dist = pose_distance(self.jaw[ci][d:d + 1], self.jaw[ci][cand])[0]  # (K,)
+                pool = cand[np.argsort(dist, kind="stable")[:max(1, int(len(cand) * MATCH_POOL))]]
+                near = pool[np.argsort(np.abs(self.gap[ci][pool] - self.gap[ci][d]), kind="stable")[:MATCH_DRAW]]
+                return int(rng.choice(near))
         if self.sample == "pose_mouth":
             k = int(0.51 * n)
             pose = np.linalg.norm(lm[:, 0:16] - lm[d, 0:16], axis=-1).mean(1)

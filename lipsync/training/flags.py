@@ -15,8 +15,8 @@ from lipsync.training.data import REFERENCE_RULES, list_clips
 from lipsync.tracking import GEOMETRIES
 
 STAGES = ("vae", "syncnet", "stage1", "stage2")  # --stage all: the whole recipe from random init
-STAGE_NAMES = ("vae", "decoder", "syncnet", "stage1", "stage2", "restorer")  # run order; decoder and restorer only by
-# name: the decoder on an --init model, the restorer on the generator this run exports (or --init)
+STAGE_NAMES = ("vae", "decoder", "syncnet", "stage1", "stage2", "restorer", "opening")  # run order; decoder, restorer
+# and opening only by name: the decoder on an --init model, the others on the generator this run exports (or --init)
 
 
 def flag(default, help=None):
@@ -128,7 +128,7 @@ def check_settings(cfg):
     """Settings that cannot work, whatever the data: one ValueError."""
     if cfg.device != "auto":
         checks.pick_device(cfg.device)
-    sizes = {f"{s}.batch": getattr(cfg, s).batch for s in STAGE_NAMES}
+    sizes = {f"{s}.batch": getattr(cfg, s).batch for s in STAGE_NAMES if s != "opening"}  # a closed-form fit
     sizes |= {"grad_accum": cfg.grad_accum, "T": cfg.T}
     for name, value in sizes.items():
         if value < 1:
@@ -139,6 +139,9 @@ def check_settings(cfg):
         raise ValueError("the decoder stage fine-tunes the VAE decoder of an --init model; give --init")
     if "restorer" in (stages := parse_stages(cfg.stage)) and not (cfg.init or {"stage1", "stage2"} & set(stages)):
         raise ValueError("the restorer stage adds a mouth restorer to a generator: give --init, or run stage1/stage2 "
+                         "before it")
+    if "opening" in stages and not (cfg.init or {"stage1", "stage2", "restorer"} & set(stages)):
+        raise ValueError("the opening stage adds an opening head to a generator: give --init, or run stage1/stage2 "
                          "before it")
     if cfg.restorer_input not in ("generated", "vae"):
         raise ValueError(f"--restorer_input must be generated or vae, not {cfg.restorer_input!r}")
@@ -155,10 +158,11 @@ def check_config(cfg, stages):
         raise ValueError(f"no prepared clips in {cfg.data} (make them with python -m lipsync.training.prepare)")
     if checks.within(cfg.out, cfg.data):
         raise ValueError(f"--out {cfg.out} is inside --data {cfg.data}; keep runs apart from the prepared clips")
-    inputs = {"--vae_path": cfg.vae_path, "--whisper": cfg.whisper, "--vgg": cfg.vgg, "--init": cfg.init}
+    inputs = {"--vae_path": cfg.vae_path, "--whisper": cfg.whisper, "--vgg": cfg.vgg, "--init": cfg.init,
+              "--opening_whisper": cfg.opening_whisper}
     stages = [s for s in stages if not (s == "vae" and (cfg.vae_path or cfg.init))]  # the given VAE is used
     written = [f"{s}.pt" for s in stages] + [f"{s}.final.pt" for s in ("vae", "decoder", "syncnet") if s in stages]
-    exports = {"stage1", "stage2", "restorer"} & set(stages)
+    exports = {"stage1", "stage2", "restorer", "opening"} & set(stages)
     written += ["lipsync.pt", "metrics.jsonl", "samples"] if exports else ["metrics.jsonl"]
     for flag_name, path in inputs.items():
         if path and not os.path.exists(path):

@@ -41,6 +41,10 @@ def build_generator(run: Run, configs) -> LipSync:
             run.say(f"[generator] {cfg.init}'s MelEncoder replaced by frozen whisper ({cfg.whisper}); "
                     f"cross-attention keys/values re-initialised at width {model.audio.dim}")
         model.geometry, model.reference = clip_geometry(cfg), inference_reference(cfg)
+        if model.opening is not None and model.trainable_audio:  # it reads features this run will change
+            model.opening = None
+            run.say(f"[generator] {cfg.init}'s opening head dropped: the audio encoder trains (train.py --stage "
+                    f"opening fits a new one)")
         if os.path.exists(decoder := run.path("decoder.final")):  # the decoder stage's VAE
             model.vae.load_state_dict(torch.load(decoder, map_location="cpu", weights_only=True)["state"])
             run.say(f"[generator] VAE decoder from {decoder}")
@@ -87,7 +91,7 @@ def onto_whisper(model: LipSync, audio) -> LipSync:
 def inference_reference(cfg) -> str:
     """The reference rule infer.py uses by default for the exported model: closed_pose for a model trained with it,
     else MuseTalk's own inference (each frame its own reference)."""
-    return "closed_pose" if cfg.reference == "closed_pose" else "self"
+    return cfg.reference if cfg.reference in ("closed_pose", "audio") else "self"
 
 
 def augment_config(cfg) -> AugmentConfig | None:
