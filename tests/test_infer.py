@@ -603,3 +603,11 @@ def test_the_audio_reference_needs_an_opening_head_and_one_error_line_writes_not
                          "--bbox", BBOX, "--out", tmp_path / "y.mp4"], capsys)
     assert code == 0, err
     assert read_video(tmp_path / "y.mp4")[0].shape[0] > 1
+    avatar_dir = tmp_path / "av_audio"
+    code, err = run_cli(["--prepare-avatar", files["video"], "--avatar", avatar_dir, "--ckpt", tmp_path / "audio.pt",
+                         "--bbox", BBOX], capsys)
+    assert code == 0, err
+    code, err = run_cli(["--avatar", avatar_dir, "--audio", files["audio"], "--ckpt", tmp_path / "audio.pt", "--out",
+                         tmp_path / "z.mp4"], capsys)  # a saved avatar with the audio rule: the speech picks again
+    assert code == 0, err
+    np.testing.assert_array_equal(read_video(tmp_path / "z.mp4")[0], read_video(tmp_path / "y.mp4")[0])
