@@ -268,9 +268,8 @@ def load_model(args, inputs: Inputs, device, dtype):
         model.guidance = args.audio_guidance
     if args.no_restorer:
         model.restorer = None
-    if args.reference == "audio" and model.opening is None:
-        raise InputError(f"--reference audio needs a checkpoint with an opening head (train.py --stage opening); "
-                         f"{inputs.ckpt or args.unet} has none")
+    if args.reference == "audio":  # before tracking faces: the rule cannot run without the head
+        model.require_opening()
     if args.compile:
         compile_for_inference(model)
     return model

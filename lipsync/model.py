@@ -89,13 +89,17 @@ class LipSync(nn.Module):
         feats = self.audio.encode(wave)  # (1, L, T, D)
         return frame_windows(feats, n_frames, fps, self.left, self.right)
 
+    def require_opening(self) -> None:
+        """The "audio" reference rule's one check: a ValueError unless the checkpoint carries an opening head."""
+        if self.opening is None:
+            raise ValueError("the audio reference rule needs a checkpoint with an opening head (train.py --stage "
+                             "opening); use --reference self or closed_pose")
+
     @torch.no_grad()
     def opening_windows(self, wave: torch.Tensor, n_frames: int, fps: float) -> torch.Tensor:
         """The windows (n_frames, n L, D) the opening head reads: from its own encoder (on the CPU) when it has one,
         else the generator's (audio_windows)."""
-        if self.opening is None:
-            raise ValueError("the audio reference rule needs a checkpoint with an opening head (train.py --stage "
-                             "opening)")
+        self.require_opening()
         enc = self.opening.encoder
         if enc is None:
             return self.audio_windows(wave, n_frames, fps)

@@ -69,7 +69,7 @@ def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", b
     if reference is None or isinstance(reference, str):
         rule = reference or model.reference
         if rule == "audio":  # chosen per output frame from the speech (render); the avatar keeps every frame's own
-            check_opening(model)
+            model.require_opening()
         reference = references.pick("self" if rule == "audio" else rule, track.landmarks, track.face)
     else:
         rule = "custom"
@@ -86,12 +86,6 @@ def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", b
 
 
 # ----------------------------------------------------------------------------- generation
-
-
-def check_opening(model) -> None:
-    if model.opening is None:
-        raise ValueError("the audio reference rule needs a checkpoint with an opening head (train.py --stage "
-                         "opening); use --reference self or closed_pose")
 
 
 def audio_references(avatar: Avatar, openings, start: int = 0) -> np.ndarray:
@@ -156,7 +150,6 @@ def avatar_frames(model, avatar: Avatar, windows, batch_size=8, start=0, colour=
         if not isinstance(windows, torch.Tensor):
             raise ValueError("the audio reference rule ranks the whole speech's openings, so it cannot stream; "
                              "prepare the avatar with reference self or closed_pose")
-        check_opening(model)
         if openings is None or len(openings) != len(windows):
             raise ValueError("an avatar with the audio reference rule needs the speech's openings for every frame "
                              "(model.openings)")

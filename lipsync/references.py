@@ -74,6 +74,13 @@ def closed_pose(landmarks, face):
     return out
 
 
+def pose_pool(jaw, i, cand, share):
+    """Jaw poses (N, 17, 2), a frame i, candidate frames (K,) -> the max(1, int(K share)) candidates nearest frame i
+    in jaw pose (ties by index)."""
+    dist = pose_distance(jaw[i:i + 1], jaw[cand])[0]  # (K,)
+    return cand[np.argsort(dist, kind="stable")[:max(1, int(len(cand) * share))]]
+
+
 def audio_match(landmarks, face, predicted, frames=None):
     """The "audio" rule: (N, 68, 2), (N,) the track; predicted (n,) how open the speech asks the mouth to be at each
     output frame (lipsync.opening: only their order counts); frames (n,) the source frame each output frame shows
@@ -98,9 +105,7 @@ def audio_match(landmarks, face, predicted, frames=None):
             continue
         if i not in pools:
             far = good[np.abs(good - i) >= MIN_GAP]
-            far = far if len(far) else good
-            dist = pose_distance(jaw[i:i + 1], jaw[far])[0]
-            pools[i] = far[np.argsort(dist, kind="stable")[:max(1, int(len(far) * MATCH_POOL))]]
+            pools[i] = pose_pool(jaw, i, far if len(far) else good, MATCH_POOL)
         pool = pools[i]
         out[k] = pool[np.abs(gap[pool] - target[k]).argmin()]
     return out

@@ -114,11 +114,11 @@ def reenact_clip(model, frames, fps, wave, track, batch_size=16):
     rows = {}
     own = avatar.latents  # (N, 8, s, s) [masked own frame, own frame as reference]
     if model.reference != "self":
+        openings = None
         if model.reference == "audio":  # the avatar keeps its own crops; the speech picks per frame (avatar_frames)
-            avatar.reference = "audio"
+            avatar.reference, openings = "audio", model.openings(wave, n, fps)
         else:
             avatar.latents = with_references(own, references.pick(model.reference, track.landmarks, track.face))
-        openings = model.openings(wave, n, fps) if model.reference == "audio" else None
         rows[f"model, infer.py's reference ({model.reference})"] = np.stack(
             list(avatar_frames(model, avatar, windows, batch_size, openings=openings)))
     avatar.latents, avatar.reference = own, "self"

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from lipsync.audio import load_audio
 from lipsync.melspec import log_mel
-from lipsync.references import MATCH_POOL, MIN_GAP, closed_frames, jaw_pose, mouth_gap, pose_distance
+from lipsync.references import MATCH_POOL, MIN_GAP, closed_frames, jaw_pose, mouth_gap, pose_pool
 from lipsync.training.augment import AugmentConfig, apply, draw, map_points
 from lipsync.tracking import to_crop_coords
 from lipsync.windows import window_layout, window_start
@@ -206,13 +206,11 @@ class _ClipFrames(Dataset):
         if self.sample == "closed_pose":
             cand = np.flatnonzero(self.closed[ci] & far)
             if len(cand):
-                dist = pose_distance(self.jaw[ci][d:d + 1], self.jaw[ci][cand])[0]  # (K,)
-                return int(rng.choice(cand[np.argsort(dist, kind="stable")[:max(1, len(cand) // 4)]]))
+                return int(rng.choice(pose_pool(self.jaw[ci], d, cand, 0.25)))
         if self.sample == "audio":
             cand = np.flatnonzero(far)
             if len(cand):
-                dist = pose_distance(self.jaw[ci][d:d + 1], self.jaw[ci][cand])[0]  # (K,)
-                pool = cand[np.argsort(dist, kind="stable")[:max(1, int(len(cand) * MATCH_POOL))]]
+                pool = pose_pool(self.jaw[ci], d, cand, MATCH_POOL)
                 near = pool[np.argsort(np.abs(self.gap[ci][pool] - self.gap[ci][d]), kind="stable")[:MATCH_DRAW]]
                 return int(rng.choice(near))
         if self.sample == "pose_mouth":
