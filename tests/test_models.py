@@ -295,7 +295,9 @@ def test_lipsync_forward_adds_the_sinusoidal_position_code_once_and_runs_the_une
     with torch.no_grad():
         expected = model.face.decode(model.unet(unet_in, torch.zeros(2), windows + torch.tensor(pe).float()))
         got = model(unet_in, windows)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # the PE is built in float64 here and in float32 by the model: ~1e-5 apart after the UNet and decoder, while a
+    # missing, doubled or sin/cos-swapped code, another base or t = 1 moves the output by 0.16 to 1.6
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
 
 
 def test_bundled_face_vae_128_loads_as_the_face128_presets_vae_and_reconstructs_a_face():
