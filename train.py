@@ -171,6 +171,9 @@ class TrainConfig:
                                         "the target's own lip gap: the model learns to draw its reference's mouth, "
                                         "which infer.py's audio rule picks from the speech; needs --stage opening). "
                                         "closed_pose and audio become the exported model's default reference")
+    audio_closed: float = flag(0.0, "with --reference audio: the share of references drawn as closed_pose draws them "
+                                    "instead (a closed mouth of similar pose), so the model also learns to open the "
+                                    "mouth from the audio alone, for videos whose mouth never opens")
     augment: AugmentRates = flag(AugmentRates())
     # run
     device: str = flag("auto", "auto (cuda when available), cpu, cuda, ...")

@@ -26,7 +26,8 @@ class OpeningConfig:
     steps: int = 10  # audio steps per frame window (MuseTalk: 2 + 1 + 2 frames x 2 at 50 Hz)
     layers: int = 5  # encoder states per step (whisper-tiny / MelEncoder: 5)
     dim: int = 384  # features per state
-    lam: float = 3000.0  # ridge penalty on the standardised features (train.py --opening_lam)
+    lam: float = 30000.0  # ridge penalty on the standardised features (train.py --opening_lam; chosen on validation
+    # speakers among 3e3 .. 3e6: docs/results.md)
 
 
 class OpeningHead:

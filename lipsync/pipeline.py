@@ -4,7 +4,7 @@ An `Avatar` holds what MuseTalk's realtime mode caches (docs/musetalk.md §6): t
 the UNet's image input per frame -- latents of [masked crop, reference crop], the reference picked by the model's
 rule (lipsync.references: the frame itself as in MuseTalk's inference, or a closed-mouthed frame of similar pose;
 under the "audio" rule every frame keeps its own crop and the speech picks the reference per output frame, in
-avatar_frames) unless `prepare_avatar(reference=...)` names another rule or other frames -- and the blend masks
+avatar_frames, whose crop is then warped onto the frame's eyes and nose and encoded) unless `prepare_avatar(reference=...)` names another rule or other frames -- and the blend masks
 (lipsync.blend). Output frame i shows source frame `avatar.source_index(i)`: the video plays forward then
 backward (ping-pong, 2N cycle), so audio longer than the video loops without a jump. Per frame the loop then runs
 only audio windows -> LipSync.forward (PE, UNet, VAE decode) -> paste.
@@ -22,14 +22,15 @@ import numpy as np
 import torch
 
 from . import references
+from .align import reference_maps, warp
 from .avatar import Avatar, vae_fingerprint
 from .blend import make_blend, paste
 from .mel_encoder import MelEncoder
 from .restore import MIN_UPSCALE
 from .streaming import WindowStream
 from .track import Track
-from .tracking import crop_faces
-from .vae import to_uint8_images
+from .tracking import crop_faces, to_crop_coords
+from .vae import to_model_images, to_uint8_images
 
 # ----------------------------------------------------------------------------- avatar
 
@@ -96,6 +97,18 @@ def audio_references(avatar: Avatar, openings, start: int = 0) -> np.ndarray:
 
 
 @torch.inference_mode()
+def aligned_references(model, avatar: Avatar, refs, frames) -> torch.Tensor:
+    """The "audio" rule's reference half for frames (b,) showing refs (b,): each reference frame's crop warped onto
+    its frame's eyes and nose (lipsync.align), then VAE-encoded -> (b, 4, s, s) scaled latents."""
+    t, size = avatar.track, avatar.crop_size
+    crops = crop_faces(avatar.frames[refs], t.boxes[refs], size, lanczos=avatar.geometry == "musetalk")
+    maps = reference_maps(to_crop_coords(t.landmarks[refs], t.boxes[refs], size),
+                          to_crop_coords(t.landmarks[frames], t.boxes[frames], size))
+    p = avatar.latents
+    return model.face.encode(warp(to_model_images(crops), maps, size).to(p.device, p.dtype))
+
+
+@torch.inference_mode()
 def render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: bool, detail: bool, pad_to: int = 0,
            refs=None):
     """Audio windows (b, T, D) for output frames first .. first + b - 1 -> those frames, in order. With pad_to, the
@@ -111,7 +124,7 @@ def render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: boo
         dev = avatar.latents.device
         unet_in = avatar.latents[torch.from_numpy(src[sel]).to(dev)]  # (b', 8, s, s)
         if refs is not None:
-            unet_in = torch.cat([unet_in[:, :4], avatar.latents[torch.from_numpy(refs[sel]).to(dev), 4:]], 1)
+            unet_in = torch.cat([unet_in[:, :4], aligned_references(model, avatar, refs[sel], src[sel])], 1)
         faces = model.generate(unet_in, windows[torch.from_numpy(sel)])  # (b', 3, S, S)
         crops = iter(to_uint8_images(faces))  # (b', S, S, 3)
         fines = iter(restored(model, faces, [avatar.blends[i] for i in src[sel]]))

@@ -15,9 +15,10 @@ audio:
 
 - "audio": per output frame, a frame of the same track of similar jaw pose whose lips are as far apart as the speech
   asks for then (audio_match, with lipsync.opening's prediction). The reference shows a mouth, but the speech chose
-  it, not the video: dubbed with new speech, the original mouth's movement is not what the UNet is shown. `train.py
-  --reference audio` trains with references whose gap is nearest the target's own (the answer the audio should
-  give), so the model learns to draw the mouth its reference shows, in its frame's pose.
+  it, not the video: dubbed with new speech, the original mouth's movement is not what the UNet is shown. The
+  reference crop is warped onto its frame's eyes and nose (lipsync.align), so its mouth sits where the frame's goes.
+  `train.py --reference audio` trains with such references whose gap is nearest the target's own (the answer the
+  audio should give), so the model learns to draw the mouth its reference shows, in its frame's pose.
 
 All take iBUG-68 landmarks in any pixel frame: openings and poses are normalised by the face height (chin 8 to
 nose bridge 27).

@@ -175,6 +175,8 @@ ROWS = {
     "train --device bogus": ("train", TRAIN + ["--device", "bogus"], 1, "is not a device"),
     "train --stage1.batch 0": ("train", TRAIN + ["--stage1.batch", "0"], 1, "--stage1.batch must be >= 1"),
     "train --reference bogus": ("train", TRAIN + ["--reference", "nearest"], 1, "--reference must be one of"),
+    "train --audio_closed without the audio rule": ("train", TRAIN + ["--audio_closed", "0.3"], 1,
+                                                    "--audio_closed is a share"),
     "train --loss.keep without --init": ("train", TRAIN + ["--loss.keep", "1"], 1, "--loss.keep holds a fine-tune"),
     "train --stage decoder without --init": (
         "train", ["--data", "{d}/clips", "--stage", "decoder", "--out", "{t}/run"], 1, "the decoder stage fine-tunes"),

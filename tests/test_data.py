@@ -162,6 +162,46 @@ def test_audio_references_show_the_targets_own_opening_from_the_nearest_poses(ro
     assert np.mean(error["audio"]) < 0.5 * np.mean(error["random"])
 
 
+def test_audio_references_are_warped_onto_the_targets_eyes_and_nose(root):
+    """As infer.py shows the "audio" rule's reference (lipsync.align): the reference crop moved by the similarity
+    that takes its eyes and nose onto the target's; the other rules show the crop as it is."""
+    from lipsync.align import reference_maps, warp
+    ds = Stage1Dataset(root, "train", seed=0, sample="audio", length=40)
+    moves = []
+    for i in range(40):
+        x = ds[i]
+        ci, f, r = int(x["clip"]), int(x["frame"]), int(x["ref_frame"])
+        clip = ds.clips[ci]
+        maps = reference_maps(*(to_crop_coords(clip.landmarks[[k]], clip.boxes[[k]], 64) for k in (r, f)))
+        expect = warp(torch.from_numpy(ds.images(ci, [r])), maps, 64)[0]
+        torch.testing.assert_close(x["reference"], expect, atol=1e-6, rtol=0)
+        moves.append(np.abs(maps[0] - np.eye(2, 3)).max())
+    assert max(moves) > 0.05  # the synthetic faces move within their boxes, so the warp does something
+    x = Stage1Dataset(root, "train", seed=0, sample="random", length=1)[0]
+    ci, r = int(x["clip"]), int(x["ref_frame"])
+    np.testing.assert_array_equal(x["reference"].numpy(), ds.images(ci, [r])[0])
+
+
+def test_audio_references_with_a_closed_share_draw_that_share_as_closed_pose_does(root):
+    """--audio_closed: that share of the audio rule's training references are closed-mouthed frames of similar pose
+    (the closed_pose draw), so the audio alone must open the mouth there; the rest keep the target's own gap."""
+    from lipsync.references import closed_frames
+    every = Stage1Dataset(root, "train", seed=0, sample="audio", length=100, closed_share=1.0)
+    some = Stage1Dataset(root, "train", seed=0, sample="audio", length=300, closed_share=0.5)
+    never = Stage1Dataset(root, "train", seed=0, sample="audio", length=300)
+
+    def closed_refs(ds, n):
+        out = []
+        for i in range(n):
+            x = ds[i]
+            clip = ds.clips[int(x["clip"])]
+            out.append(closed_frames(to_crop_coords(clip.landmarks, clip.boxes, 256), clip.face)[int(x["ref_frame"])])
+        return np.mean(out)
+    assert closed_refs(every, 100) == 1.0
+    base = closed_refs(never, 300)
+    assert base + 0.3 < closed_refs(some, 300) < 1.0
+
+
 def test_mel_is_the_frame_window_plus_context_and_floor_outside(root):
     ds = Stage1Dataset(root, "train", seed=0, mel_context=4)
     ci = [c.name for c in ds.clips].index("train_0001")

@@ -240,3 +240,36 @@ def test_the_opening_stage_needs_a_generator_and_a_whisper_that_exists(tmp_path)
         train.main(["--stage", "opening", "--init", "assets/demo.pt", "--opening_whisper", str(tmp_path / "none"),
                     "--out", str(tmp_path / "b")])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_reference_the_speech_picks_is_warped_onto_its_frames_eyes_and_nose(spied_dub):
+    """Where the picked frame's face sits elsewhere in its crop (here: its eyes and nose 6 px lower, as a taller
+    crop of an open mouth would), the UNet's reference half is that crop moved onto the frame (lipsync.align), not
+    the crop as it was."""
+    from lipsync import pipeline
+    from lipsync.align import reference_maps, warp
+    from lipsync.track import Track
+    from lipsync.tracking import crop_faces, to_crop_coords
+    from lipsync.vae import to_model_images
+    frames, track, model, calls = spied_dub
+    n = len(frames)
+    lm, _ = gap_track(np.arange(n) * 2.0)
+    lm[1::2, 27:48, 1] += 6.0  # odd frames: eyes and nose lower in the same box
+    track = Track(lm.astype(np.float32), track.face, track.boxes, track.tracker)
+    model.opening = OpeningHead(OpeningConfig(10, 5, 128))
+    model.opening.beta[:] = 1.0
+    avatar = pipeline.prepare_avatar(frames, 25.0, track, model, batch_size=n, reference="audio")
+    windows = torch.arange(n, dtype=torch.float32)[[3, 0, 6, 1, 7, 2, 5, 4], None, None].expand(n, 50, 128)
+    picked = references.audio_match(lm, track.face, model.opening(windows))
+    assert ((picked - np.arange(n)) % 2 == 1).any()  # some frames get a reference of the other kind
+    list(pipeline.avatar_frames(model, avatar, windows, batch_size=n, openings=model.opening(windows)))
+    crop_lm = to_crop_coords(lm, track.boxes, 64)
+    maps = reference_maps(crop_lm[picked], crop_lm)
+    assert np.abs(maps[:, :, 2]).max() > 2  # crop pixels the warp moves by
+    with torch.no_grad():
+        moved = model.face.encode(warp(to_model_images(crop_faces(frames[picked], track.boxes[picked], 64)), maps, 64))
+        as_is = model.face.unet_input(crop_faces(frames, track.boxes, 64))[picked, 4:]
+    seen = calls[-1][:, 4:]
+    torch.testing.assert_close(seen, moved, atol=1e-5, rtol=0)
+    assert (seen - as_is).abs().amax((1, 2, 3))[(picked - np.arange(n)) % 2 == 1].min() > 1e-2

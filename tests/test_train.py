@@ -469,6 +469,9 @@ def test_the_reference_rule_reaches_the_generator_datasets(rule):
     from types import SimpleNamespace
     run = SimpleNamespace(cfg=train.TrainConfig(reference=rule))
     assert generator_data(run, SimpleNamespace(crop_size=64), "unused")["sample"] == rule
+    if rule == "audio":
+        run.cfg.audio_closed = 0.25
+        assert generator_data(run, SimpleNamespace(crop_size=64), "unused")["closed_share"] == 0.25
 
 
 def test_step_generators_differ_by_step_rank_and_stream_and_repeat_exactly():

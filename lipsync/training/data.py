@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from lipsync.align import reference_maps, warp
 from lipsync.audio import load_audio
 from lipsync.melspec import log_mel
 from lipsync.references import MATCH_POOL, MIN_GAP, closed_frames, jaw_pose, mouth_gap, pose_pool
@@ -131,10 +132,12 @@ class _ClipFrames(Dataset):
     T = 1
 
     def __init__(self, root_or_clips, split="train", crop_size=None, seed=0, mel_context=4, left=2, right=2,
-                 sample="pose_mouth", length=None, features="mel", val_fraction=0.1, augment: AugmentConfig | None = None):
+                 sample="pose_mouth", length=None, features="mel", val_fraction=0.1, augment: AugmentConfig | None = None,
+                 closed_share=0.0):
         assert sample in REFERENCE_RULES and features in ("mel", "whisper")
         self.seed, self.epoch, self.mel_context, self.left, self.right = seed, 0, mel_context, left, right
         self.sample, self.features, self.augment = sample, features, augment
+        self.closed_share = closed_share if sample == "audio" else 0.0
         split = {"heldout": "val"}.get(split, split)
         if isinstance(root_or_clips, (str, Path)):
             root_or_clips = list_clips(root_or_clips, split, val_fraction)
@@ -151,7 +154,7 @@ class _ClipFrames(Dataset):
         self.floors = [np.float32(m.min()) for m in self.mels]
         # landmarks in a 256 px face box, for the pose/mouth reference rule
         self.norm_lm = [to_crop_coords(c.landmarks, c.boxes, 256) for c in self.clips]
-        if sample == "closed_pose":  # each clip's closed-mouthed frames and every frame's jaw pose
+        if sample == "closed_pose" or self.closed_share:  # each clip's closed-mouthed frames and every frame's jaw pose
             self.closed = [closed_frames(lm, c.face) for lm, c in zip(self.norm_lm, self.clips)]
             self.jaw = [jaw_pose(lm) for lm in self.norm_lm]
         if sample == "audio":  # every frame's jaw pose and inner-lip gap
@@ -199,11 +202,12 @@ class _ClipFrames(Dataset):
         clip's closed-mouthed frames (lipsync.references), as infer.py's rule of that name picks the nearest.
         sample="audio": of the MATCH_POOL share of frames nearest in jaw pose, uniformly one of the MATCH_DRAW nearest
         to the target's own inner-lip gap (infer.py's rule of that name picks the one nearest the gap the audio
-        predicts). Always >= MIN_GAP frames away and never a frame without a face."""
+        predicts); with closed_share, that share of its draws as closed_pose's. Always >= MIN_GAP frames away and
+        never a frame without a face."""
         clip, lm = self.clips[ci], self.norm_lm[ci]
         n = len(clip)
         far = (np.abs(np.arange(n) - d) >= MIN_GAP) & clip.face
-        if self.sample == "closed_pose":
+        if self.sample == "closed_pose" or (self.closed_share and rng.random() < self.closed_share):
             cand = np.flatnonzero(self.closed[ci] & far)
             if len(cand):
                 return int(rng.choice(pose_pool(self.jaw[ci], d, cand, 0.25)))
@@ -261,11 +265,14 @@ class _ClipFrames(Dataset):
         frames. One augmentation draw (when on) for targets and references; the boxes follow its warp."""
         refs = [self.reference(ci, int(f), rng) for f in frames]
         target, reference = self.images(ci, frames), self.images(ci, refs)
+        clip = self.clips[ci]
+        if self.sample == "audio":  # as infer.py's audio rule shows it: warped onto the target's eyes and nose
+            crop_lm = [to_crop_coords(clip.landmarks[i], clip.boxes[i], self.crop_size) for i in (refs, frames)]
+            reference = warp(reference, reference_maps(*crop_lm), self.crop_size).numpy()
         params = draw(rng, self.augment) if self.augment is not None else None
         if params is not None:
             both = apply(np.concatenate([target, reference]), params).numpy()  # (2 len, 3, S, S)
             target, reference = both[:len(frames)], both[len(frames):]
-        clip = self.clips[ci]
         lips = to_crop_coords(clip.landmarks[frames, 48:68], clip.boxes[frames], self.crop_size)  # (len, 20, 2)
         if params is not None:  # the lips move with the augmentation's warp
             lips = map_points(params, lips, self.crop_size)

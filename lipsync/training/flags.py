@@ -147,6 +147,9 @@ def check_settings(cfg):
         raise ValueError(f"--restorer_input must be generated or vae, not {cfg.restorer_input!r}")
     if cfg.reference not in REFERENCE_RULES:
         raise ValueError(f"--reference must be one of {', '.join(REFERENCE_RULES)}, not {cfg.reference!r}")
+    if not 0 <= cfg.audio_closed <= 1 or (cfg.audio_closed and cfg.reference != "audio"):
+        raise ValueError(f"--audio_closed is a share from 0 to 1 of --reference audio's references, not "
+                         f"{cfg.audio_closed} with --reference {cfg.reference}")
     checks.creatable(cfg.out)
 
 
