@@ -33,11 +33,13 @@ audio changes is amplified, what it leaves alone (the face, its colours) is not.
 import dataclasses
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from .audio import SAMPLE_RATE
 from .mel_encoder import MelEncoder, MelEncoderConfig
+from .opening import quiet_frames
 from .references import RULES as REFERENCE_RULES
 from .tracking import GEOMETRIES
 from .unet import UNet, UNetConfig
@@ -107,8 +109,10 @@ class LipSync(nn.Module):
 
     def openings(self, wave: torch.Tensor, n_frames: int, fps: float):
         """The "audio" reference rule's input: the lip gap the speech asks for at each output frame -> (n_frames,)
-        float64 (lipsync.opening)."""
-        return self.opening(self.opening_windows(wave, n_frames, fps))
+        float64 (lipsync.opening); -inf in the speech's pauses (opening.quiet_frames: show the most closed mouth)."""
+        predicted = self.opening(self.opening_windows(wave, n_frames, fps))
+        predicted[quiet_frames(wave.detach().float().cpu().numpy(), n_frames, fps, SAMPLE_RATE)] = -np.inf
+        return predicted
 
     # ---- the MuseTalk step
     def forward(self, unet_in: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,9 @@ encoder, stored with it), since what orders the frames best need not be what the
     windows (n, 10 L, D) -> mean over layers (n, 10 D) -> standardise -> . beta + offset -> (n,) predicted gaps
 
 Only the ranks of the predictions are used (a speaker's own range of openings comes from the video's frames), so
-what matters is that the head orders the frames by how open the mouth should be.
+what matters is that the head orders the frames by how open the mouth should be. Pauses are not left to the ranks:
+`quiet_frames` marks the frames where the speech falls QUIET_DB under its loud frames for at least QUIET_RUN frames,
+and LipSync.openings gives them -inf, which the rule reads as "the most closed mouth the video has".
 """
 
 from dataclasses import dataclass
@@ -70,3 +72,29 @@ class OpeningHead:
         self.beta = np.linalg.solve(z.T @ z + self.cfg.lam * np.eye(z.shape[1]), z.T @ (y - y.mean()))
         self.offset = np.asarray(y.mean())
         return self
+
+
+QUIET_DB = -35.0  # a frame is quiet when its RMS is this far under the speech's loud frames (95th percentile)
+QUIET_SPAN = 0.1  # seconds of audio around each frame's time whose RMS counts
+QUIET_RUN = 3  # ... for at least this many frames in a row (a pause, not a stop consonant)
+
+
+def quiet_frames(wave, n_frames: int, fps: float, sample_rate: int = 16000) -> np.ndarray:
+    """Speech (S,) -> (n_frames,) bool: the output frames that fall in a pause of the speech."""
+    w = np.asarray(wave, np.float64).reshape(-1)
+    centre = (np.arange(n_frames) / fps * sample_rate).astype(np.int64)
+    half = int(QUIET_SPAN * sample_rate / 2)
+    sq = np.concatenate([[0.0], np.cumsum(w ** 2)])
+    lo, hi = np.clip(centre - half, 0, len(w)), np.clip(centre + half, 0, len(w))
+    rms = np.sqrt((sq[hi] - sq[lo]) / np.maximum(hi - lo, 1))
+    loud = np.percentile(rms, 95) if n_frames else 0.0
+    quiet = rms <= loud * 10 ** (QUIET_DB / 20)
+    out = np.zeros(n_frames, bool)
+    start = None
+    for i, q in enumerate(np.append(quiet, False)):  # keep the runs of at least QUIET_RUN quiet frames
+        if q and start is None:
+            start = i
+        elif not q and start is not None:
+            out[start:i] = i - start >= QUIET_RUN
+            start = None
+    return out

@@ -4,10 +4,11 @@ An `Avatar` holds what MuseTalk's realtime mode caches (docs/musetalk.md §6): t
 the UNet's image input per frame -- latents of [masked crop, reference crop], the reference picked by the model's
 rule (lipsync.references: the frame itself as in MuseTalk's inference, or a closed-mouthed frame of similar pose;
 under the "audio" rule every frame keeps its own crop and the speech picks the reference per output frame, in
-avatar_frames, whose crop is then warped onto the frame's eyes and nose and encoded) unless `prepare_avatar(reference=...)` names another rule or other frames -- and the blend masks
-(lipsync.blend). Output frame i shows source frame `avatar.source_index(i)`: the video plays forward then
-backward (ping-pong, 2N cycle), so audio longer than the video loops without a jump. Per frame the loop then runs
-only audio windows -> LipSync.forward (PE, UNet, VAE decode) -> paste.
+avatar_frames, whose crop is then warped onto the frame's eyes and nose and encoded) unless
+`prepare_avatar(reference=...)` names another rule or other frames -- and the blend masks (lipsync.blend). Output
+frame i shows source frame `avatar.source_index(i)`: the video plays forward then backward (ping-pong, 2N cycle), so
+audio longer than the video loops without a jump. Per frame the loop then runs only audio windows ->
+LipSync.forward (PE, UNet, VAE decode) -> paste.
 
     track = track_frames(frames, tracker)                 # lipsync.track: or read_track(...), a BoxTracker for --bbox
     avatar = prepare_avatar(frames, fps, track, model)    # lipsync.avatar: save_avatar(avatar, DIR) / load_avatar(DIR)

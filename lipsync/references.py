@@ -88,16 +88,19 @@ def audio_match(landmarks, face, predicted, frames=None):
     (default 0 .. n-1) -> (n,) each output frame's reference frame.
 
     Each prediction's rank among the n becomes the gap at that quantile of the track's own face frames (the
-    speaker's own range: the quietest moments get its most closed mouths). The reference is, among the MATCH_POOL
-    share of face frames nearest in jaw pose to the shown frame and at least MIN_GAP frames from it (any face frame
-    when none is that far), the one whose gap is nearest that target. Output frames showing no face keep their own
+    speaker's own range: the quietest moments get its most closed mouths); -inf predictions (pauses) all share rank
+    0, the most closed, and the others spread over the whole range. The reference is, among the MATCH_POOL share of
+    face frames nearest in jaw pose to the shown frame and at least MIN_GAP frames from it (any face frame when none
+    is that far), the one whose gap is nearest that target. Output frames showing no face keep their own
     frame (nothing is generated there)."""
     landmarks, face = np.asarray(landmarks, np.float64), np.asarray(face, bool)
     predicted = np.asarray(predicted, np.float64)
     frames = np.arange(len(predicted)) if frames is None else np.asarray(frames)
     good = np.flatnonzero(face)
     gap, jaw = mouth_gap(landmarks), jaw_pose(landmarks)
-    rank = np.argsort(np.argsort(predicted, kind="stable"), kind="stable") / max(1, len(predicted) - 1)
+    speech = np.isfinite(predicted)  # -inf: a pause (LipSync.openings), shown the most closed mouth (rank 0)
+    rank = np.zeros(len(predicted))
+    rank[speech] = np.argsort(np.argsort(predicted[speech], kind="stable"), kind="stable") / max(1, speech.sum() - 1)
     target = np.quantile(gap[good], rank)  # (n,)
     out = frames.copy()
     pools = {}

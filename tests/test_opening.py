@@ -43,6 +43,20 @@ def test_audio_match_gives_each_frame_the_far_frame_whose_gap_is_at_its_predicti
     assert (np.abs(ref - np.arange(n)) >= references.MIN_GAP).all()
 
 
+def test_pauses_get_the_most_closed_mouth_and_the_speech_ranks_over_the_whole_range(monkeypatch):
+    """-inf predictions (LipSync.openings' pauses) all ask for the track's most closed gap, however many there are;
+    the speech frames' ranks spread over the whole range among themselves (the loudest still gets the widest)."""
+    monkeypatch.setattr(references, "MATCH_POOL", 1.0)
+    n = 20
+    lm, face = gap_track(np.arange(n) * 1.0)
+    predicted = np.full(n, -np.inf)
+    predicted[:10] = np.arange(10.0)  # frames 0-9 speak (9 loudest), 10-19 are a pause
+    ref = references.audio_match(lm, face, predicted)
+    assert (ref[10:] == 0).all()  # the closed frame 0 is far enough from all of them
+    assert ref[9] == 19 and ref[0] == 5  # rank 1 -> the widest gap; rank 0 -> gap 0, too near: the nearest far one
+    assert ref[4] == 8 or ref[4] == 9  # rank 4/9 of the track's gaps (8.4): between frames 8 and 9, both far
+
+
 def test_audio_match_uses_only_the_order_of_the_predictions_and_frames_without_a_face_keep_their_own():
     lm, face = gap_track(np.linspace(0, 12, 30), shift=np.arange(30) * 0.5)
     rng = np.random.default_rng(1)
@@ -273,3 +287,35 @@ def test_the_reference_the_speech_picks_is_warped_onto_its_frames_eyes_and_nose(
     seen = calls[-1][:, 4:]
     torch.testing.assert_close(seen, moved, atol=1e-5, rtol=0)
     assert (seen - as_is).abs().amax((1, 2, 3))[(picked - np.arange(n)) % 2 == 1].min() > 1e-2
+
+
+def test_quiet_frames_are_pauses_of_at_least_three_frames_far_under_the_loud_ones():
+    from lipsync.opening import QUIET_RUN, quiet_frames
+    sr, fps = 16000, 25.0
+    t = np.arange(4 * sr) / sr
+    wave = 0.3 * np.sin(2 * np.pi * 220 * t)  # 4 s: 100 frames of 640 samples
+    wave[sr:2 * sr] *= 1e-3  # -60 dB for 1 s (frames 25-49)
+    wave[int(3 * sr):int(3 * sr) + 960] = 0  # a 60 ms gap (1.5 frames): a stop, not a pause
+    wave[int(3.5 * sr):] *= 0.1  # -20 dB: quieter speech, not a pause
+    quiet = quiet_frames(wave, 100, fps, sr)
+    assert quiet[28:47].all() and not quiet[:22].any() and not quiet[53:].any()
+    assert QUIET_RUN == 3 and quiet.sum() < 30
+    assert not quiet_frames(wave * 0 + 0.3, 100, fps, sr).any()  # steady sound: nothing is far under itself
+
+
+
+def test_openings_are_minus_infinity_exactly_in_the_speechs_pauses():
+    from lipsync.mel_encoder import MelEncoderConfig
+    from lipsync.model import build
+    from lipsync.opening import quiet_frames
+    from lipsync.unet import UNetConfig
+    from lipsync.vae import VAEConfig
+    torch.manual_seed(0)
+    model = build(UNetConfig.tiny(), VAEConfig.tiny(), MelEncoderConfig.tiny(), 64).eval()
+    model.opening = OpeningHead(OpeningConfig(10, 5, 128))
+    model.opening.beta[:] = 1.0
+    wave = torch.randn(32000) * 0.1
+    wave[8000:24000] *= 1e-4  # a 1 s pause in 2 s
+    got = model.openings(wave, 50, 25.0)
+    quiet = quiet_frames(wave.numpy(), 50, 25.0)
+    assert 20 <= quiet.sum() <= 26 and np.isneginf(got[quiet]).all() and np.isfinite(got[~quiet]).all()

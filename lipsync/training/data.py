@@ -132,8 +132,8 @@ class _ClipFrames(Dataset):
     T = 1
 
     def __init__(self, root_or_clips, split="train", crop_size=None, seed=0, mel_context=4, left=2, right=2,
-                 sample="pose_mouth", length=None, features="mel", val_fraction=0.1, augment: AugmentConfig | None = None,
-                 closed_share=0.0):
+                 sample="pose_mouth", length=None, features="mel", val_fraction=0.1,
+                 augment: AugmentConfig | None = None, closed_share=0.0):
         assert sample in REFERENCE_RULES and features in ("mel", "whisper")
         self.seed, self.epoch, self.mel_context, self.left, self.right = seed, 0, mel_context, left, right
         self.sample, self.features, self.augment = sample, features, augment

@@ -107,7 +107,8 @@ def generator_data(run: Run, model: LipSync, root, **kwargs) -> dict:
         if run.world > 1:
             dist.barrier()
     return dict(seed=cfg.seed, crop_size=model.crop_size, mel_context=cfg.mel_context, sample=cfg.reference,
-                closed_share=cfg.audio_closed, features="whisper" if cfg.whisper else "mel", augment=augment_config(cfg), **kwargs)
+                closed_share=cfg.audio_closed, features="whisper" if cfg.whisper else "mel",
+                augment=augment_config(cfg), **kwargs)
 
 
 def generator_setup(run: Run, stage: str, model: LipSync, lr: float):
