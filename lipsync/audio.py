@@ -3,7 +3,8 @@
 `load_audio` reads wav/flac/ogg with soundfile and everything else (mp4, m4a, mp3, ...) through the ffmpeg binary
 that imageio-ffmpeg ships, which only decodes (to float WAV on a pipe, native rate and channels). Channels are
 averaged and resampling is our own Kaiser-windowed sinc in polyphase form (`resample`), whatever the source.
-Next along the audio path: lipsync.melspec (wave -> whisper log-mel), lipsync.mel_encoder / lipsync.whisper
+`frame_envelope` and `runs_at_least` read loudness per video frame (pauses in the speech: lipsync.opening, the
+evaluation tools). Next along the audio path: lipsync.melspec (wave -> whisper log-mel), lipsync.mel_encoder / lipsync.whisper
 (log-mel -> features), lipsync.windows (features -> per-frame windows).
 """
 
@@ -123,3 +124,30 @@ def resample(wave, orig, new, zeros=64, rolloff=0.97, beta=8.6):
     x = F.pad(x, (reach, max(0, (n_q - 1) * down + kernel.shape[1] - reach - n)))
     y = F.conv1d(x, kernel.to(x.dtype)[:, None, :], stride=down)  # (B, up, n_q)
     return y.transpose(1, 2).reshape(*shape, -1)[..., :n_out]
+
+
+# ----------------------------------------------------------------------------- loudness per video frame
+
+
+def frame_envelope(wave, n_frames, fps, sr=SAMPLE_RATE, span=0.04):
+    """RMS of the audio in a `span`-second window centred on each video frame -> (n_frames,)."""
+    c = (np.arange(n_frames) / fps * sr).astype(int)
+    half = int(span * sr / 2)
+    sq = np.concatenate([[0.0], np.cumsum(np.asarray(wave, np.float64) ** 2)])
+    lo, hi = np.clip(c - half, 0, len(wave)), np.clip(c + half, 0, len(wave))
+    return np.sqrt((sq[hi] - sq[lo]) / np.maximum(hi - lo, 1)).astype(np.float32)
+
+
+def runs_at_least(mask: np.ndarray, n: int) -> np.ndarray:
+    """Keep only the runs of True that are at least n long."""
+    out = np.zeros_like(mask)
+    start = None
+    for i, m in enumerate(np.append(mask, False)):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            if i - start >= n:
+                out[start:i] = True
+            start = None
+    return out
+

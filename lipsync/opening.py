@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .audio import SAMPLE_RATE, frame_envelope, runs_at_least
+
 
 @dataclass
 class OpeningConfig:
@@ -79,22 +81,8 @@ QUIET_SPAN = 0.1  # seconds of audio around each frame's time whose RMS counts
 QUIET_RUN = 3  # ... for at least this many frames in a row (a pause, not a stop consonant)
 
 
-def quiet_frames(wave, n_frames: int, fps: float, sample_rate: int = 16000) -> np.ndarray:
+def quiet_frames(wave, n_frames: int, fps: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Speech (S,) -> (n_frames,) bool: the output frames that fall in a pause of the speech."""
-    w = np.asarray(wave, np.float64).reshape(-1)
-    centre = (np.arange(n_frames) / fps * sample_rate).astype(np.int64)
-    half = int(QUIET_SPAN * sample_rate / 2)
-    sq = np.concatenate([[0.0], np.cumsum(w ** 2)])
-    lo, hi = np.clip(centre - half, 0, len(w)), np.clip(centre + half, 0, len(w))
-    rms = np.sqrt((sq[hi] - sq[lo]) / np.maximum(hi - lo, 1))
+    rms = frame_envelope(np.asarray(wave, np.float32).reshape(-1), n_frames, fps, sample_rate, QUIET_SPAN)
     loud = np.percentile(rms, 95) if n_frames else 0.0
-    quiet = rms <= loud * 10 ** (QUIET_DB / 20)
-    out = np.zeros(n_frames, bool)
-    start = None
-    for i, q in enumerate(np.append(quiet, False)):  # keep the runs of at least QUIET_RUN quiet frames
-        if q and start is None:
-            start = i
-        elif not q and start is not None:
-            out[start:i] = i - start >= QUIET_RUN
-            start = None
-    return out
+    return runs_at_least(rms <= loud * 10 ** (QUIET_DB / 20), QUIET_RUN)

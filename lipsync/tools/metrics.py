@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from lipsync.training.data import mouth_box
 from lipsync.training.losses import ssim
-from lipsync.tools.synthetic import frame_envelope
+from lipsync.audio import frame_envelope, runs_at_least
 from lipsync.training.syncnet import lower_half, sync_offsets
 
 SSIM_WINDOW = 11
@@ -107,20 +107,6 @@ def mouth_metrics(pred, truth, boxes) -> dict:
 # ----------------------------------------------------------------------------- audio activity
 
 
-def _runs_at_least(mask: np.ndarray, n: int) -> np.ndarray:
-    """Keep only the runs of True that are at least n long."""
-    out = np.zeros_like(mask)
-    start = None
-    for i, m in enumerate(np.append(mask, False)):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            if i - start >= n:
-                out[start:i] = True
-            start = None
-    return out
-
-
 def silence_masks(wave, n_frames: int, fps: float, threshold_db: float = -30.0, min_frames: int = 3):
     """Per-frame (silent, speech) bool masks (n_frames,) and the frame RMS (module doc)."""
     rms = frame_envelope(np.asarray(wave, np.float32), n_frames, fps).astype(np.float64)
@@ -128,7 +114,7 @@ def silence_masks(wave, n_frames: int, fps: float, threshold_db: float = -30.0, 
     if ref <= 0:
         return np.ones(n_frames, bool), np.zeros(n_frames, bool), rms
     quiet = rms < ref * 10 ** (threshold_db / 20)
-    return _runs_at_least(quiet, min_frames), ~quiet, rms
+    return runs_at_least(quiet, min_frames), ~quiet, rms
 
 
 # ----------------------------------------------------------------------------- mouth opening from landmarks

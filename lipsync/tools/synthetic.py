@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lipsync.audio import frame_envelope
 from lipsync.training import data
 from lipsync.tools.synthetic_face import Face, dark_mouth_height, random_motion, render
 from lipsync.tracking import crop_box, crop_faces
@@ -175,15 +176,6 @@ def synth_audio(opening, roundness, rate, voice=None, noise=None, noise_hz=None,
     wave = unit(overlap_add(spec_v * h_v), amp) + 0.25 * unit(overlap_add(spec_n * h_n), np.interp(t, grid, noise))
     peak = np.abs(wave).max()
     return (wave * (voice.level / peak if peak > 0 else 0.0)).astype(np.float32)
-
-
-def frame_envelope(wave, n_frames, fps, sr=SR, span=0.04):
-    """RMS of the audio in a `span`-second window centred on each video frame -> (n_frames,)."""
-    c = (np.arange(n_frames) / fps * sr).astype(int)
-    half = int(span * sr / 2)
-    sq = np.concatenate([[0.0], np.cumsum(np.asarray(wave, np.float64) ** 2)])
-    lo, hi = np.clip(c - half, 0, len(wave)), np.clip(c + half, 0, len(wave))
-    return np.sqrt((sq[hi] - sq[lo]) / np.maximum(hi - lo, 1)).astype(np.float32)
 
 
 # -----------------------------------------------------------------------------

@@ -154,11 +154,11 @@ class _ClipFrames(Dataset):
         self.floors = [np.float32(m.min()) for m in self.mels]
         # landmarks in a 256 px face box, for the pose/mouth reference rule
         self.norm_lm = [to_crop_coords(c.landmarks, c.boxes, 256) for c in self.clips]
-        if sample == "closed_pose" or self.closed_share:  # each clip's closed-mouthed frames and every frame's jaw pose
+        if sample in ("closed_pose", "audio"):  # every frame's jaw pose
+            self.jaw = [jaw_pose(lm) for lm in self.norm_lm]
+        if sample == "closed_pose" or self.closed_share:  # each clip's closed-mouthed frames
             self.closed = [closed_frames(lm, c.face) for lm, c in zip(self.norm_lm, self.clips)]
-            self.jaw = [jaw_pose(lm) for lm in self.norm_lm]
-        if sample == "audio":  # every frame's jaw pose and inner-lip gap
-            self.jaw = [jaw_pose(lm) for lm in self.norm_lm]
+        if sample == "audio":  # every frame's inner-lip gap
             self.gap = [mouth_gap(lm) for lm in self.norm_lm]
         self.whisper = None
         if features == "whisper":
