@@ -91,6 +91,9 @@ def parse_args(argv):
     p.add_argument("--no-restorer", action="store_true", help="paste the mouth as generated, without the "
                    "checkpoint's mouth restorer (a learned 2x upscale, used on faces pasted over 1.25x the crop size; "
                    "checkpoints without one ignore this)")
+    p.add_argument("--no-texture", action="store_true", help="paste the mouth without the fine texture borrowed "
+                   "from the video's own frames (lipsync.texture: lip lines, teeth edges and skin grain from frames "
+                   "whose mouth looks like the generated one; used on faces pasted over 1.25x the crop size)")
     p.add_argument("--batch-size", type=int, default=8, help="frames per UNet + decoder call (and per VAE encode "
                    "when preparing)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -146,8 +149,8 @@ def run(args, stage=lambda name: None):
     openings = model.openings(wave, n, avatar.fps) if avatar.reference == "audio" else None  # the audio rule's
     stage("generating")
     frames = tqdm(avatar_frames(model, avatar, windows, args.batch_size, static=args.compile,
-                                detail=not args.no_source_detail, openings=openings), total=n,
-                  desc="lip-sync", unit="frame", disable=None, leave=False)
+                                detail=not args.no_source_detail, openings=openings, texture=not args.no_texture),
+                  total=n, desc="lip-sync", unit="frame", disable=None, leave=False)
     write_video(inputs.out, _then(frames, lambda: stage("encoding")), avatar.fps, audio=inputs.audio, crf=args.crf)
     took = time.perf_counter() - start
     print(f"wrote {inputs.out}: {n} frames at {avatar.fps:g} fps ({seconds:.2f} s) in {took:.1f} s")
@@ -281,7 +284,7 @@ def build_avatar(args, inputs: Inputs, model, limit=None):
     rule = None if args.reference == "auto" else args.reference  # None: the model's own rule
     with tqdm(total=int(track.face.sum()), desc="prepare", unit="frame", disable=None, leave=False) as bar:
         return prepare_avatar(frames, fps, track, model, args.batch_size, source=inputs.media, bar=bar,
-                              reference=rule)
+                              reference=rule, texture=not args.no_texture)
 
 
 def _then(iterable, call):

@@ -2,7 +2,8 @@
 docs/musetalk.md §6), and its folder on disk.
 
 A saved avatar is a folder written as DIR.partial and renamed when complete: frames.npy (N, H, W, 3) uint8,
-track.npz (spec layout), latents.npy (N, 8, s, s) float32, blend.npz, and avatar_info.json (crop size and geometry,
+track.npz (spec layout), latents.npy (N, 8, s, s) float32, blend.npz, texture.npz (the mouth texture bank, when
+the avatar has one), and avatar_info.json (crop size and geometry,
 fps, the reference rule, the VAE fingerprint: latents from another VAE or crop would be garbage, so load_avatar
 refuses them with a clear message). lipsync.pipeline makes avatars (prepare_avatar) and generates from them.
 """
@@ -18,9 +19,10 @@ import numpy as np
 import torch
 
 from .blend import Blend
+from .texture import TextureBank
 from .track import Track
 
-AVATAR_VERSION = 1
+AVATAR_VERSION = 2  # 2: texture.npz
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Avatar:
     source: str = ""
     geometry: str = "square"  # crop geometry of the latents (tracking.GEOMETRIES)
     reference: str = "self"  # the rule that picked each frame's reference (lipsync.references), "custom" for a list
+    texture: TextureBank | None = None  # the mouth texture borrowed from the frames (lipsync.texture)
 
     def __len__(self):
         return len(self.frames)
@@ -86,6 +89,10 @@ def save_avatar(avatar: Avatar, folder) -> Path:
              rects=np.array([b.rect for b in blends], np.int64), mouths=np.array([b.mouth for b in blends], np.int64),
              offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
              masks=np.concatenate([b.mask.ravel() for b in blends]).astype(np.float16))
+    if avatar.texture is not None:
+        b = avatar.texture
+        np.savez(partial / "texture.npz", frames=b.frames, coarse=b.coarse.numpy(), fine=b.fine.numpy(),
+                 area=np.array(b.area, np.int64), scale=b.scale, shift=b.shift)
     info = {"version": AVATAR_VERSION, "fps": avatar.fps, "frames": len(avatar), "size": list(avatar.frames.shape[1:3]),
             "crop_size": avatar.crop_size, "fingerprint": avatar.fingerprint, "source": avatar.source,
             "tracker": t.tracker, "geometry": avatar.geometry, "reference": avatar.reference}
@@ -121,5 +128,10 @@ def load_avatar(folder, model) -> Avatar:
         blends = [Blend(tuple(map(int, z["boxes"][i])), tuple(map(int, r)), masks[off[i]: off[i + 1]].reshape(
                   r[2] - r[0], r[3] - r[1]), tuple(map(int, z["mouths"][i]))) if track.face[i] else None
                   for i, r in enumerate(z["rects"])]
+    texture = None
+    if (folder / "texture.npz").is_file():
+        with np.load(folder / "texture.npz") as z:
+            texture = TextureBank(z["frames"], torch.from_numpy(z["coarse"]), torch.from_numpy(z["fine"]),
+                                  tuple(map(int, z["area"])), int(z["scale"]), int(z["shift"]))
     return Avatar(frames, info["fps"], track, latents, blends, info["crop_size"], info["fingerprint"],
-                  info.get("source", ""), info.get("geometry", "square"), info.get("reference", "self"))
+                  info.get("source", ""), info.get("geometry", "square"), info.get("reference", "self"), texture)

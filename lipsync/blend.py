@@ -11,7 +11,9 @@ the source patch at the crop's own resolution -- low = the patch taken down to S
 crop went through; high = patch - low, what the crop could never hold -- and adds the high band to the generated
 face everywhere except around the mouth (Blend.mouth, feathered): cheeks, skin texture and the jaw line keep the
 source's sharpness, while the mouth, whose original shape must not come back, is the generated one alone. There, a
-model with a restorer (lipsync.restore) supplies a face generated at S px and restored to 2S (`fine`).
+model with a restorer (lipsync.restore) supplies a face generated at S px and restored to 2S (`fine`), and an avatar
+with a texture bank (lipsync.texture) adds fine detail borrowed from other frames whose mouth looks like the
+generated one (`texture`).
 """
 
 from dataclasses import dataclass
@@ -183,11 +185,12 @@ def keep_weight(shape, mouth, radius: int) -> torch.Tensor:
 
 
 def paste(frame: np.ndarray, crop: np.ndarray, blend: Blend, colour: bool = True, detail: bool = True,
-          fine: np.ndarray | None = None) -> np.ndarray:
+          fine: np.ndarray | None = None, texture: torch.Tensor | None = None) -> np.ndarray:
     """Source frame (H, W, 3) uint8 + generated crop (S, S, 3) uint8 -> new frame; pixels where the mask is 0 are
     the source's exactly. detail: add the source's own detail finer than the crop's resolution outside the mouth
     (module doc). fine: the same face restored to more pixels (lipsync.restore), used around the mouth only, fading
-    to the crop where the source's detail takes over."""
+    to the crop where the source's detail takes over. texture: float (F, F, 3) detail in crop coordinates
+    (lipsync.texture), added where the source's detail is not: around the mouth only."""
     out = np.array(frame)  # a copy, also of a read-only memmap
     t, left, b, right = blend.rect
     if b <= t:
@@ -196,7 +199,8 @@ def paste(frame: np.ndarray, crop: np.ndarray, blend: Blend, colour: bool = True
     gen = resize_crop(crop, h, w)[t - y0: b - y0, left - x0: right - x0].float()  # (b - t, right - left, 3)
     src = torch.from_numpy(out[t:b, left:right]).float()
     m = torch.from_numpy(blend.mask).float()
-    keep = keep_weight(m.shape, blend.mouth, feather_radius(h))[..., None] if detail or fine is not None else None
+    keep = (keep_weight(m.shape, blend.mouth, feather_radius(h))[..., None]
+            if detail or fine is not None or texture is not None else None)
     if fine is not None:
         fine = resize_crop(fine, h, w)[t - y0: b - y0, left - x0: right - x0].float()
     low = low_band(src, crop.shape[0] / h, crop.shape[1] / w) if detail else src  # what the crop could hold
@@ -211,6 +215,10 @@ def paste(frame: np.ndarray, crop: np.ndarray, blend: Blend, colour: bool = True
         fine = match_colour(fine, low, skin) if fine is not None else None
     if fine is not None:
         gen = gen + (1 - keep) * (fine - gen)
+    if texture is not None:
+        x = F.interpolate(texture.permute(2, 0, 1)[None].float(), size=(h, w), mode="bilinear", antialias=True,
+                          align_corners=False)[0].permute(1, 2, 0)
+        gen = gen + (1 - keep) * x[t - y0: b - y0, left - x0: right - x0]
     if detail:
         gen = gen + keep * (src - low)
     mixed = src + m[..., None] * (gen - src)

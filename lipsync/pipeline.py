@@ -28,6 +28,7 @@ from .avatar import Avatar, vae_fingerprint
 from .blend import make_blend, paste
 from .mel_encoder import MelEncoder
 from .restore import MIN_UPSCALE
+from .texture import texture_bank
 from .streaming import WindowStream
 from .track import Track
 from .tracking import crop_faces, to_crop_coords
@@ -44,13 +45,15 @@ def with_references(latents: torch.Tensor, reference) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", bar=None, reference=None) -> Avatar:
+def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", bar=None, reference=None,
+                   texture=True) -> Avatar:
     """Crops -> VAE latents of [masked, reference] (batched) and blend masks for every frame with a face.
 
     reference: a rule of lipsync.references ("self", "closed_pose", "audio"), or (N,) frame indices: frame i's
     reference crop is frame reference[i]'s (one with a face wherever frame i has one); default None = the model's own
     rule (model.reference). With "audio" the latents keep every frame's own crop as its reference half, and
-    avatar_frames swaps in the frame the speech picks (references.audio_match)."""
+    avatar_frames swaps in the frame the speech picks (references.audio_match). texture: also build the mouth
+    texture bank (lipsync.texture; None for faces pasted at most 1.25x the crop)."""
     frames = np.asarray(frames)
     if len(frames) != len(track):
         raise ValueError(f"{len(frames)} frames but a track of {len(track)}")
@@ -83,8 +86,14 @@ def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", b
     shape = frames.shape[1:3]
     blends = [make_blend(track.landmarks[i], track.boxes[i], shape) if track.face[i] else None
               for i in range(len(frames))]
+    bank = texture_bank(frames, track, size) if texture else None
     return Avatar(frames, float(fps), track, latents, blends, size, vae_fingerprint(model), str(source),
-                  model.geometry, rule)
+                  model.geometry, rule, bank)
+
+
+def to_pixels(faces: torch.Tensor) -> torch.Tensor:
+    """Model images (b, 3, S, S) in about [-1, 1] -> float [0, 255] (clamped), on the CPU."""
+    return (faces.float().clamp(-1, 1) + 1).mul_(127.5).cpu()
 
 
 # ----------------------------------------------------------------------------- generation
@@ -111,10 +120,11 @@ def aligned_references(model, avatar: Avatar, refs, frames) -> torch.Tensor:
 
 @torch.inference_mode()
 def render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: bool, detail: bool, pad_to: int = 0,
-           refs=None):
+           refs=None, texture: bool = True):
     """Audio windows (b, T, D) for output frames first .. first + b - 1 -> those frames, in order. With pad_to, the
     model always sees pad_to frames (the last face frame repeated, extra outputs dropped): static shapes for compiled
-    models and CUDA graphs. refs (b,): each frame's reference frame, replacing the avatar's (the "audio" rule)."""
+    models and CUDA graphs. refs (b,): each frame's reference frame, replacing the avatar's (the "audio" rule).
+    texture: add the avatar's mouth texture (lipsync.texture) when it has one."""
     src = avatar.source_index(np.arange(first, first + len(windows)))
     has = avatar.track.face[src]
     crops = iter(())
@@ -129,8 +139,11 @@ def render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: boo
         faces = model.generate(unet_in, windows[torch.from_numpy(sel)])  # (b', 3, S, S)
         crops = iter(to_uint8_images(faces))  # (b', S, S, 3)
         fines = iter(restored(model, faces, [avatar.blends[i] for i in src[sel]]))
+        textures = iter(avatar.texture.detail(to_pixels(faces), src[sel]) if avatar.texture is not None and texture
+                        else [None] * len(sel))  # (b', F, F, 3) each
     for j, i in enumerate(src):
-        yield (paste(avatar.frames[i], next(crops), avatar.blends[i], colour, detail, next(fines)) if has[j]
+        yield (paste(avatar.frames[i], next(crops), avatar.blends[i], colour, detail, next(fines), next(textures))
+               if has[j]
                else np.array(avatar.frames[i]))
 
 
@@ -148,7 +161,7 @@ def restored(model, faces: torch.Tensor, blends) -> list:
 
 
 def avatar_frames(model, avatar: Avatar, windows, batch_size=8, start=0, colour=True, static=False, detail=True,
-                  openings=None):
+                  openings=None, texture=True):
     """Audio windows -> full frames (H, W, 3) uint8, yielded in order as each batch is made.
 
     windows: (n, T, D) (model.audio_windows) for n output frames, or an iterable of such blocks arriving over time
@@ -156,7 +169,8 @@ def avatar_frames(model, avatar: Avatar, windows, batch_size=8, start=0, colour=
     from `start`) shows avatar.source_index(i); frames without a face pass through unchanged.
     static: every UNet/decoder call gets exactly batch_size frames (tails and no-face gaps padded), so a compiled
     model never re-compiles; the frames are the same. colour, detail: blend.paste's colour matching and the
-    source's fine detail outside the mouth. openings: (n,) the whole speech's predicted lip gaps
+    source's fine detail outside the mouth. texture: the avatar's mouth texture borrowed from its own frames
+    (lipsync.texture; avatars of faces pasted at most 1.25x the crop have none). openings: (n,) the whole speech's predicted lip gaps
     (model.openings(wave, n, fps)), which an avatar prepared with the "audio" rule needs.
     """
     refs = None
@@ -177,10 +191,11 @@ def avatar_frames(model, avatar: Avatar, windows, batch_size=8, start=0, colour=
     for block in blocks:
         pending = block if pending is None else torch.cat([pending, block.to(pending.device)])
         while len(pending) >= batch_size:
-            yield from render(model, avatar, pending[:batch_size], done, colour, detail, pad_to, part(batch_size))
+            yield from render(model, avatar, pending[:batch_size], done, colour, detail, pad_to, part(batch_size),
+                             texture)
             pending, done = pending[batch_size:], done + batch_size
     if pending is not None and len(pending):
-        yield from render(model, avatar, pending, done, colour, detail, pad_to, part(len(pending)))
+        yield from render(model, avatar, pending, done, colour, detail, pad_to, part(len(pending)), texture)
 
 
 def stream_windows(model, chunks, fps):

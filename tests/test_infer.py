@@ -476,7 +476,8 @@ def test_avatar_caches_each_frames_own_unet_input_and_blend(files):
 def test_every_output_frame_is_the_unet_on_its_source_latents_and_its_own_audio_decoded_and_pasted(
         files, avatar, monkeypatch):
     """Spy on the UNet: output frame i gets avatar.latents[ping-pong source of i] and tokens[i]; the frame written
-    is that UNet output, unscaled, decoded by the VAE and pasted with the source frame's blend."""
+    is that UNet output, unscaled, decoded by the VAE and pasted with the source frame's blend and the mouth texture
+    the avatar's bank lends for that face."""
     model = files["model"]
     windows = model.audio_windows(files["wave"], 25, FPS)
     tokens = model.pe(windows)  # what the UNet attends to
@@ -497,13 +498,16 @@ def test_every_output_frame_is_the_unet_on_its_source_latents_and_its_own_audio_
         assert torch.equal(unet_in[i], avatar.latents[j]), i
         assert torch.equal(ctx[i], tokens[i]), i
     vae, scale = model.vae, model.vae.config.scaling_factor
+    assert avatar.texture is not None  # faces pasted larger than the crop: the mouth texture is part of the frame
     for k, (_, _, out) in enumerate(calls):
         with torch.no_grad():
-            crops = ((vae.decode(out / scale).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+            faces = vae.decode(out / scale)
+            crops = ((faces.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        texture = avatar.texture.detail((faces.clamp(-1, 1) + 1) * 127.5, PING_PONG[5 * k: 5 * k + 5])
         for b in range(5):
             i = 5 * k + b
             j = PING_PONG[i]
-            expect = P.paste(files["frames"][j], crops[b], avatar.blends[j])
+            expect = P.paste(files["frames"][j], crops[b], avatar.blends[j], texture=texture[b])
             assert np.array_equal(frames[i], expect), i
 
 

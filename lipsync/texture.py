@@ -1,0 +1,152 @@
+"""Mouth texture from the video's own frames: example-based detail for the generated mouth (ours; MuseTalk has none).
+
+The generator draws the face at S px and the paste scales it 2-4x, so the mouth it pastes is soft: lip lines, teeth
+edges and the skin's grain are finer than S px can hold (blend.py keeps the source's own detail outside the mouth;
+inside, the source shows the original mouth, which must not come back). But the video holds the same person's mouth,
+sharp, in many shapes. Example-based super-resolution (Freeman, Jones and Pasztor, "Example-Based Super-Resolution",
+IEEE CG&A 2002) borrows it: cut the mouth area into overlapping patches; for each patch of the generated face, find
+the frame whose coarse picture of that patch (at S px) looks most like it, also a few pixels off its place, and add
+that frame's fine detail there (its crop at F px minus what the crop holds at S px). The coarse picture decides, so
+the detail follows the generated mouth's shape; and frames near the one being drawn are never used (EXCLUDE), so the
+original mouth's own lines cannot come back through it.
+
+    bank = texture_bank(frames, track, S)  # per avatar: coarse keys + fine detail of up to MAX_FRAMES frames
+    detail = bank.detail(faces, shown)               # generated faces (B, 3, S, S) for source frames shown (B,)
+                                                     # -> (B, F, F, 3) detail, 0 outside the mouth area
+    paste(frame, crop, blend, texture=detail[k])     # added where the source's own detail is not (blend.keep_weight)
+
+The keys are compared as zero-mean luma patches, so the VAE's colour drift does not matter.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .restore import MIN_UPSCALE
+from .tracking import crop_faces, pixel_box, to_crop_coords
+
+PATCH = 8  # patch side, S px
+STRIDE = 4  # patch step, S px (half a patch: the Hann windows of neighbours sum to 1)
+SHIFT = 1  # S px: each patch is also looked up this far off its place, in each direction (the same mouth, moved)
+EXCLUDE = 12  # frames within this many of the drawn one are never a source of detail (half a second at 25 fps)
+MAX_FRAMES = 256  # frames in a bank, spread evenly over the video
+LIPS = slice(48, 60)
+
+
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, h, w) RGB -> (B, h, w) Rec. 601 luma."""
+    return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+
+
+def hann(n: int) -> torch.Tensor:
+    """Periodic Hann window (n,): added to itself shifted by n / 2 it gives 1."""
+    return torch.sin(torch.pi * (torch.arange(n) + 0.5) / n) ** 2
+
+
+def high_band(big: torch.Tensor, size: int) -> torch.Tensor:
+    """Crops (B, 3, F, F) float -> (B, 3, F, F) what a crop at size px cannot hold: the crop minus its trip down to
+    size px (antialiased) and back up (bilinear), as blend.low_band splits the source."""
+    small = F.interpolate(big, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return big - F.interpolate(small, size=big.shape[-2:], mode="bilinear", align_corners=False)
+
+
+@dataclass
+class TextureBank:
+    frames: np.ndarray  # (N,) int64: the source frame of each entry
+    coarse: torch.Tensor  # (N, S, S) float16 luma of each entry's crop
+    fine: torch.Tensor  # (N, h, w, 3) float16 fine detail of the area plus a SHIFT-px margin, at F px
+    area: tuple  # (top, left, gh, gw): the patch grid's corner in S px and its size in patches (P = gh gw)
+    scale: int  # F / S
+    shift: int = SHIFT
+    _keys: torch.Tensor | None = field(default=None, repr=False)
+
+    def patches(self, coarse: torch.Tensor, dy: int = 0, dx: int = 0) -> torch.Tensor:
+        """Luma (B, S, S) -> (B, P, PATCH^2) zero-mean patches of the area moved by (dy, dx) px."""
+        top, left, gh, gw = self.area
+        k = coarse[:, top + dy: top + dy + (gh - 1) * STRIDE + PATCH, left + dx: left + dx + (gw - 1) * STRIDE + PATCH]
+        p = F.unfold(k[:, None].float(), PATCH, stride=STRIDE).transpose(1, 2)  # (B, P, PATCH^2)
+        return p - p.mean(-1, keepdim=True)
+
+    def moves(self) -> list:
+        """[(dy, dx), ...]: the M places, in S px, where each patch is looked up."""
+        r = range(-self.shift, self.shift + 1)
+        return [(dy, dx) for dy in r for dx in r]
+
+    def keys(self) -> tuple:
+        """Every entry's patches at every move, made on first use (not stored on disk): (P, M N, PATCH^2) float16
+        and their squared norms (P, M N) float32."""
+        if self._keys is None:
+            keys = torch.cat([self.patches(self.coarse, dy, dx) for dy, dx in self.moves()]).transpose(0, 1)
+            self._keys = keys.half().contiguous(), (keys * keys).sum(-1)
+        return self._keys
+
+    def choose(self, faces: torch.Tensor, shown, exclude: int = EXCLUDE) -> torch.Tensor:
+        """Faces (B, 3, S, S) in [0, 255] drawn for source frames shown (B,) -> (B, P): per patch, the nearest key
+        as move m * N + entry n, among entries more than `exclude` frames away from the shown one (all entries when
+        none is that far)."""
+        q = self.patches(luma(faces.float())).transpose(0, 1)  # (P, B, D)
+        keys, norms = self.keys()
+        n = len(self.frames)
+        d = torch.cat([norms[:, None, k: k + n] - 2 * q @ keys[:, k: k + n].float().transpose(1, 2)
+                       for k in range(0, keys.shape[1], n)], -1)  # (P, B, M N): |key - q|^2 - |q|^2, a move a time
+        near = np.abs(self.frames[None, :] - np.asarray(shown)[:, None]) <= exclude  # (B, N)
+        near[near.all(1)] = False
+        near = torch.from_numpy(np.tile(near, len(self.moves())))  # (B, M N)
+        return d.transpose(0, 1).masked_fill(near[:, None, :], float("inf")).argmin(-1)  # (B, P)
+
+    def detail(self, faces: torch.Tensor, shown, exclude: int = EXCLUDE) -> torch.Tensor:
+        """Faces (B, 3, S, S) in [0, 255] for source frames shown (B,) -> (B, F, F, 3) float: the chosen entries'
+        fine patches (moved as matched), Hann-windowed and overlap-added; 0 outside the area."""
+        top, left, gh, gw = self.area
+        s, m, pf = self.scale, self.shift, PATCH * self.scale
+        pick = self.choose(faces, shown, exclude)  # (B, P)
+        n, hm, wm, _ = self.fine.shape
+        h, w = hm - 2 * m * s, wm - 2 * m * s  # the area at F px, without the margin
+        move = torch.tensor([(m + dy) * s * wm + (m + dx) * s for dy, dx in self.moves()])  # (M,) pixel offsets
+        step = torch.arange(pf)
+        corner = (torch.arange(gh) * STRIDE * s)[:, None] * wm + torch.arange(gw) * STRIDE * s  # (gh, gw)
+        inside = corner.reshape(-1, 1) + (step[:, None] * wm + step).reshape(1, -1)  # (P, pf^2)
+        at = ((pick % n) * (hm * wm) + move[pick // n])[..., None] + inside  # (B, P, pf^2) into (N hm wm, 3)
+        win = torch.outer(hann(pf), hann(pf)).reshape(-1, 1)  # (pf^2, 1)
+        chosen = self.fine.reshape(-1, 3)[at].float() * win  # (B, P, pf^2, 3)
+        cols = chosen.permute(0, 3, 2, 1).reshape(len(pick), 3 * pf * pf, -1)  # (B, 3 pf^2, P), F.fold's order
+        out = F.fold(cols, (h, w), pf, stride=STRIDE * s)  # (B, 3, h, w)
+        norm = F.fold(win.reshape(1, -1, 1).expand(1, -1, gh * gw), (h, w), pf, stride=STRIDE * s)  # (1, 1, h, w)
+        size = self.coarse.shape[-1] * s
+        full = out.new_zeros(len(pick), 3, size, size)
+        full[:, :, top * s: top * s + h, left * s: left * s + w] = out / norm.clamp_min(1e-2)
+        return full.permute(0, 2, 3, 1)
+
+
+def texture_bank(frames, track, size: int, max_frames: int = MAX_FRAMES) -> TextureBank | None:
+    """Source frames (N, H, W, 3) uint8 and their face track -> the avatar's TextureBank for crops of `size` px, or
+    None when the faces are pasted at most MIN_UPSCALE times the crop (no detail finer than the crop to borrow)."""
+    good = np.flatnonzero(track.face)
+    side = float(np.median([pixel_box(b)[3] for b in track.boxes[good]])) if len(good) else 0.0
+    if side <= MIN_UPSCALE * size:
+        return None
+    scale = int(np.ceil(side / size))  # F = scale * size >= the face's side
+    pick = good[np.unique(np.linspace(0, len(good) - 1, min(max_frames, len(good))).round().astype(np.int64))]
+
+    # the area: every frame's lips with the margins of blend.make_blend's mouth box and its fade, in crop px, with
+    # room for the moves
+    lips = to_crop_coords(track.landmarks[good][:, LIPS], track.boxes[good], size)  # (n, 12, 2)
+    mw = float((lips[..., 0].max(1) - lips[..., 0].min(1)).max())
+    lo, hi = SHIFT, size - PATCH - SHIFT  # the range of patch corners
+    top = int(np.clip(np.floor(lips[..., 1].min() - 0.3 * mw), lo, hi))
+    left = int(np.clip(np.floor(lips[..., 0].min() - 0.35 * mw), lo, hi))
+    gh = int(np.clip(np.ceil((lips[..., 1].max() + 0.8 * mw - top - PATCH) / STRIDE) + 1, 1, (hi - top) // STRIDE + 1))
+    gw = int(np.clip(np.ceil((lips[..., 0].max() + 0.35 * mw - left - PATCH) / STRIDE) + 1, 1,
+                     (hi - left) // STRIDE + 1))
+    y, x = (top - SHIFT) * scale, (left - SHIFT) * scale
+    h, w = ((gh - 1) * STRIDE + PATCH + 2 * SHIFT) * scale, ((gw - 1) * STRIDE + PATCH + 2 * SHIFT) * scale
+
+    coarse, fine = [], []
+    for part in np.array_split(pick, max(1, len(pick) // 16)):
+        big = torch.from_numpy(crop_faces(frames[part], track.boxes[part], size * scale)).permute(0, 3, 1, 2).float()
+        fine.append(high_band(big, size)[:, :, y: y + h, x: x + w].permute(0, 2, 3, 1).half())  # (b, h, w, 3)
+        small = F.interpolate(big, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        coarse.append(luma(small).half())  # (b, S, S)
+    return TextureBank(pick, torch.cat(coarse), torch.cat(fine), (top, left, gh, gw), scale)

@@ -1,0 +1,169 @@
+"""The mouth texture (lipsync.texture): a generated face that matches a frame gets that frame's own fine detail, also
+when moved; frames near the drawn one are never used; small faces get no bank; the paste adds the texture only around
+the mouth; avatars keep the bank on disk and infer.py's frames use it."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from lipsync import texture
+from lipsync.avatar import load_avatar, save_avatar
+from lipsync.blend import keep_weight, make_blend, paste
+from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
+from lipsync.model import LipSync
+from lipsync.pipeline import avatar_frames, prepare_avatar
+from lipsync.texture import EXCLUDE, high_band, texture_bank
+from lipsync.track import Track
+from lipsync.tracking import crop_box, crop_face, crop_faces, pixel_box, template_landmarks
+from lipsync.unet import UNet, UNetConfig
+from lipsync.vae import AutoencoderKL, VAEConfig
+
+S = 64
+
+
+def noise_video(n=30, seed=0):
+    """n frames (200, 200, 3) of noise (detail at every scale), one face box 184 px wide -> (frames, track)."""
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 256, (n, 200, 200, 3), dtype=np.uint8)
+    lm = template_landmarks((40, 30, 160, 170))
+    track = Track(np.repeat(lm[None], n, 0), np.ones(n, bool), np.repeat(crop_box(lm)[None], n, 0), "test")
+    return frames, track
+
+
+def crops_of(bank, frames, track, j):
+    """Frame j's crop at F px and at S px, float (1, 3, ., .)."""
+    big = torch.from_numpy(crop_faces(frames[j:j + 1], track.boxes[j:j + 1], S * bank.scale)).permute(0, 3, 1, 2)
+    big = big.float()
+    return big, F.interpolate(big, size=(S, S), mode="bilinear", antialias=True, align_corners=False)
+
+
+def area_mask(bank, inset=0):
+    """(F, F) bool: the bank's area at F px, less `inset` px at each edge."""
+    top, left, gh, gw = bank.area
+    s = bank.scale
+    m = torch.zeros(S * s, S * s, dtype=torch.bool)
+    m[top * s + inset: (top + (gh - 1) * texture.STRIDE + texture.PATCH) * s - inset,
+      left * s + inset: (left + (gw - 1) * texture.STRIDE + texture.PATCH) * s - inset] = True
+    return m
+
+
+def interior(bank):
+    """The area less half a patch at each edge: there the Hann windows of the overlapping patches sum to 1 (at the
+    area's edge a single patch, windowed, fades the detail out)."""
+    return area_mask(bank, texture.STRIDE * bank.scale)
+
+
+def test_a_face_that_is_a_frames_crop_gets_that_frames_own_fine_detail_and_none_outside_the_area():
+    frames, track = noise_video()
+    bank = texture_bank(frames, track, S)
+    assert bank.scale == 3 and len(bank.frames) == 30  # a 184 px face: F = 192 >= its side
+    big, small = crops_of(bank, frames, track, 20)
+    got = bank.detail(small, [0])[0]  # (F, F, 3); frame 0 is drawn, so frame 20 may lend
+    want = high_band(big, S)[0].permute(1, 2, 0)
+    inside = interior(bank)
+    assert inside.sum() > 2000
+    assert (got[inside] - want[inside]).abs().max() < 0.5  # the fine band is stored in float16
+    assert want[inside].abs().mean() > 20
+    assert got[~area_mask(bank)].abs().max() == 0
+
+
+def test_a_moved_face_gets_the_detail_moved_with_it():
+    """The face drawn 1 px lower and 1 px to the left: the lookup finds it SHIFT px off its place and takes the fine
+    patches from there, so the detail is the frame's, moved by the same amount at F px."""
+    frames, track = noise_video()
+    bank = texture_bank(frames, track, S)
+    big, small = crops_of(bank, frames, track, 20)
+    s = bank.scale
+    got = bank.detail(torch.roll(small, (1, -1), (2, 3)), [0])[0]
+    want = torch.roll(high_band(big, S)[0].permute(1, 2, 0), (s, -s), (0, 1))
+    inside = interior(bank)
+    assert (got[inside] - want[inside]).abs().max() < 0.5
+    unmoved = high_band(big, S)[0].permute(1, 2, 0)
+    assert (got[inside] - unmoved[inside]).abs().mean() > 10
+
+
+def test_the_nearest_patch_lends_not_the_one_most_alike_in_direction():
+    """Frame 5 is frame 20 at twice the contrast: its patches point the same way, with a larger dot product with
+    frame 20's, but they are farther; frame 20 must lend."""
+    frames, track = noise_video()
+    frames[20] = frames[20] // 2 + 64
+    frames[5] = np.clip(2 * (frames[20].astype(int) - 128) + 128, 0, 255)
+    bank = texture_bank(frames, track, S)
+    _, small = crops_of(bank, frames, track, 20)
+    assert (bank.frames[bank.choose(small, [0], exclude=-1) % len(bank.frames)] == 20).all()
+
+
+def test_frames_near_the_drawn_one_never_lend_their_detail():
+    frames, track = noise_video()
+    bank = texture_bank(frames, track, S)
+    _, small = crops_of(bank, frames, track, 20)
+    n = len(bank.frames)
+    lender = bank.frames[bank.choose(small, [20]) % n]  # (1, P)
+    assert np.abs(lender - 20).min() > EXCLUDE
+    assert (bank.frames[bank.choose(small, [20], exclude=-1) % n] == 20).all()  # without the rule: its own detail
+    few = texture_bank(frames[:10], Track(track.landmarks[:10], track.face[:10], track.boxes[:10], "test"), S)
+    assert few.choose(small, [5]).shape == (1, len(lender[0]))  # all within EXCLUDE: every frame may lend
+
+
+def test_faces_pasted_at_most_1_25x_the_crop_get_no_bank():
+    frames, track = noise_video(n=4)
+    side = pixel_box(track.boxes[0])[3]
+    assert texture_bank(frames, track, int(np.ceil(side / 1.25))) is None
+    assert texture_bank(frames, track, int(np.ceil(side / 1.25)) - 2) is not None
+
+
+def test_the_paste_adds_the_texture_around_the_mouth_only():
+    """paste(texture=...): inside the mouth box (clear of its feather) the output moves by the texture; where the
+    source's own detail is kept it is exactly the paste without it; outside the mask the source."""
+    lm = template_landmarks((50, 40, 150, 170))
+    cbox = crop_box(lm)
+    rng = np.random.default_rng(0)
+    frame = np.clip(rng.normal(150, 12, (240, 200, 3)), 0, 255).astype(np.uint8)
+    blend = make_blend(lm, cbox, frame.shape[:2])
+    crop = crop_face(frame, cbox, 64)
+    tex = torch.full((128, 128, 3), 30.0)
+    with_tex, without = paste(frame, crop, blend, texture=tex), paste(frame, crop, blend)
+    t, left, b, r = blend.rect
+    keep = np.ones(frame.shape[:2], np.float32)
+    keep[t:b, left:r] = keep_weight(blend.mask.shape, blend.mouth, max(1, round(0.06 * pixel_box(cbox)[3]))).numpy()
+    mask = np.zeros(frame.shape[:2], np.float32)
+    mask[t:b, left:r] = blend.mask
+    core = (mask > 0.999) & (keep < 1e-3)
+    diff = with_tex.astype(int) - without
+    assert core.sum() > 50
+    assert np.abs(diff[core] - 30).max() <= 1
+    assert np.array_equal(with_tex[keep == 1], without[keep == 1])
+    assert np.array_equal(with_tex[mask == 0], frame[mask == 0])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return LipSync(UNet(UNetConfig.tiny()), AutoencoderKL(VAEConfig.tiny()), MelEncoder(MelEncoderConfig.tiny()),
+                   S).eval()
+
+
+def test_avatars_keep_the_bank_on_disk_and_their_frames_use_it(tiny, tmp_path):
+    frames, track = noise_video(n=16)
+    avatar = prepare_avatar(frames, 25.0, track, tiny)
+    assert avatar.texture is not None
+    assert prepare_avatar(frames, 25.0, track, tiny, texture=False).texture is None
+    loaded = load_avatar(save_avatar(avatar, tmp_path / "av"), tiny)
+    for name in ("coarse", "fine"):
+        assert torch.equal(getattr(loaded.texture, name), getattr(avatar.texture, name))
+    assert np.array_equal(loaded.texture.frames, avatar.texture.frames) and loaded.texture.area == avatar.texture.area
+    windows = tiny.audio_windows(torch.zeros(16000), 16, 25.0)
+    on = np.stack(list(avatar_frames(tiny, loaded, windows)))
+    off = np.stack(list(avatar_frames(tiny, loaded, windows, texture=False)))
+    loaded.texture = None
+    assert np.array_equal(off, np.stack(list(avatar_frames(tiny, loaded, windows))))
+    changed = np.abs(on.astype(int) - off).max((0, 3)) > 0  # (H, W): pixels the texture moved in some frame
+    blend = avatar.blends[0]
+    t, left, b, r = blend.rect
+    mt, ml, mb, mr = blend.mouth
+    box = np.zeros_like(changed)
+    box[t + mt:t + mb, left + ml:left + mr] = True
+    reach = ndimage.binary_dilation(box, np.ones((3, 3)), iterations=max(1, round(0.06 * pixel_box(track.boxes[0])[3])) + 1)
+    assert changed[box].mean() > 0.5 and not changed[~reach].any()
