@@ -117,13 +117,11 @@ def test_faces_pasted_at_most_1_25x_the_crop_get_no_bank():
 def test_the_paste_adds_the_texture_around_the_mouth_only():
     """paste(texture=...): inside the mouth box (clear of its feather) the output moves by the texture; where the
     source's own detail is kept it is exactly the paste without it; outside the mask the source."""
-    lm = template_landmarks((50, 40, 150, 170))
-    cbox = crop_box(lm)
-    rng = np.random.default_rng(0)
-    frame = np.clip(rng.normal(150, 12, (240, 200, 3)), 0, 255).astype(np.uint8)
-    blend = make_blend(lm, cbox, frame.shape[:2])
-    crop = crop_face(frame, cbox, 64)
-    tex = torch.full((128, 128, 3), 30.0)
+    frames, track = noise_video(n=1)
+    frame, cbox = frames[0] // 2 + 64, track.boxes[0]  # room for +30 levels
+    blend = make_blend(track.landmarks[0], cbox, frame.shape[:2])
+    crop = crop_face(frame, cbox, S)
+    tex = torch.full((3 * S, 3 * S, 3), 30.0)
     with_tex, without = paste(frame, crop, blend, texture=tex), paste(frame, crop, blend)
     t, left, b, r = blend.rect
     keep = np.ones(frame.shape[:2], np.float32)
