@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from lipsync import audio, blend, melspec, pipeline, references, tracking, vae, video, windows
+from lipsync import audio, blend, melspec, pipeline, references, texture, tracking, vae, video, windows
 from lipsync.avatar import Avatar
 from lipsync.track import read_track, track_file
 from lipsync.mel_encoder import MelEncoderConfig
@@ -119,10 +119,14 @@ def test_one_frame_traced_as_the_readme_tells_it(tmp_path):
         top, left, bottom, right = b.rect
         assert 0 <= top < bottom <= H and 0 <= left < right <= W
         assert b.mask.shape == (bottom - top, right - left) and 0 <= b.mask.min() and b.mask.max() <= 1
+    #    faces pasted over 1.25 S: the mouth texture bank, for the whole video (texture.texture_bank)
+    bank = texture.texture_bank(frames, track, S)
+    assert bank.coarse.shape == (N_SOURCE, S, S) and bank.fine.shape[0] == N_SOURCE
 
     avatar = pipeline.prepare_avatar(frames, FPS, track, model)  # all of 3-5, as infer.py runs it
     assert torch.equal(avatar.latents, unet_in)
     assert all(a.rect == b.rect and np.array_equal(a.mask, b.mask) for a, b in zip(avatar.blends, blends))
+    assert torch.equal(avatar.texture.coarse, bank.coarse) and torch.equal(avatar.texture.fine, bank.fine)
 
     # ---- once per audio file
     # 6. wave: audio.load_audio -> 16 kHz mono float32
@@ -172,8 +176,12 @@ def test_one_frame_traced_as_the_readme_tells_it(tmp_path):
     crop = vae.to_uint8_images(face)[0]
     assert crop.shape == (S, S, 3) and crop.dtype == np.uint8
 
-    # 11. blend.paste -> frame (H, W, 3) uint8, the source's exact pixels where the mask is 0; video.write_video
-    out = blend.paste(avatar.frames[src], crop, avatar.blends[src])
+    # 11. blend.paste -> frame (H, W, 3) uint8, the source's exact pixels where the mask is 0; video.write_video;
+    #     with the mouth texture the avatar's bank lends for this face (the demo's 129 px faces are over 1.25 S)
+    assert avatar.texture is not None
+    lent = avatar.texture.detail(pipeline.to_pixels(face), [src])[0]
+    assert lent.shape == (S * avatar.texture.scale, S * avatar.texture.scale, 3)
+    out = blend.paste(avatar.frames[src], crop, avatar.blends[src], texture=lent)
     assert out.shape == (H, W, 3) and out.dtype == np.uint8
     top, left, bottom, right = avatar.blends[src].rect
     outside = np.ones((H, W), bool)
