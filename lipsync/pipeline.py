@@ -5,10 +5,11 @@ the UNet's image input per frame -- latents of [masked crop, reference crop], th
 rule (lipsync.references: the frame itself as in MuseTalk's inference, or a closed-mouthed frame of similar pose;
 under the "audio" rule every frame keeps its own crop and the speech picks the reference per output frame, in
 avatar_frames, whose crop is then warped onto the frame's eyes and nose and encoded) unless
-`prepare_avatar(reference=...)` names another rule or other frames -- and the blend masks (lipsync.blend). Output
+`prepare_avatar(reference=...)` names another rule or other frames -- the blend masks (lipsync.blend), and for faces
+pasted over 1.25x the crop a bank of the video's own fine mouth detail (lipsync.texture). Output
 frame i shows source frame `avatar.source_index(i)`: the video plays forward then backward (ping-pong, 2N cycle), so
 audio longer than the video loops without a jump. Per frame the loop then runs only audio windows ->
-LipSync.forward (PE, UNet, VAE decode) -> paste.
+LipSync.forward (PE, UNet, VAE decode) -> the texture the bank lends for each face -> paste.
 
     track = track_frames(frames, tracker)                 # lipsync.track: or read_track(...), a BoxTracker for --bbox
     avatar = prepare_avatar(frames, fps, track, model)    # lipsync.avatar: save_avatar(avatar, DIR) / load_avatar(DIR)
