@@ -160,14 +160,19 @@ def resize_crop(crop: np.ndarray, h: int, w: int) -> torch.Tensor:
     return x[0].permute(1, 2, 0)
 
 
+def round_trip(x: torch.Tensor, h: int, w: int) -> tuple:
+    """Float (B, C, H, W) -> (small, low): small (B, C, h, w) antialiased bilinear, as tracking.crop_face takes a
+    face box down to the crop; low (B, C, H, W) = small back up, bilinear, as resize_crop. x - low is the detail a
+    crop of (h, w) px cannot hold (the paste's source detail here, lipsync.texture's bank)."""
+    small = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return small, F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
 def low_band(patch: torch.Tensor, scale_h: float, scale_w: float) -> torch.Tensor:
-    """Float (h, w, 3) -> the same size after a trip down to (h scale_h, w scale_w) pixels (antialiased, as
-    tracking.crop_face takes a face box down to the crop) and back up (bilinear, as resize_crop)."""
+    """Float (h, w, 3) -> the same size after a trip down to (h scale_h, w scale_w) pixels and back (round_trip)."""
     h, w = patch.shape[:2]
-    x = patch.permute(2, 0, 1)[None]
-    small = F.interpolate(x, size=(max(1, round(h * scale_h)), max(1, round(w * scale_w))), mode="bilinear",
-                          antialias=True, align_corners=False)
-    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+    _, low = round_trip(patch.permute(2, 0, 1)[None], max(1, round(h * scale_h)), max(1, round(w * scale_w)))
+    return low[0].permute(1, 2, 0)
 
 
 def keep_weight(shape, mouth, radius: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ from .texture import texture_bank
 from .streaming import WindowStream
 from .track import Track
 from .tracking import crop_faces, to_crop_coords
-from .vae import to_model_images, to_uint8_images
+from .vae import to_model_images, to_pixels, to_uint8_images, to_uint8_pixels
 
 # ----------------------------------------------------------------------------- avatar
 
@@ -92,11 +92,6 @@ def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", b
                   model.geometry, rule, bank)
 
 
-def to_pixels(faces: torch.Tensor) -> torch.Tensor:
-    """Model images (b, 3, S, S) in about [-1, 1] -> float [0, 255] (clamped), on the CPU."""
-    return (faces.float().clamp(-1, 1) + 1).mul_(127.5).cpu()
-
-
 # ----------------------------------------------------------------------------- generation
 
 
@@ -138,9 +133,10 @@ def render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: boo
         if refs is not None:
             unet_in = torch.cat([unet_in[:, :4], aligned_references(model, avatar, refs[sel], src[sel])], 1)
         faces = model.generate(unet_in, windows[torch.from_numpy(sel)])  # (b', 3, S, S)
-        crops = iter(to_uint8_images(faces))  # (b', S, S, 3)
+        pixels = to_pixels(faces)  # (b', 3, S, S) float in [0, 255]
+        crops = iter(to_uint8_pixels(pixels))  # (b', S, S, 3)
         fines = iter(restored(model, faces, [avatar.blends[i] for i in src[sel]]))
-        textures = iter(avatar.texture.detail(to_pixels(faces), src[sel]) if avatar.texture is not None and texture
+        textures = iter(avatar.texture.detail(pixels, src[sel]) if avatar.texture is not None and texture
                         else [None] * len(sel))  # (b', F, F, 3) each
     for j, i in enumerate(src):
         yield (paste(avatar.frames[i], next(crops), avatar.blends[i], colour, detail, next(fines), next(textures))

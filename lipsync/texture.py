@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .blend import round_trip
 from .restore import MIN_UPSCALE
 from .tracking import crop_faces, pixel_box, to_crop_coords
 
@@ -43,13 +44,6 @@ def luma(x: torch.Tensor) -> torch.Tensor:
 def hann(n: int) -> torch.Tensor:
     """Periodic Hann window (n,): added to itself shifted by n / 2 it gives 1."""
     return torch.sin(torch.pi * (torch.arange(n) + 0.5) / n) ** 2
-
-
-def high_band(big: torch.Tensor, size: int) -> torch.Tensor:
-    """Crops (B, 3, F, F) float -> (B, 3, F, F) what a crop at size px cannot hold: the crop minus its trip down to
-    size px (antialiased) and back up (bilinear), as blend.low_band splits the source."""
-    small = F.interpolate(big, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return big - F.interpolate(small, size=big.shape[-2:], mode="bilinear", align_corners=False)
 
 
 @dataclass
@@ -146,7 +140,7 @@ def texture_bank(frames, track, size: int, max_frames: int = MAX_FRAMES) -> Text
     coarse, fine = [], []
     for part in np.array_split(pick, max(1, len(pick) // 16)):
         big = torch.from_numpy(crop_faces(frames[part], track.boxes[part], size * scale)).permute(0, 3, 1, 2).float()
-        fine.append(high_band(big, size)[:, :, y: y + h, x: x + w].permute(0, 2, 3, 1).half())  # (b, h, w, 3)
-        small = F.interpolate(big, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        small, low = round_trip(big, size, size)  # the crop at S px, and back up to F px
+        fine.append((big - low)[:, :, y: y + h, x: x + w].permute(0, 2, 3, 1).half())  # (b, h, w, 3)
         coarse.append(luma(small).half())  # (b, S, S)
     return TextureBank(pick, torch.cat(coarse), torch.cat(fine), (top, left, gh, gw), scale)

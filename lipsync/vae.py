@@ -168,10 +168,19 @@ def to_model_images(crops) -> torch.Tensor:
     return crops
 
 
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) in about [-1, 1] -> float32 (B, 3, S, S) in [0, 255] (clamped), on the CPU."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).cpu()
+
+
 def to_uint8_images(images: torch.Tensor) -> np.ndarray:
     """(B, 3, S, S) in [-1, 1] -> uint8 (B, S, S, 3) RGB numpy."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8_pixels(to_pixels(images))
+
+
+def to_uint8_pixels(pixels: torch.Tensor) -> np.ndarray:
+    """float (B, 3, S, S) in [0, 255] (to_pixels) -> uint8 (B, S, S, 3) RGB numpy, rounded."""
+    return pixels.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def mask_lower_half(images: torch.Tensor) -> torch.Tensor:

@@ -5,16 +5,15 @@ the mouth; avatars keep the bank on disk and infer.py's frames use it."""
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from lipsync import texture
 from lipsync.avatar import load_avatar, save_avatar
-from lipsync.blend import keep_weight, make_blend, paste
+from lipsync.blend import keep_weight, make_blend, paste, round_trip
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
 from lipsync.model import LipSync
 from lipsync.pipeline import avatar_frames, prepare_avatar
-from lipsync.texture import EXCLUDE, high_band, texture_bank
+from lipsync.texture import EXCLUDE, texture_bank
 from lipsync.track import Track
 from lipsync.tracking import crop_box, crop_face, crop_faces, pixel_box, template_landmarks
 from lipsync.unet import UNet, UNetConfig
@@ -36,7 +35,12 @@ def crops_of(bank, frames, track, j):
     """Frame j's crop at F px and at S px, float (1, 3, ., .)."""
     big = torch.from_numpy(crop_faces(frames[j:j + 1], track.boxes[j:j + 1], S * bank.scale)).permute(0, 3, 1, 2)
     big = big.float()
-    return big, F.interpolate(big, size=(S, S), mode="bilinear", antialias=True, align_corners=False)
+    return big, round_trip(big, S, S)[0]
+
+
+def high_band(big):
+    """Crops (B, 3, F, F) -> what a crop of S px cannot hold (the bank's fine detail)."""
+    return big - round_trip(big, S, S)[1]
 
 
 def area_mask(bank, inset=0):
@@ -61,7 +65,7 @@ def test_a_face_that_is_a_frames_crop_gets_that_frames_own_fine_detail_and_none_
     assert bank.scale == 3 and len(bank.frames) == 30  # a 184 px face: F = 192 >= its side
     big, small = crops_of(bank, frames, track, 20)
     got = bank.detail(small, [0])[0]  # (F, F, 3); frame 0 is drawn, so frame 20 may lend
-    want = high_band(big, S)[0].permute(1, 2, 0)
+    want = high_band(big)[0].permute(1, 2, 0)
     inside = interior(bank)
     assert inside.sum() > 2000
     assert (got[inside] - want[inside]).abs().max() < 0.5  # the fine band is stored in float16
@@ -77,10 +81,10 @@ def test_a_moved_face_gets_the_detail_moved_with_it():
     big, small = crops_of(bank, frames, track, 20)
     s = bank.scale
     got = bank.detail(torch.roll(small, (1, -1), (2, 3)), [0])[0]
-    want = torch.roll(high_band(big, S)[0].permute(1, 2, 0), (s, -s), (0, 1))
+    want = torch.roll(high_band(big)[0].permute(1, 2, 0), (s, -s), (0, 1))
     inside = interior(bank)
     assert (got[inside] - want[inside]).abs().max() < 0.5
-    unmoved = high_band(big, S)[0].permute(1, 2, 0)
+    unmoved = high_band(big)[0].permute(1, 2, 0)
     assert (got[inside] - unmoved[inside]).abs().mean() > 10
 
 
