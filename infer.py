@@ -84,7 +84,8 @@ def parse_args(argv):
     p.add_argument("--audio-guidance", type=float, metavar="G", help="how far the mouth follows the speech: each "
                    "frame is also generated with silence and the speech's change from that silent face is scaled by "
                    "G (1 = none, MuseTalk's one pass; above 1 a wider-moving mouth for two UNet passes a frame). "
-                   "Default: the checkpoint's (1 for the official weights)")
+                   "Default: the checkpoint's (1 for the official weights; with the audio rule on a face whose mouth "
+                   "never opens, such as a photo, its opening head's)")
     p.add_argument("--no-source-detail", action="store_true", help="paste the generated face alone, soft at the "
                    "crop's resolution (MuseTalk's paste); by default the source's own detail finer than the crop "
                    "(skin texture, the jaw line) is kept everywhere but around the mouth")
@@ -267,8 +268,10 @@ def load_model(args, inputs: Inputs, device, dtype):
     else:
         model = load_lipsync(inputs.ckpt, device, dtype, whisper=args.whisper)
     model = model.to(device)  # the weights are there already; this also moves the PE buffer
-    if args.audio_guidance is not None:
+    if args.audio_guidance is not None:  # also on faces whose mouth never opens (the opening head's shut_guidance)
         model.guidance = args.audio_guidance
+        if model.opening is not None:
+            model.opening.cfg.shut_guidance = args.audio_guidance
     if args.no_restorer:
         model.restorer = None
     if args.reference == "audio":  # before tracking faces: the rule cannot run without the head

@@ -155,6 +155,9 @@ class TrainConfig:
     opening_whisper: str = flag("", "opening stage: a whisper encoder folder or file for the head to read the speech "
                                     "with (stored with it; its windows can order a new voice's openings better than a "
                                     "MelEncoder generator's own); default: the generator's own audio encoder")
+    opening_shut_guidance: float = flag(OpeningConfig.shut_guidance, "opening stage: the audio guidance the audio "
+                                        "rule uses on a face whose mouth never opens (a photo: no open mouth to show "
+                                        "as reference), stored with the head; 1 = none")
     d_lr: float = flag(2e-4, "stage 2: learning rate of the face and mouth discriminators")
     grad_accum: int = flag(1, "stage 2: micro-batches per optimizer step")
     optim: OptimConfig = flag(OptimConfig())
@@ -442,7 +445,8 @@ def stage_opening(run: Run, root):
     encoder = load_whisper_encoder(cfg.opening_whisper).float().eval() if cfg.opening_whisper else None
     feats = (encoder or model.audio).encode(torch.zeros(16000))  # (1, L, T, D): fixes the shape of the head's input
     steps = frame_windows(feats, 1, 25.0, model.left, model.right).shape[1] // feats.shape[1]
-    model.opening = OpeningHead(OpeningConfig(steps, feats.shape[1], feats.shape[-1], cfg.opening_lam), encoder=encoder)
+    model.opening = OpeningHead(OpeningConfig(steps, feats.shape[1], feats.shape[-1], cfg.opening_lam,
+                                              cfg.opening_shut_guidance), encoder=encoder)
     xs, ys = [], []
     for path in list_clips(root, "train"):
         clip = load_clip(path)

@@ -47,10 +47,10 @@ from .vae import AutoencoderKL, FaceVAE, VAEConfig
 from .windows import PositionalEncoding, frame_windows
 
 
-def check_guidance(g: float, error=ValueError) -> float:
+def check_guidance(g: float, error=ValueError, flag: str = "--audio-guidance") -> float:
     """An audio guidance scale must be a finite number >= 0 (0 = the silent face, 1 = none)."""
     if not (math.isfinite(g) and g >= 0):
-        raise error(f"--audio-guidance must be a number >= 0 (1 = none), not {g}")
+        raise error(f"{flag} must be a number >= 0 (1 = none), not {g}")
     return g
 
 

@@ -15,6 +15,10 @@ Only the ranks of the predictions are used (a speaker's own range of openings co
 what matters is that the head orders the frames by how open the mouth should be. Pauses are not left to the ranks:
 `quiet_frames` marks the frames where the speech falls QUIET_DB under its loud frames for at least QUIET_RUN frames,
 and LipSync.openings gives them -inf, which the rule reads as "the most closed mouth the video has".
+
+A video whose mouth never opens (a still photo; a face that listens) has only closed mouths to show, whatever the
+speech asks for; a generator trained to draw its reference's mouth then keeps it closed. There the head's
+`shut_guidance` scales the audio's own pull instead (pipeline.avatar_frames).
 """
 
 from dataclasses import dataclass
@@ -32,6 +36,9 @@ class OpeningConfig:
     dim: int = 384  # features per state
     lam: float = 30000.0  # ridge penalty on the standardised features (train.py --opening_lam; chosen on validation
     # speakers among 3e3 .. 3e6: docs/results.md)
+    shut_guidance: float = 1.0  # audio guidance (LipSync.generate) on tracks whose mouth never opens (a photo, a
+    # closed-mouthed video: references.is_shut), where the rule has no open mouth to show and the audio alone must
+    # open it; 1 = none (train.py --opening_shut_guidance, chosen on still validation faces: docs/results.md)
 
 
 class OpeningHead:

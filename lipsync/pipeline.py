@@ -95,6 +95,15 @@ def prepare_avatar(frames, fps, track: Track, model, batch_size=16, source="", b
 # ----------------------------------------------------------------------------- generation
 
 
+def shut_guidance(model, avatar: Avatar) -> float | None:
+    """The audio guidance for an avatar: under the "audio" rule on a track whose mouth never opens
+    (references.is_shut: a photo, a closed-mouthed video), the opening head's shut_guidance, since every reference
+    the rule can show is closed; otherwise None (the model's own guidance)."""
+    if avatar.reference != "audio" or model.opening is None:
+        return None
+    return model.opening.cfg.shut_guidance if references.is_shut(avatar.track.landmarks, avatar.track.face) else None
+
+
 def audio_references(avatar: Avatar, openings, start: int = 0) -> np.ndarray:
     """The "audio" rule for output frames start .. start + n - 1: their predicted openings (n,) (model.openings) ->
     (n,) each one's reference frame (references.audio_match on the avatar's track)."""
@@ -116,11 +125,12 @@ def aligned_references(model, avatar: Avatar, refs, frames) -> torch.Tensor:
 
 @torch.inference_mode()
 def render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: bool, detail: bool, pad_to: int = 0,
-           refs=None, texture: bool = True):
+           refs=None, texture: bool = True, guidance: float | None = None):
     """Audio windows (b, T, D) for output frames first .. first + b - 1 -> those frames, in order. With pad_to, the
     model always sees pad_to frames (the last face frame repeated, extra outputs dropped): static shapes for compiled
     models and CUDA graphs. refs (b,): each frame's reference frame, replacing the avatar's (the "audio" rule).
-    texture: add the avatar's mouth texture (lipsync.texture) when it has one."""
+    texture: add the avatar's mouth texture (lipsync.texture) when it has one. guidance: the audio guidance (None:
+    the model's own, LipSync.generate)."""
     src = avatar.source_index(np.arange(first, first + len(windows)))
     has = avatar.track.face[src]
     crops = iter(())
@@ -132,7 +142,7 @@ def render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: boo
         unet_in = avatar.latents[torch.from_numpy(src[sel]).to(dev)]  # (b', 8, s, s)
         if refs is not None:
             unet_in = torch.cat([unet_in[:, :4], aligned_references(model, avatar, refs[sel], src[sel])], 1)
-        faces = model.generate(unet_in, windows[torch.from_numpy(sel)])  # (b', 3, S, S)
+        faces = model.generate(unet_in, windows[torch.from_numpy(sel)], guidance)  # (b', 3, S, S)
         pixels = to_pixels(faces)  # (b', 3, S, S) float in [0, 255]
         crops = iter(to_uint8_pixels(pixels))  # (b', S, S, 3)
         fines = iter(restored(model, faces, [avatar.blends[i] for i in src[sel]]))
@@ -179,6 +189,7 @@ def avatar_frames(model, avatar: Avatar, windows, batch_size=8, start=0, colour=
             raise ValueError("an avatar with the audio reference rule needs the speech's openings for every frame "
                              "(model.openings)")
         refs = audio_references(avatar, openings, start)  # (n,)
+    guidance = shut_guidance(model, avatar)
     blocks = [windows] if isinstance(windows, torch.Tensor) else windows
     pending, done, pad_to = None, start, batch_size if static else 0
 
@@ -189,10 +200,11 @@ def avatar_frames(model, avatar: Avatar, windows, batch_size=8, start=0, colour=
         pending = block if pending is None else torch.cat([pending, block.to(pending.device)])
         while len(pending) >= batch_size:
             yield from render(model, avatar, pending[:batch_size], done, colour, detail, pad_to, part(batch_size),
-                             texture)
+                              texture, guidance)
             pending, done = pending[batch_size:], done + batch_size
     if pending is not None and len(pending):
-        yield from render(model, avatar, pending, done, colour, detail, pad_to, part(len(pending)), texture)
+        yield from render(model, avatar, pending, done, colour, detail, pad_to, part(len(pending)), texture,
+                          guidance)
 
 
 def stream_windows(model, chunks, fps):

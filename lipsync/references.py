@@ -31,6 +31,8 @@ CHUNK = 64  # frames whose pose distances closed_pose computes at once
 MIN_GAP = 5  # a reference is at least this many frames from its frame (training always; closed_pose where it can)
 CLOSED_FRACTION = 0.2  # the share of a track's face frames that count as closed-mouthed
 MATCH_POOL = 0.25  # "audio": the share of a track's other face frames, nearest in jaw pose, it picks the mouth from
+SHUT_RANGE = 0.012  # "audio": a track whose inner-lip gap spans less than this (face heights, 5th to 95th percentile)
+# never opens its mouth (the demo video: 0.006; a photo: 0; the talking clips here: 0.017 to 0.19)
 
 
 def face_height(landmarks):
@@ -41,6 +43,13 @@ def face_height(landmarks):
 def mouth_gap(landmarks):
     """(N, 68, 2) -> (N,) inner-lip gap (62 to 66) / face height: 0 when the lips meet."""
     return np.linalg.norm(landmarks[:, 62] - landmarks[:, 66], axis=-1) / face_height(landmarks)
+
+
+def is_shut(landmarks, face) -> bool:
+    """(N, 68, 2), (N,) -> True when the track's mouth never opens: its face frames' gaps span under SHUT_RANGE
+    between their 5th and 95th percentiles (one face frame, a photo, always)."""
+    gap = mouth_gap(np.asarray(landmarks, np.float64)[np.asarray(face, bool)])
+    return bool(len(gap) < 2 or np.quantile(gap, 0.95) - np.quantile(gap, 0.05) < SHUT_RANGE)
 
 
 def jaw_pose(landmarks):

@@ -571,17 +571,28 @@ def test_cli_keeps_a_video_frame_rate_other_than_25(fps, files, capsys, tmp_path
 
 
 def test_audio_guidance_defaults_to_the_checkpoints_and_the_flag_overrides_it(files, capsys, tmp_path, monkeypatch):
-    """--audio-guidance unset: the checkpoint's value (1 for ours unless set); given: that value reaches every
-    generated batch; a negative one stops with one line and writes nothing."""
+    """--audio-guidance unset: the checkpoint's value (1 for ours unless set; under the audio rule on a face whose
+    mouth never opens, its opening head's); given: that value reaches every generated batch; a negative one stops
+    with one line and writes nothing."""
     from lipsync.model import LipSync
     seen = []
     real = LipSync.generate
-    monkeypatch.setattr(LipSync, "generate", lambda self, *a, **k: seen.append(self.guidance) or real(self, *a, **k))
+    from lipsync.opening import OpeningConfig, OpeningHead
+
+    def spy(self, unet_in, windows, guidance=None):
+        seen.append(self.guidance if guidance is None else guidance)
+        return real(self, unet_in, windows, guidance)
+
+    monkeypatch.setattr(LipSync, "generate", spy)
     model = tiny_model(0)
     model.guidance = 1.5
     export(model, tmp_path / "guided.pt")
+    # the audio rule on this fixed-box track (template landmarks: a mouth that never opens) uses the head's own
+    model.opening, model.reference = OpeningHead(OpeningConfig(10, 5, 128, shut_guidance=2.0)), "audio"
+    export(model, tmp_path / "shut.pt")
     for ckpt, extra, want in ((files["ckpt"], [], 1.0), (tmp_path / "guided.pt", [], 1.5),
-                              (tmp_path / "guided.pt", ["--audio-guidance", "3"], 3.0)):
+                              (tmp_path / "guided.pt", ["--audio-guidance", "3"], 3.0), (tmp_path / "shut.pt", [], 2.0),
+                              (tmp_path / "shut.pt", ["--audio-guidance", "3"], 3.0)):
         seen.clear()
         code, err = run_cli(["--video", files["video"], "--audio", files["audio"], "--ckpt", ckpt, "--bbox", BBOX,
                              "--out", tmp_path / "o.mp4"] + extra, capsys)

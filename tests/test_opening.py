@@ -177,9 +177,9 @@ def test_the_opening_stage_fits_the_head_on_the_clips_lips_and_changes_no_weight
     export(build(UNetConfig.tiny(), VAEConfig.tiny(), MelEncoderConfig.tiny(), 64), str(init))
     out = tmp_path / "run"
     train.main(["--stage", "opening", "--init", str(init), "--data", str(tmp_path / "clips"), "--out", str(out),
-                "--opening_lam", "10"])
+                "--opening_lam", "10", "--opening_shut_guidance", "2.5"])
     before, after = load_lipsync(str(init)), load_lipsync(str(out / "lipsync.pt"))
-    assert before.opening is None and after.opening.cfg.lam == 10
+    assert before.opening is None and after.opening.cfg.lam == 10 and after.opening.cfg.shut_guidance == 2.5
     assert after.reference == "self"  # the run's --reference (pose_mouth: self); --reference audio makes it "audio"
     for part in ("unet", "vae", "audio"):
         for k, v in getattr(before, part).state_dict().items():
@@ -319,3 +319,40 @@ def test_openings_are_minus_infinity_exactly_in_the_speechs_pauses():
     got = model.openings(wave, 50, 25.0)
     quiet = quiet_frames(wave.numpy(), 50, 25.0)
     assert 20 <= quiet.sum() <= 26 and np.isneginf(got[quiet]).all() and np.isfinite(got[~quiet]).all()
+
+
+def test_a_track_is_shut_when_its_gaps_span_less_than_shut_range_between_5th_and_95th_percentiles():
+    lm, face = gap_track(np.zeros(40))
+    height = references.face_height(lm)[0]
+    span = references.SHUT_RANGE * height  # pixels
+    wide = np.linspace(0, 1.2 * span / 0.9, 40)  # 5th to 95th percentile: 0.9 of the span, 1.2 SHUT_RANGE
+    narrow = np.linspace(0, 0.8 * span / 0.9, 40)
+    assert not references.is_shut(gap_track(wide)[0], face)
+    assert references.is_shut(gap_track(narrow)[0], face)
+    outlier = np.zeros(40)
+    outlier[0] = 10 * span  # one wide frame of 40 is outside the 5th-95th percentiles: still shut
+    assert references.is_shut(gap_track(outlier)[0], face)
+    one = np.zeros(40, bool)
+    one[7] = True  # a photo: one face frame
+    assert references.is_shut(gap_track(wide)[0], one)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_audio_rule_uses_the_heads_shut_guidance_only_on_a_shut_track(spied_dub):
+    """Guidance != 1 runs the UNet on twice the faces (speech and silence in one batch): count what it is given."""
+    from lipsync import pipeline
+    from lipsync.track import Track
+    frames, track, model, calls = spied_dub
+    n = len(frames)
+    model.opening = OpeningHead(OpeningConfig(10, 5, 128, shut_guidance=2.0))
+    windows = torch.randn(n, 50, 128)
+    for gaps, rule, rows in ((np.arange(n) * 8.0, "audio", n), (np.zeros(n), "audio", 2 * n),
+                             (np.zeros(n), "self", n)):
+        lm, _ = gap_track(gaps)
+        shaped = Track(lm.astype(np.float32), track.face, track.boxes, track.tracker)
+        avatar = pipeline.prepare_avatar(frames, 25.0, shaped, model, batch_size=n, reference=rule)
+        assert pipeline.shut_guidance(model, avatar) == (2.0 if rows == 2 * n else None)
+        calls.clear()
+        list(pipeline.avatar_frames(model, avatar, windows, batch_size=n,
+                                    openings=model.opening(windows) if rule == "audio" else None))
+        assert sum(len(c) for c in calls) == rows, (gaps[:3], rule)

@@ -11,6 +11,7 @@ import json
 import os
 
 from lipsync import checks
+from lipsync.model import check_guidance
 from lipsync.training.data import REFERENCE_RULES, list_clips
 from lipsync.tracking import GEOMETRIES
 
@@ -147,6 +148,7 @@ def check_settings(cfg):
         raise ValueError(f"--restorer_input must be generated or vae, not {cfg.restorer_input!r}")
     if cfg.reference not in REFERENCE_RULES:
         raise ValueError(f"--reference must be one of {', '.join(REFERENCE_RULES)}, not {cfg.reference!r}")
+    check_guidance(cfg.opening_shut_guidance, ValueError, "--opening_shut_guidance")
     if not 0 <= cfg.audio_closed <= 1 or (cfg.audio_closed and cfg.reference != "audio"):
         raise ValueError(f"--audio_closed is a share from 0 to 1 of --reference audio's references, not "
                          f"{cfg.audio_closed} with --reference {cfg.reference}")
