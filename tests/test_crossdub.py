@@ -224,3 +224,37 @@ def test_lse_of_a_dubbed_clip_scores_its_25_fps_frames_cropped_around_the_source
     want = lse.lse(net, lse.syncnet_crops(dubbed[idx], track.landmarks[idx]), wave)
     assert want["windows"] > 15 and C.dubbed_lse(net, dubbed, 30.0, track, wave) == want
     assert C.dubbed_lse(net, dubbed, 30.0, track, wave[::-1].copy()) != want  # the speech is read
+
+
+def test_still_holds_the_first_frame_and_its_measures_for_the_clips_length_and_dubs_that(monkeypatch):
+    from lipsync.tools import crossdub as cd
+    n = 6
+    frames = np.arange(n * 4 * 4 * 3, dtype=np.uint8).reshape(n, 4, 4, 3)
+    info = {"fps": 25.0, "wave": np.zeros(4000, np.float32), "opening": np.linspace(0.1, 0.6, n),
+            "squares": np.arange(n * 4).reshape(n, 4), "rects": np.arange(n * 4).reshape(n, 4) + 1,
+            "face": np.array([True, False, True, True, True, True])}
+    held, still = cd.as_still(frames, info)
+    assert held.shape == frames.shape and (held == frames[0]).all()
+    assert (still["opening"] == 0.1).all() and (still["squares"] == info["squares"][0]).all()
+    assert (still["rects"] == info["rects"][0]).all() and still["face"].all() and still["wave"] is info["wave"]
+    seen = []
+    monkeypatch.setattr(cd.Clips, "get", lambda self, path: (frames.copy(), dict(info)))
+    monkeypatch.setattr(cd, "face_track", lambda f, geometry: None)
+    monkeypatch.setattr(cd, "dub_clip", lambda model, f, *a, **k: seen.append(f.copy()) or f)
+    monkeypatch.setattr(cd, "mesh_points", lambda f: np.zeros((len(f), 478, 3)))
+    monkeypatch.setattr(cd, "lip_opening_468", lambda mesh: np.linspace(0, 1, len(mesh)))
+    monkeypatch.setattr(cd, "detail_ratios", lambda *a: {"detail_lips": 1.0, "detail_rest": 1.0})
+    model = type("M", (), {"geometry": "square", "reference": "self", "guidance": 1.0})()
+    for still_flag in (False, True):
+        seen.clear()
+        res = cd.crossdub(model, ["a.mp4", "b.mp4"], progress=False, still=still_flag)
+        assert res["still"] is still_flag and len(seen) == 2
+        assert all((f == frames[0]).all() for f in seen) is still_flag
+        assert all(p["r_original"] == 0 == p["r_chance"] for p in res["pairs"]) is still_flag  # a constant mouth
+
+
+def test_still_needs_crossdub(capsys):
+    from lipsync.tools import eval as evaluate
+    with pytest.raises(SystemExit):
+        evaluate.main(["--ckpt", "x.pt", "--reenact", "a.mp4", "--still"])
+    assert "--still goes with --crossdub" in capsys.readouterr().err

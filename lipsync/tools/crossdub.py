@@ -33,6 +33,9 @@ Measures (`pair_metrics`), each r a Pearson r over the frames where both series 
   234 to 454, nose tip 1 to chin 152) without the mouth square for the rest (the Laplacian of the whole rectangle,
   its variance over the values whose 5-point stencil reads no pixel of the square). Ratio = sum over A's frames with
   a mesh of the dubbed detail / sum of A's (the ratio of the mean details): 1 = as sharp as the source, < 1 blurrier.
+With still (`eval --crossdub --still`), each clip's video is replaced by a photo of its person, its first frame held
+for its length (`as_still`), as `python infer.py --video photo.png` dubs one: no mouth movement to copy, and under the
+audio reference rule no open mouth to show (lipsync.opening's shut_guidance).
 Outputs with out_dir: crossdub.json (per pair: the measures and the per-frame series; the means) and one montage PNG
 per pair: rows original / dubbed / speaker, 8 evenly spaced frames of A, mouth squares (`reenact.mouth_squares`; the
 speaker's from B's frame nearest in time, black past B's end).
@@ -174,6 +177,14 @@ class Clips:
         return frames, self.info[str(path)]
 
 
+def as_still(frames, info) -> tuple:
+    """A clip as a photo of its speaker: its first frame held for the clip's length (N, H, W, 3), and Clips.get's
+    measurements of that frame repeated (the original opening is then constant: r_original and r_chance are 0)."""
+    n = len(frames)
+    held = {k: (np.repeat(v[:1], n, 0) if k in ("opening", "squares", "rects", "face") else v) for k, v in info.items()}
+    return np.repeat(frames[:1], n, 0), held
+
+
 def _rounded(x) -> list:
     """A per-frame series (N,) -> a JSON list, 5 decimals, None where unmeasured."""
     return [None if not np.isfinite(v) else round(float(v), 5) for v in x]
@@ -204,9 +215,11 @@ def dubbed_lse(syncnet, dubbed, fps, track, wave) -> dict:
 
 
 def crossdub(model, videos, out_dir=None, reference=None, batch_size=8, silence_db=-30.0, progress=True,
-             syncnet=None) -> dict:
+             syncnet=None, still=False) -> dict:
     """Dub each clip with the next one's speech -> {"pairs": [per pair: names, frames, fps, measures], "mean": ...};
-    with out_dir also crossdub.json and one montage PNG per pair; with a syncnet (lse.SyncNetV2) LSE-D / LSE-C too."""
+    with out_dir also crossdub.json and one montage PNG per pair; with a syncnet (lse.SyncNetV2) LSE-D / LSE-C too.
+    still: dub a photo of each clip's person instead (`as_still`: its first frame held for its length), the
+    speech and the speaker's mouth as before: a face that shows no mouth movement to copy or to pick from."""
     import json
 
     import imageio.v3 as iio
@@ -217,6 +230,8 @@ def crossdub(model, videos, out_dir=None, reference=None, batch_size=8, silence_
     for k, (video, speech_clip) in enumerate(tqdm(cycle_pairs(videos), desc="cross-dub", unit="pair",
                                                   disable=not progress)):
         frames, a = clips.get(video)
+        if still:
+            frames, a = as_still(frames, a)
         speaker_frames, b = clips.get(speech_clip)
         n, fps = len(frames), a["fps"]
         wave = fit_speech(b["wave"], n, fps)
@@ -242,7 +257,8 @@ def crossdub(model, videos, out_dir=None, reference=None, batch_size=8, silence_
         lse_mean = {k: float(np.mean([p["lse"][k] for p in pairs])) for k in ("lse_d", "lse_c")}
     res = {"pairs": pairs, "mean": {**mean_metrics(pairs), **({"lse": lse_mean} if syncnet is not None else {})},
            "silence_db": silence_db, "min_silence_s": MIN_SILENCE, "max_lag": MAX_LAG,
-           "reference": getattr(reference, "__name__", reference or model.reference), "guidance": model.guidance}
+           "reference": getattr(reference, "__name__", reference or model.reference), "guidance": model.guidance,
+           "still": still}
     if out_dir is not None:
         (Path(out_dir) / "crossdub.json").write_text(json.dumps(to_json(res), indent=1))
     return res

@@ -224,8 +224,10 @@ def _real_clips(args, run):
 
 def guided(model, args):
     """The model with --audio-guidance, when given, as its guidance (else the checkpoint's own)."""
-    if args.audio_guidance is not None:
+    if args.audio_guidance is not None:  # as infer.py: also on faces whose mouth never opens
         model.guidance = check_guidance(args.audio_guidance)
+        if model.opening is not None:
+            model.opening.cfg.shut_guidance = model.guidance
     return model
 
 
@@ -260,7 +262,7 @@ def crossdub_main(args):
 
     def run(model):
         return crossdub(model, args.crossdub, args.out, reference=args.reference, batch_size=min(args.batch_size, 8),
-                        silence_db=args.silence_db, syncnet=_syncnet_v2(args))
+                        silence_db=args.silence_db, syncnet=_syncnet_v2(args), still=args.still)
 
     res = _real_clips(args, run)
     print_table(res)
@@ -299,8 +301,11 @@ def main(argv=None):
     p.add_argument("--crossdub", nargs="+", metavar="VIDEO", help="cross-dubbing instead: dub each real talking "
                    "clip with the NEXT clip's speech (the last with the first's) as infer.py does, and compare the "
                    "dubbed mouth with the speech's real speaker's mouth (lipsync.tools.crossdub)")
+    p.add_argument("--still", action="store_true", help="--crossdub: dub a photo of each clip's person (its first "
+                   "frame held for the clip's length) instead of its video, with the next clip's speech as before")
     p.add_argument("--audio-guidance", type=float, metavar="G", help="audio guidance, as infer.py's (default: the "
-                   "checkpoint's; 1 = none)")
+                   "checkpoint's; 1 = none; with the audio rule on a photo or a face whose mouth never opens, its "
+                   "opening head's)")
     p.add_argument("--reference", choices=REFERENCE_RULES, help="--crossdub: the reference rule to dub with "
                    "(default: the checkpoint's, as infer.py's --reference auto)")
     p.add_argument("--lse", action="store_true", help="score the VIDEOs given (dubbed mp4s with their speech) with "
@@ -320,6 +325,8 @@ def main(argv=None):
         p.error("the following arguments are required: --ckpt")
     if args.reenact and args.crossdub:
         p.error("give --reenact or --crossdub, not both")
+    if args.still and not args.crossdub:
+        p.error("--still goes with --crossdub")
     if args.reenact:
         return reenact_main(args)
     if args.crossdub:

@@ -38,9 +38,9 @@ SSIM_WINDOW = 11
 
 
 def pearson(x, y) -> float:
-    """Pearson r; 0 when either input is constant."""
+    """Pearson r; 0 when either input is constant (all values equal: their float std need not be exactly 0)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if x.std() == 0 or y.std() == 0:
+    if x.size == 0 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return 0.0
     return float(np.corrcoef(x, y)[0, 1])
 
