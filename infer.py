@@ -268,10 +268,8 @@ def load_model(args, inputs: Inputs, device, dtype):
     else:
         model = load_lipsync(inputs.ckpt, device, dtype, whisper=args.whisper)
     model = model.to(device)  # the weights are there already; this also moves the PE buffer
-    if args.audio_guidance is not None:  # also on faces whose mouth never opens (the opening head's shut_guidance)
-        model.guidance = args.audio_guidance
-        if model.opening is not None:
-            model.opening.cfg.shut_guidance = args.audio_guidance
+    if args.audio_guidance is not None:
+        model.set_guidance(args.audio_guidance)
     if args.no_restorer:
         model.restorer = None
     if args.reference == "audio":  # before tracking faces: the rule cannot run without the head

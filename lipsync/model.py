@@ -91,6 +91,13 @@ class LipSync(nn.Module):
         feats = self.audio.encode(wave)  # (1, L, T, D)
         return frame_windows(feats, n_frames, fps, self.left, self.right)
 
+    def set_guidance(self, g: float) -> None:
+        """An explicit audio guidance (infer.py / eval --audio-guidance): everywhere, on faces whose mouth never
+        opens too (it replaces the opening head's shut_guidance, pipeline.shut_guidance)."""
+        self.guidance = g
+        if self.opening is not None:
+            self.opening.cfg.shut_guidance = g
+
     def require_opening(self) -> None:
         """The "audio" reference rule's one check: a ValueError unless the checkpoint carries an opening head."""
         if self.opening is None:

@@ -224,10 +224,8 @@ def _real_clips(args, run):
 
 def guided(model, args):
     """The model with --audio-guidance, when given, as its guidance (else the checkpoint's own)."""
-    if args.audio_guidance is not None:  # as infer.py: also on faces whose mouth never opens
-        model.guidance = check_guidance(args.audio_guidance)
-        if model.opening is not None:
-            model.opening.cfg.shut_guidance = model.guidance
+    if args.audio_guidance is not None:
+        model.set_guidance(check_guidance(args.audio_guidance))
     return model
 
 
