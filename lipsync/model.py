@@ -28,6 +28,9 @@ draws a muted mouth for speech unlike its training voices, moving in time but a 
 `generate` also runs the UNet on the same faces with the tokens of silence and moves the latent g times as far from
 that silent face as the speech took it (classifier-free guidance, with silence as the "no audio" condition): what the
 audio changes is amplified, what it leaves alone (the face, its colours) is not. Two UNet passes per frame, batched.
+Given the frame's lips (the pipeline passes them) only the mouth is guided (`mouth_weights`, a Gaussian over the
+latent grid centred on the lips): amplified four times, the audio's small changes to the jaw line and the cheeks drew
+a pale streak along the demo's jaw and blotches on a bearded face; the one-pass face is kept there instead.
 """
 
 import dataclasses
@@ -52,6 +55,21 @@ def check_guidance(g: float, error=ValueError, flag: str = "--audio-guidance") -
     if not (math.isfinite(g) and g >= 0):
         raise error(f"{flag} must be a number >= 0 (1 = none), not {g}")
     return g
+
+
+def mouth_weights(lips: torch.Tensor, s: int, size: int) -> torch.Tensor:
+    """Lip landmarks (B, K, 2) in the pixels of a size-px crop -> (B, 1, s, s) weights on its s x s latent grid: a
+    Gaussian centred on the lips' box, sigma half the lips' width across and max(0.35 width, 0.6 height) down (about
+    the mouth box training's mouth losses use, lipsync.training.data.mouth_box); 1 at the centre, ~0 at the jaw."""
+    lips = torch.as_tensor(lips, dtype=torch.float32)
+    lo, hi = lips.amin(-2), lips.amax(-2)  # (B, 2)
+    centre, extent = (lo + hi) / 2, (hi - lo).clamp(min=1.0)
+    sx = 0.5 * extent[:, 0]
+    sy = torch.maximum(0.35 * extent[:, 0], 0.6 * extent[:, 1])
+    cell = (torch.arange(s, dtype=torch.float32) + 0.5) * size / s  # latent cell centres in crop pixels
+    dx = (cell[None, None, :] - centre[:, 0, None, None]) / sx[:, None, None]  # (B, 1, s)
+    dy = (cell[None, :, None] - centre[:, 1, None, None]) / sy[:, None, None]  # (B, s, 1)
+    return torch.exp(-0.5 * (dx ** 2 + dy ** 2))[:, None]
 
 
 class LipSync(nn.Module):
@@ -142,9 +160,12 @@ class LipSync(nn.Module):
         first = (T - steps) // 2
         return self._silence[:, first: first + steps].transpose(0, 1).reshape(steps * L, D)
 
-    def generate(self, unet_in: torch.Tensor, windows: torch.Tensor, guidance: float | None = None) -> torch.Tensor:
+    def generate(self, unet_in: torch.Tensor, windows: torch.Tensor, guidance: float | None = None,
+                 lips: torch.Tensor | None = None) -> torch.Tensor:
         """Inference: forward with audio guidance g (default self.guidance). g = 1 is forward itself; otherwise the
-        latent is z(silence) + g (z(audio) - z(silence)), both from one batched UNet pass -> faces (B, 3, S, S)."""
+        latent is z + (g - 1) m (z - z0), z and z0 with the audio and with silence from one batched UNet pass, m the
+        mouth's weights (mouth_weights) for lips (B, K, 2) in crop pixels, or 1 everywhere without them
+        (z0 + g (z - z0)) -> faces (B, 3, S, S)."""
         g = self.guidance if guidance is None else guidance
         if g == 1:
             return self(unet_in, windows)
@@ -152,7 +173,8 @@ class LipSync(nn.Module):
         quiet = self.silence_windows(windows.shape[1]).to(windows)[None].expand_as(windows)
         tokens = self.pe(torch.cat([windows, quiet]).to(w.device, w.dtype))  # (2B, N, D)
         z, z0 = self.unet(torch.cat([unet_in, unet_in]), 0, tokens).chunk(2)  # (B, 4, s, s) each
-        return self.face.decode(z0 + g * (z - z0))
+        m = 1.0 if lips is None else mouth_weights(lips, z.shape[-1], self.crop_size).to(z)  # (B, 1, s, s)
+        return self.face.decode(z + (g - 1) * m * (z - z0))
 
     # ---- what a checkpoint stores besides the weights (lipsync.checkpoint)
     def configs(self) -> dict:

@@ -130,7 +130,7 @@ def render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: boo
     model always sees pad_to frames (the last face frame repeated, extra outputs dropped): static shapes for compiled
     models and CUDA graphs. refs (b,): each frame's reference frame, replacing the avatar's (the "audio" rule).
     texture: add the avatar's mouth texture (lipsync.texture) when it has one. guidance: the audio guidance (None:
-    the model's own, LipSync.generate)."""
+    the model's own, LipSync.generate), applied around each frame's own lips."""
     src = avatar.source_index(np.arange(first, first + len(windows)))
     has = avatar.track.face[src]
     crops = iter(())
@@ -142,7 +142,9 @@ def render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: boo
         unet_in = avatar.latents[torch.from_numpy(src[sel]).to(dev)]  # (b', 8, s, s)
         if refs is not None:
             unet_in = torch.cat([unet_in[:, :4], aligned_references(model, avatar, refs[sel], src[sel])], 1)
-        faces = model.generate(unet_in, windows[torch.from_numpy(sel)], guidance)  # (b', 3, S, S)
+        t = avatar.track
+        lips = to_crop_coords(t.landmarks[src[sel], 48:68], t.boxes[src[sel]], avatar.crop_size)  # (b', 20, 2)
+        faces = model.generate(unet_in, windows[torch.from_numpy(sel)], guidance, lips)  # (b', 3, S, S)
         pixels = to_pixels(faces)  # (b', 3, S, S) float in [0, 255]
         crops = iter(to_uint8_pixels(pixels))  # (b', S, S, 3)
         fines = iter(restored(model, faces, [avatar.blends[i] for i in src[sel]]))

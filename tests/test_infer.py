@@ -579,9 +579,9 @@ def test_audio_guidance_defaults_to_the_checkpoints_and_the_flag_overrides_it(fi
     real = LipSync.generate
     from lipsync.opening import OpeningConfig, OpeningHead
 
-    def spy(self, unet_in, windows, guidance=None):
+    def spy(self, unet_in, windows, guidance=None, lips=None):
         seen.append(self.guidance if guidance is None else guidance)
-        return real(self, unet_in, windows, guidance)
+        return real(self, unet_in, windows, guidance, lips)
 
     monkeypatch.setattr(LipSync, "generate", spy)
     model = tiny_model(0)

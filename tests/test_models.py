@@ -1,6 +1,7 @@
 """Core models against diffusers (the oracle): same state-dict names and shapes, same outputs, strict loading."""
 
 
+import numpy as np
 import pytest
 import torch
 
@@ -362,6 +363,38 @@ def test_audio_guidance_scales_the_latents_change_from_the_silent_face():
         torch.testing.assert_close(model.generate(unet_in, windows, 0.0), silent, atol=1e-5, rtol=0)
         model.guidance = 2.5
         torch.testing.assert_close(model.generate(unet_in, windows), model.generate(unet_in, windows, 2.5))
+
+
+def test_audio_guidance_given_the_lips_moves_only_the_mouth(monkeypatch):
+    """generate with lips: z + (g - 1) m (z - z0), m = mouth_weights: the full guided latent at the lips' centre,
+    the one-pass latent far from them (the jaw, the cheeks); mouth_weights follows the lips across the crop."""
+    from lipsync.model import mouth_weights
+    model = _tiny_lipsync()
+    monkeypatch.setattr(model.face, "decode", lambda z: z)  # the latent itself, to compare cell by cell
+    S, s = model.crop_size, 16
+    unet_in, windows = torch.randn(2, 8, s, s), torch.randn(2, 50, 128)
+    quiet = model.silence_windows(50)[None].expand(2, -1, -1)
+    lips = torch.tensor([[[0.33, 0.70], [0.53, 0.66], [0.73, 0.70], [0.53, 0.76]],
+                         [[0.12, 0.20], [0.27, 0.17], [0.42, 0.20], [0.27, 0.26]]]) * S  # (2, 4, 2) crop pixels
+    with torch.no_grad():
+        z = model.unet(unet_in, 0, model.pe(windows))
+        z0 = model.unet(unet_in, 0, model.pe(quiet))
+        got = model.generate(unet_in, windows, 3.0, lips)
+    m = mouth_weights(lips, s, S)  # (2, 1, s, s)
+    assert m.shape == (2, 1, s, s) and float(m.max()) <= 1
+    for b, (cx, cy) in enumerate(((0.53, 0.71), (0.27, 0.215))):
+        i, j = int(cy * s), int(cx * s)  # the cell holding the lips' centre
+        assert m[b, 0, i, j] > 0.9 and m[b, 0].argmax() == i * s + j
+    assert m[0, 0, 1, 1] < 1e-3 and m[1, 0, s - 2, s - 2] < 1e-3
+    cell = (np.arange(s) + 0.5) * S / s  # cell centres, crop pixels; face 0: lips 25.6 px wide, 6.4 px tall
+    cx, cy, sx, sy = 0.53 * S, 0.71 * S, 0.5 * 25.6, max(0.35 * 25.6, 0.6 * 6.4)
+    want = np.exp(-0.5 * ((cell[None, :] - cx) / sx) ** 2 - 0.5 * ((cell[:, None] - cy) / sy) ** 2)
+    np.testing.assert_allclose(m[0, 0].numpy(), want, atol=1e-5)
+    torch.testing.assert_close(got, z + 2.0 * m * (z - z0), atol=1e-5, rtol=0)
+    far = m[:, 0] < 1e-3  # (2, s, s)
+    near = m[:, 0] > 0.9
+    diff = (got - z).abs().amax(1)  # (2, s, s)
+    assert diff[far].max() < 1e-3 and diff[near].min() > 0  # unguided far off, guided at the lips
 
 
 def test_checkpoint_keeps_the_audio_guidance_and_older_ones_load_without_it(tmp_path):

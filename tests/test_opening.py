@@ -356,3 +356,26 @@ def test_the_audio_rule_uses_the_heads_shut_guidance_only_on_a_shut_track(spied_
         list(pipeline.avatar_frames(model, avatar, windows, batch_size=n,
                                     openings=model.opening(windows) if rule == "audio" else None))
         assert sum(len(c) for c in calls) == rows, (gaps[:3], rule)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_guidance_is_given_each_frames_own_lips_in_crop_pixels(spied_dub, monkeypatch):
+    """avatar_frames hands LipSync.generate each output frame's lips (the track's points 48-67 mapped into its crop
+    box), in frame order across batches, so the audio guidance lands on that frame's mouth (model.mouth_weights)."""
+    from lipsync import pipeline
+    from lipsync.model import LipSync
+    from lipsync.track import Track
+    from lipsync.tracking import to_crop_coords
+    frames, track, model, calls = spied_dub
+    n = len(frames)
+    seen, real = [], LipSync.generate
+    monkeypatch.setattr(LipSync, "generate",
+                        lambda self, u, w, g=None, lips=None: seen.append(np.asarray(lips)) or real(self, u, w, g, lips))
+    lm = track.landmarks + (np.arange(n, dtype=np.float32) * 3)[:, None, None]  # each frame's lips elsewhere
+    shaped = Track(lm, track.face, track.boxes, track.tracker)
+    avatar = pipeline.prepare_avatar(frames, 25.0, shaped, model, batch_size=n, reference="self")
+    model.guidance = 2.0
+    list(pipeline.avatar_frames(model, avatar, torch.randn(n, 50, 128), batch_size=3))
+    got = np.concatenate(seen)
+    assert len(seen) == 3 and got.shape == (n, 20, 2)
+    np.testing.assert_allclose(got, to_crop_coords(lm[:, 48:68], track.boxes, model.crop_size), atol=1e-4)
