@@ -83,7 +83,8 @@ def parse_args(argv):
                    "weights). A still image is its own reference")
     p.add_argument("--audio-guidance", type=float, metavar="G", help="how far the mouth follows the speech: each "
                    "frame is also generated with silence and the speech's change from that silent face is scaled by "
-                   "G around the lips (1 = none, MuseTalk's one pass; above 1 a wider-moving mouth for two UNet passes a frame). "
+                   "G around the lips (1 = none, MuseTalk's one pass; above 1 a wider-moving mouth for two UNet "
+                   "passes a frame). "
                    "Default: the checkpoint's (1 for the official weights; with the audio rule on a face whose mouth "
                    "never opens, such as a photo, its opening head's)")
     p.add_argument("--no-source-detail", action="store_true", help="paste the generated face alone, soft at the "

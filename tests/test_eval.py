@@ -206,6 +206,22 @@ def test_regenerated_frames_see_their_own_masked_crop_and_their_references_crop(
     assert (own[targets, 4:] - own[refs, 4:]).abs().max() > 1e-2  # own and far references differ: visible
 
 
+def test_clip_evaluation_guides_around_each_targets_own_lips(setup, monkeypatch):
+    """evaluate_clip gives regenerate_crops the clip's lips in the model's crop pixels (points 48-67), and
+    regenerate_crops hands each batch its targets' lips to LipSync.generate, as infer.py's pipeline does."""
+    from lipsync.model import LipSync
+    from lipsync.tracking import to_crop_coords
+    clip = load_clip(setup.data / "heldout_0000")
+    seen, real = [], LipSync.generate
+    monkeypatch.setattr(LipSync, "generate", lambda self, u, w, g=None, lips=None:
+                        seen.append(np.asarray(lips)) or real(self, u, w, g, lips))
+    ev.evaluate_clip(setup.model, load_syncnet(str(setup.ckpt)), clip, seed=0, batch_size=4)
+    n, S = len(clip), setup.model.crop_size
+    assert len(seen) == -(-n // 4)
+    want = to_crop_coords(clip.landmarks[:, 48:68], clip.boxes, S)
+    np.testing.assert_allclose(np.concatenate(seen), want, atol=1e-4)
+
+
 def test_syncnet_loads_from_config_and_state_or_a_bare_tiny_state(setup, tmp_path):
     net = load_syncnet(str(setup.ckpt))
     assert net.config == SyncNetConfig.tiny()

@@ -369,8 +369,8 @@ def test_guidance_is_given_each_frames_own_lips_in_crop_pixels(spied_dub, monkey
     frames, track, model, calls = spied_dub
     n = len(frames)
     seen, real = [], LipSync.generate
-    monkeypatch.setattr(LipSync, "generate",
-                        lambda self, u, w, g=None, lips=None: seen.append(np.asarray(lips)) or real(self, u, w, g, lips))
+    monkeypatch.setattr(LipSync, "generate", lambda self, u, w, g=None, lips=None:
+                        seen.append(np.asarray(lips)) or real(self, u, w, g, lips))
     lm = track.landmarks + (np.arange(n, dtype=np.float32) * 3)[:, None, None]  # each frame's lips elsewhere
     shaped = Track(lm, track.face, track.boxes, track.tracker)
     avatar = pipeline.prepare_avatar(frames, 25.0, shaped, model, batch_size=n, reference="self")

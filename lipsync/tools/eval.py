@@ -58,14 +58,15 @@ def holdout_references(n: int, cut: int, face: np.ndarray, rng: np.random.Genera
 
 
 @torch.no_grad()
-def regenerate_crops(model, crops, targets, refs, windows, batch_size: int = 32, bar=None) -> np.ndarray:
+def regenerate_crops(model, crops, targets, refs, windows, batch_size: int = 32, bar=None, lips=None) -> np.ndarray:
     """crops (N, S, S, 3) uint8; targets, refs (K,) frame indices; audio windows (K, n L, D) -> generated uint8
-    (K, S, S, 3). Only the targets' upper halves reach the model."""
+    (K, S, S, 3). Only the targets' upper halves reach the model. lips (K, 20, 2): the targets' lips in crop pixels,
+    where audio guidance acts (LipSync.generate), as infer.py's pipeline gives them."""
     out = []
     for i in range(0, len(targets), batch_size):
         sl = slice(i, min(len(targets), i + batch_size))
         unet_in = model.face.unet_input(np.asarray(crops[targets[sl]]), np.asarray(crops[refs[sl]]))
-        out.append(to_uint8_images(model.generate(unet_in, windows[sl])))
+        out.append(to_uint8_images(model.generate(unet_in, windows[sl], lips=None if lips is None else lips[sl])))
         if bar is not None:
             bar.update(sl.stop - sl.start)
     return np.concatenate(out)
@@ -164,7 +165,8 @@ def evaluate_clip(model, syncnet, clip, *, seed=0, holdout=0.2, max_frames=0, ba
     refs = holdout_references(n, cut, clip.face[:n], rng)
     crops = model_crops(clip, n, S)
     windows = model.audio_windows(clip.wave, len(clip), clip.fps)[:n]
-    gen = regenerate_crops(model, crops, np.arange(n), refs, windows, batch_size, bar)
+    lips = to_crop_coords(clip.landmarks[:n, 48:68], clip.boxes[:n], S)  # (n, 20, 2)
+    gen = regenerate_crops(model, crops, np.arange(n), refs, windows, batch_size, bar, lips)
     videos = {"generated": gen, "ground_truth": crops, "copy_reference": crops[refs]}
     res = {"name": clip.name, "path": str(clip.path), "kind": "synthetic" if synthetic else "real", "frames": n,
            "heldout_from": cut, "fps": clip.fps}
