@@ -2,6 +2,7 @@
 only from their own loss. The "reduces loss on a fixed batch" tests are smoke tests (each stage runs and its gradients
 point somewhere useful); what each loss computes is pinned down exactly in test_training.py."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from lipsync.training.generator import generator_data
 from lipsync.training.loop import Run, batch_at, train_loop
 from lipsync.training.losses import PatchDiscriminator, PerceptualLoss
 from lipsync.training.steps import discriminator_loss, frames_of, generator_losses, lr_lambda, syncnet_step, vae_step
-from lipsync.training.syncnet import SyncNet, SyncNetConfig
+from lipsync.training.syncnet import SyncNet, SyncNetConfig, load_syncnet
 from lipsync.unet import UNet, UNetConfig
 from lipsync.vae import AutoencoderKL, VAEConfig
 
@@ -344,6 +345,27 @@ def test_stage2_starts_from_the_stage1_generator(train_only, stage1_run, tmp_pat
                                                "--loss.sync", "0", "--stage2.lr", "0"])
     stage1 = torch.load(os.path.join(out, "stage1.pt"), weights_only=True)["modules"]["generator"]
     assert_identical(torch.load(os.path.join(out, "stage2.pt"), weights_only=True)["modules"]["generator"], stage1)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_stage2_exports_the_syncnet_even_when_a_lipsync_pt_stands_in_for_syncnet_final(train_only, stage1_run,
+                                                                                       tmp_path):
+    """A lipsync.pt copied to syncnet.final.pt (a stage 2 scored by another model's SyncNet; load_syncnet reads
+    either) must reach the exported lipsync.pt as that SyncNet's {config, state}, not as the whole file nested."""
+    out = str(tmp_path / "stage2")
+    shutil.copytree(stage1_run, out)
+    torch.manual_seed(0)
+    critic = SyncNet(SyncNetConfig.tiny())
+    donor = torch.load(os.path.join(out, "lipsync.pt"), weights_only=True)
+    donor["syncnet"] = {"config": dataclasses.asdict(critic.config), "state": critic.state_dict()}
+    torch.save(donor, os.path.join(out, "syncnet.final.pt"))
+    train.main(common_args(train_only, out) + ["--stage", "stage2", "--stage2.steps", "1", "--stage2.batch", "1",
+                                               "--loss.sync", "0", "--stage2.lr", "0"])
+    entry = torch.load(os.path.join(out, "lipsync.pt"), weights_only=True)["syncnet"]
+    assert set(entry) == {"config", "state"}
+    assert_identical(entry["state"], critic.state_dict())
+    exported = load_syncnet(os.path.join(out, "lipsync.pt"))
+    assert exported.config == critic.config
 
 
 @pytest.mark.usefixtures("one_thread")
