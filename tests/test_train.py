@@ -595,3 +595,25 @@ def test_a_fine_tune_drops_a_stale_opening_head_and_the_opening_stage_fits_a_new
                                                  "--reference", "audio"])
     head = load_lipsync(os.path.join(refit, "lipsync.pt"))
     assert head.reference == "audio" and head.opening is not None and not np.allclose(head.opening.beta, 7.0)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_fine_tune_keeps_an_opening_head_that_reads_a_whisper_of_its_own(train_only, stage1_run, tmp_path):
+    """A head fitted on its own frozen whisper encoder (--opening_whisper) reads none of the features a fine-tune
+    changes: stage 1 must export it unchanged, encoder included, with the run's reference rule."""
+    from lipsync.checkpoint import export, load_lipsync
+    from lipsync.opening import OpeningConfig, OpeningHead
+    from lipsync.whisper import WhisperEncoder, WhisperEncoderConfig
+    torch.manual_seed(3)
+    encoder = WhisperEncoder(WhisperEncoderConfig(80, 16, 1, 2, 32, 1500)).eval()
+    model = load_lipsync(os.path.join(stage1_run, "lipsync.pt"))
+    model.opening, model.reference = OpeningHead(OpeningConfig(10, 2, 16), encoder=encoder), "audio"
+    model.opening.beta[:] = 7.0
+    init = str(tmp_path / "with_whisper_head.pt")
+    export(model, init)
+    out = str(tmp_path / "tuned")
+    train.main(common_args(train_only, out) + ["--init", init, "--stage", "stage1", "--stage1.steps", "1",
+                                               "--reference", "audio"])
+    tuned = load_lipsync(os.path.join(out, "lipsync.pt"))
+    assert tuned.reference == "audio" and tuned.opening is not None and np.allclose(tuned.opening.beta, 7.0)
+    assert_identical(tuned.opening.encoder.state_dict(), load_lipsync(init).opening.encoder.state_dict())

@@ -42,7 +42,9 @@ def build_generator(run: Run, configs) -> LipSync:
             run.say(f"[generator] {cfg.init}'s MelEncoder replaced by frozen whisper ({cfg.whisper}); "
                     f"cross-attention keys/values re-initialised at width {model.audio.dim}")
         model.geometry, model.reference = clip_geometry(cfg), inference_reference(cfg)
-        if model.opening is not None and model.trainable_audio:  # it reads features this run will change
+        if model.opening is not None and model.opening.encoder is None and model.trainable_audio:
+            # the head reads the generator's own audio features, which this run changes (a head with a whisper
+            # encoder of its own reads none of them: it stays, still predicting from the speech alone)
             model.opening = None
             run.say(f"[generator] {cfg.init}'s opening head dropped: the audio encoder trains (train.py --stage "
                     f"opening fits a new one)")
