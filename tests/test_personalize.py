@@ -67,3 +67,35 @@ def test_personalize_fine_tunes_the_init_model_on_puppets_of_the_face(tmp_path, 
     moved = [(after.unet.state_dict()[k] - p).abs().max().item() for k, p in before.unet.state_dict().items()]
     assert max(moved) > 0  # trained ...
     assert max(moved) < 0.01  # ... from the init weights (3 steps at lr 2e-4), not from a fresh random UNet
+
+
+def ckpt(rule, whisper=False):
+    """What personalize reads of an --init checkpoint: its config's rule and crop, its opening head (if any)."""
+    opening = {"config": {}, "state": {}, **({"whisper": {"config": {}, "state": {}}} if whisper else {})}
+    return {"config": {"reference": rule, "crop_size": 128}, "opening": opening if rule == "audio" else None}
+
+
+def test_personalize_trains_with_the_init_models_rule_when_it_keeps_the_videos_mouth_out_of_view():
+    """A model that dubs with closed_pose, or with audio through a head on a whisper of its own (which the fine-tune
+    keeps), is personalised with that rule; MuseTalk's own rule (self), a head the fine-tune drops, and an explicit
+    --reference leave the flag as it is."""
+    cfg = train.TrainConfig()
+    default = cfg.reference
+    assert personalize.fine_tune_reference(cfg, ckpt("audio", whisper=True)) == "audio"
+    assert personalize.fine_tune_reference(cfg, ckpt("closed_pose")) == "closed_pose"
+    assert personalize.fine_tune_reference(cfg, ckpt("audio", whisper=False)) == default
+    assert personalize.fine_tune_reference(cfg, ckpt("self")) == default
+    assert personalize.fine_tune_reference(cfg, {"config": {"crop_size": 128}}) == default  # older files: no rule
+    chosen = train.TrainConfig(reference="closed_pose")
+    assert personalize.fine_tune_reference(chosen, ckpt("audio", whisper=True)) == "closed_pose"
+
+
+def test_personalize_run_hands_the_fine_tune_the_rule_it_chose(tmp_path, monkeypatch):
+    """personalize_run passes fine_tune_reference's choice on to the run (the fine-tune and the exported rule)."""
+    (tmp_path / "me.jpg").write_bytes(b"")
+    (tmp_path / "init.pt").write_bytes(b"")
+    monkeypatch.setattr(personalize, "read_checkpoint", lambda path: ckpt("audio", whisper=True))
+    monkeypatch.setattr(personalize, "make_clips", lambda *args, **kwargs: tmp_path / "clips")
+    cfg = train.TrainConfig(personalize=str(tmp_path / "me.jpg"), init=str(tmp_path / "init.pt"), out=str(tmp_path))
+    run = personalize.personalize_run(cfg, ("decoder", "stage1"), "unused.pt")
+    assert run.reference == "audio" and run.data == str(tmp_path / "clips")

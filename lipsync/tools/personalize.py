@@ -55,8 +55,22 @@ def personalize_run(cfg, stages, bundled):
     if not os.path.isfile(init):
         raise ValueError(f"--init {init} not found")
     check_settings(cfg)  # before the slow part; train.py checks the whole config once the clips exist
-    crop = read_checkpoint(init)["config"]["crop_size"]
-    data = make_clips(cfg.personalize, cfg.out, crop, seed=cfg.seed, say=tqdm.write, **CLIPS)
+    ckpt = read_checkpoint(init)
+    reference = fine_tune_reference(cfg, ckpt)
+    data = make_clips(cfg.personalize, cfg.out, ckpt["config"]["crop_size"], seed=cfg.seed, say=tqdm.write, **CLIPS)
     left = MINUTES - (time.time() - t0) / 60 - 0.5  # 0.5 min for loading and the export
     minutes = min(cfg.max_minutes, left) if cfg.max_minutes else left
-    return dataclasses.replace(cfg, init=init, data=str(data), max_minutes=max(minutes, 0.5))
+    return dataclasses.replace(cfg, init=init, data=str(data), max_minutes=max(minutes, 0.5), reference=reference)
+
+
+def fine_tune_reference(cfg, ckpt: dict) -> str:
+    """The reference rule the fine-tune trains with, which is also the one the result dubs with: --reference when it
+    is set, else --init's own rule where that rule keeps the video's mouth out of view (closed_pose; audio when its
+    opening head reads a whisper encoder of its own, which the fine-tune keeps). Personalising a model that follows
+    new speech must not turn it back into one that copies the video's mouth (MuseTalk's rule, the flag's default)."""
+    default = next(f.default for f in dataclasses.fields(cfg) if f.name == "reference")
+    rule = ckpt["config"].get("reference", "self")
+    own_head = (ckpt.get("opening") or {}).get("whisper") is not None
+    if cfg.reference == default and (rule == "closed_pose" or (rule == "audio" and own_head)):
+        return rule
+    return cfg.reference
