@@ -121,7 +121,8 @@ class TrainConfig:
                          "and sizes; the syncnet stage from its SyncNet, when it carries one of the preset's design")
     personalize: str = flag("", "a video or photo of one person: fine-tune --init (default the bundled model) on "
                                 "puppets of that face with synthesised speech, in about 15 minutes on a CPU; writes "
-                                "OUT/lipsync.pt")
+                                "OUT/lipsync.pt. Trains with --init's reference rule when that is closed_pose or audio "
+                                "(with a whisper head of its own) and --reference is left unset")
     # stages: steps, batch, learning rate
     vae: StageConfig = flag(StageConfig(320, 8, 1e-3), dict(
         steps="optimizer steps of the vae stage (our own small AutoencoderKL)",
