@@ -24,7 +24,7 @@ from lipsync.training.loop import Run, maybe_compile, optimizer, wrap
 from lipsync.training.losses import PerceptualLoss
 from lipsync.training.prepare import add_whisper_features
 from lipsync.training.steps import generator_losses, sample_grid
-from lipsync.training.syncnet import load_syncnet
+from lipsync.training.syncnet import read_syncnet_entry
 from lipsync.unet import UNet
 from lipsync.vae import AutoencoderKL, VAEConfig
 from lipsync.weights import load_vae
@@ -139,9 +139,8 @@ def export_generator(run: Run, stage: str, model: LipSync):
     """OUT/lipsync.pt for infer.py, with the run's SyncNet (for evaluation) when there is one."""
     if run.main:
         sync = run.path("syncnet.final")
-        if os.path.exists(sync):  # the syncnet stage's file, or a lipsync.pt put there: stored as {config, state}
-            net = load_syncnet(sync)
-            entry = None if net is None else {"config": dataclasses.asdict(net.config), "state": net.state_dict()}
+        if os.path.exists(sync):  # the syncnet stage's file, or a lipsync.pt put there: its SyncNet entry, as stored
+            entry = read_syncnet_entry(sync)
             extra = {"syncnet": entry} if entry is not None else {}
         else:  # a fine-tune keeps --init's SyncNet, if it has one
             sync = read_checkpoint(run.cfg.init).get("syncnet") if run.cfg.init else None

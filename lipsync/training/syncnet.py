@@ -172,6 +172,13 @@ def syncnet_from_entry(entry, where: str) -> SyncNet:
 
 def load_syncnet(path: str) -> SyncNet | None:
     """SyncNet from a lipsync.pt (its "syncnet" entry) or a syncnet.final.pt; None when the file holds none."""
+    entry = read_syncnet_entry(path)
+    return None if entry is None else syncnet_from_entry(entry, path)
+
+
+def read_syncnet_entry(path: str) -> dict | None:
+    """The SyncNet entry as stored, {"config", "state"} or a bare state dict, of a lipsync.pt (its "syncnet" entry)
+    or a syncnet.final.pt; None when the file holds none."""
     if not os.path.isfile(path):
         raise ValueError(f"SyncNet file not found: {path}")
     try:
@@ -180,8 +187,7 @@ def load_syncnet(path: str) -> SyncNet | None:
         raise ValueError(f"cannot read {path}: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: not a checkpoint dict")
-    entry = obj.get("syncnet") if "format" in obj else obj
-    return None if entry is None else syncnet_from_entry(entry, path)
+    return obj.get("syncnet") if "format" in obj else obj
 
 
 def lower_half(frames: torch.Tensor) -> torch.Tensor:
