@@ -129,6 +129,16 @@ def resample(wave, orig, new, zeros=64, rolloff=0.97, beta=8.6):
 # ----------------------------------------------------------------------------- loudness per video frame
 
 
+def delay(wave, seconds: float, sr=SAMPLE_RATE):
+    """Play a wave (S,) `seconds` later (silence in front) or, negative, earlier (its start dropped); the end is left
+    for the caller to fit. Re-syncs a recording whose sound runs ahead of (or behind) its picture."""
+    shift = round(abs(seconds) * sr)
+    wave = torch.as_tensor(wave)
+    if seconds >= 0:
+        return torch.cat([wave.new_zeros(shift), wave])
+    return wave[shift:]
+
+
 def frame_envelope(wave, n_frames, fps, sr=SAMPLE_RATE, span=0.04):
     """RMS of the audio in a `span`-second window centred on each video frame -> (n_frames,)."""
     c = (np.arange(n_frames) / fps * sr).astype(int)

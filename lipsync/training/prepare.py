@@ -3,6 +3,7 @@ A photo gives a one-frame clip (silent unless --audio): a still face for `python
 
     python -m lipsync.training.prepare VIDEO [VIDEO ...] --out DIR [--audio WAV] [--fps 25] [--bbox x1,y1,x2,y2]
                                        [--bbox-shift N] [--crop-size 256] [--geometry square|musetalk]
+                                       [--audio-delay MS]
 
 Two streaming passes over the video (memory stays at one frame + the crops): pass 1 tracks every source frame,
 then the track is mapped to the target fps (nearest frame in time), gaps without a face are filled from the nearest
@@ -11,6 +12,8 @@ Everything is written to DIR/.<clip>.partial/ (meta.json last, via meta.json.tmp
 end, so a clip is complete iff DIR/<clip>/meta.json exists; reruns skip complete clips and redo everything else.
 --geometry musetalk writes MuseTalk v1.5's own crops (lipsync.tracking.musetalk_box with --margin as its
 extra_margin, docs/geometry.md), so a model trained on them can run in MuseTalk's pipeline and back.
+--audio-delay re-syncs a recording whose sound runs ahead of its mouth (positive ms: the audio plays later) or
+behind it (negative); `python -m lipsync.tools.avsync` estimates the delay. The clip keeps its frames and length.
 """
 
 import argparse
@@ -30,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from lipsync import checks
-from lipsync.audio import load_audio
+from lipsync.audio import delay, load_audio
 from lipsync.checks import IMAGE_SUFFIXES
 from lipsync.tracking import GEOMETRIES, BoxTracker, MediapipeMissing, MeshTracker, crop_face, face_boxes
 from lipsync.tracking import parse_bbox, track_and_fill
@@ -54,10 +57,11 @@ def _write_meta(folder, meta):
 
 
 def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=0, crop_size=256, margin=10,
-                 smooth_sigma=None, name=None, progress=True, geometry="square", silent=False):
+                 smooth_sigma=None, name=None, progress=True, geometry="square", silent=False, audio_delay=0.0):
     """Prepare one clip into out_dir/<name> (name defaults to the video's stem); see the module docstring.
 
     audio: audio file to use instead of the video's own track; silent=True (always so for a photo): a silent track.
+    audio_delay: seconds the audio plays later than the picture (negative: earlier), to re-sync a recording.
     fps: target rate (None or 0 keeps the source rate).
     bbox: (x1, y1, x2, y2) fixed face box instead of mediapipe. geometry: tracking.GEOMETRIES. smooth_sigma: box
     smoothing in frames (default 2 for square, 0 for musetalk). Returns a Prepared record.
@@ -112,13 +116,13 @@ def prepare_clip(video, out_dir, *, audio=None, fps=25.0, bbox=None, bbox_shift=
     del crops
 
     np.savez(partial / "track.npz", boxes=boxes, face=face, landmarks=landmarks.astype(np.float32))
-    wave = fit_length(wave, round(n / dst_fps * SAMPLE_RATE)).clamp(-1, 1)
+    wave = fit_length(delay(wave, audio_delay), round(n / dst_fps * SAMPLE_RATE)).clamp(-1, 1)
     sf.write(partial / "audio.wav", wave.numpy(), SAMPLE_RATE, subtype="PCM_16")
     _write_meta(partial, {
         "version": 1, "fps": dst_fps, "frames": n, "size": [int(info.size[0]), int(info.size[1])],
         "crop_size": crop_size, "source": str(video.resolve()), "tracker": tracker.name, "audio": "audio.wav",
         "sr": SAMPLE_RATE, "source_fps": info.fps, "bbox_shift": bbox_shift, "margin": margin,
-        "geometry": geometry, "smooth_sigma": smooth_sigma,
+        "geometry": geometry, "smooth_sigma": smooth_sigma, "audio_delay": audio_delay,
     })
     if final.exists():  # an incomplete clip from an older run (no meta.json)
         shutil.rmtree(final)
@@ -175,6 +179,8 @@ def check_args(args):
         raise ValueError(f"--crop-size must be >= 1 pixel, not {args.crop_size}")
     if not (math.isfinite(args.bbox_shift) and math.isfinite(args.margin)):
         raise ValueError("--bbox-shift and --margin must be numbers of pixels")
+    if not math.isfinite(args.audio_delay) or abs(args.audio_delay) > 1000:
+        raise ValueError(f"--audio-delay must be a number of milliseconds within +-1000, not {args.audio_delay}")
     checks.creatable(args.out)
     out, inputs = Path(args.out), [("video", v) for v in args.videos] + [("audio", args.audio)]
     for what, path in inputs:
@@ -205,6 +211,9 @@ def main(argv=None):
                    "or musetalk (MuseTalk v1.5's own face box and Lanczos resize, for the published weights)")
     p.add_argument("--smooth", type=float, help="box smoothing over time, Gaussian sigma in frames (default 2 for "
                    "square, 0 = off for musetalk)")
+    p.add_argument("--audio-delay", type=float, default=0.0, metavar="MS", help="play the audio this many ms later "
+                   "than the picture (negative: earlier), to re-sync a recording whose sound runs ahead of its mouth; "
+                   "python -m lipsync.tools.avsync estimates it")
     args = p.parse_args(argv)
     if args.audio and len(args.videos) > 1:
         p.error("--audio goes with a single VIDEO")
@@ -222,7 +231,7 @@ def main(argv=None):
         try:
             r = prepare_clip(video, args.out, audio=args.audio, fps=args.fps, bbox=args.bbox,
                              bbox_shift=args.bbox_shift, crop_size=args.crop_size, margin=args.margin,
-                             smooth_sigma=args.smooth, geometry=args.geometry)
+                             smooth_sigma=args.smooth, geometry=args.geometry, audio_delay=args.audio_delay / 1000)
         except MediapipeMissing as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
