@@ -184,14 +184,35 @@ def write_video(path, frames, fps, audio=None, crf=18, preset="medium"):
             sf.write(wav_tmp, torch.as_tensor(audio, dtype=torch.float32).flatten().numpy(), SAMPLE_RATE,
                      subtype="FLOAT")
             audio = wav_tmp
-        duration = f"{n / fps:.6f}"
-        _run([ffmpeg_exe(), "-y", "-v", "error", "-i", str(video_tmp), "-i", str(audio), "-map", "0:v:0",
-              "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-b:a", "128k", "-af", f"apad=whole_dur={duration}",
-              "-t", duration, "-movflags", "+faststart", str(tmp)], path)
+        _mux(video_tmp, audio, n / fps, tmp)
         os.replace(tmp, path)
         return n
     finally:
         for p in (video_tmp, tmp, wav_tmp):
+            p.unlink(missing_ok=True)
+
+
+def _mux(video, audio, seconds, out):
+    """The picture of `video` copied as it is, beside `audio` (a path ffmpeg reads) as AAC, padded with silence or
+    trimmed to `seconds`, into the mp4 `out`."""
+    duration = f"{seconds:.6f}"
+    _run([ffmpeg_exe(), "-y", "-v", "error", "-i", str(video), "-i", str(audio), "-map", "0:v:0", "-map", "1:a:0",
+          "-c:v", "copy", "-c:a", "aac", "-b:a", "128k", "-af", f"apad=whole_dur={duration}", "-t", duration,
+          "-movflags", "+faststart", str(out)], out)
+
+
+def replace_audio(video, wave, out, seconds):
+    """A copy of the mp4 `video` at `out` with its picture untouched (stream copy) and `wave` (16 kHz mono, (S,)) as
+    its sound, padded with silence or trimmed to `seconds` (the picture's length: frames / fps)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, wav_tmp = (out.with_name(f".{out.stem}.tmp{os.getpid()}{suffix}") for suffix in (out.suffix, ".wav"))
+    try:
+        sf.write(wav_tmp, torch.as_tensor(wave, dtype=torch.float32).flatten().numpy(), SAMPLE_RATE, subtype="FLOAT")
+        _mux(video, wav_tmp, seconds, tmp)
+        os.replace(tmp, out)
+    finally:
+        for p in (tmp, wav_tmp):
             p.unlink(missing_ok=True)
 
 

@@ -91,6 +91,17 @@ def test_means_skip_pairs_without_a_measure_and_count_pairs_closed_in_silence():
     assert m["pairs"] == 3 and m["pairs_with_silence"] == 2 and m["pairs_closed_in_silence"] == 1
 
 
+def test_the_table_names_a_speech_clip_whose_own_sound_is_out_of_step_with_its_mouth(capsys):
+    pair = {**dict.fromkeys(C.MEASURES, 0.2), "lag_best": 0, "silent_frames": 0, "speech_frames": 9}
+    pairs = [{**pair, "video": "a.mp4", "speech": "b.mp4",
+              "speech_sync": {"status": "out of sync", "delay_frames": 3, "delay_ms": 100.0}},
+             {**pair, "video": "b.mp4", "speech": "a.mp4",
+              "speech_sync": {"status": "unclear", "delay_frames": 5, "delay_ms": 200.0}}]
+    C.print_table({"pairs": pairs, "mean": {**C.mean_metrics(pairs)}})
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith("note: b.mp4's own mouth moves +3 frames (+100 ms)")
+
+
 # ----------------------------------------------------------------------------- pairing, audio, time axes
 
 
@@ -204,6 +215,7 @@ def test_crossdub_cli_dubs_a_cycle_and_writes_json_and_montages(tmp_path):
     saved = json.loads((tmp_path / "out" / "crossdub.json").read_text())
     assert saved["guidance"] == 1.5 and saved["reference"] == "self"  # how it was dubbed: the flag reached the model
     assert saved["mean"]["r_original"] == pytest.approx(np.mean([p["r_original"] for p in res["pairs"]]))
+    assert all(p["speech_sync"]["status"] in ("in sync", "out of sync", "unclear") for p in saved["pairs"])
     assert saved["mean"]["detail_lips"] == pytest.approx(np.mean([p["detail_lips"] for p in res["pairs"]]))
     import imageio.v3 as iio
     assert iio.imread(tmp_path / "out" / "0_a_with_b.png").shape == (3 * 96, 8 * 96, 3)
@@ -232,7 +244,8 @@ def test_still_holds_the_first_frame_and_its_measures_for_the_clips_length_and_d
     frames = np.arange(n * 4 * 4 * 3, dtype=np.uint8).reshape(n, 4, 4, 3)
     info = {"fps": 25.0, "wave": np.zeros(4000, np.float32), "opening": np.linspace(0.1, 0.6, n),
             "squares": np.arange(n * 4).reshape(n, 4), "rects": np.arange(n * 4).reshape(n, 4) + 1,
-            "face": np.array([True, False, True, True, True, True])}
+            "face": np.array([True, False, True, True, True, True]),
+            "sync": {"status": "in sync", "delay_frames": 0, "delay_ms": 0.0}}
     held, still = cd.as_still(frames, info)
     assert held.shape == frames.shape and (held == frames[0]).all()
     assert (still["opening"] == 0.1).all() and (still["squares"] == info["squares"][0]).all()

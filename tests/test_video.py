@@ -58,6 +58,21 @@ def test_audio_from_a_file_path_is_muxed(tmp_path):
     assert len(load_audio(tmp_path / "a.mp4")) == 10 * 640
 
 
+def test_replace_audio_keeps_the_picture_bit_exact_and_puts_the_new_sound_under_it(tmp_path):
+    frames = numbered_frames(25)
+    tone = (0.3 * np.sin(np.arange(16000) / 5.0)).astype(np.float32)
+    V.write_video(tmp_path / "a.mp4", frames, 25.0, audio=tone)
+    late = np.concatenate([np.zeros(8000, np.float32), tone])  # the same tone half a second later, 1.5 s long
+    V.replace_audio(tmp_path / "a.mp4", late, tmp_path / "b.mp4", seconds=1.0)
+    a, _ = V.read_video(tmp_path / "a.mp4")
+    b, fps = V.read_video(tmp_path / "b.mp4")
+    assert fps == 25.0 and np.array_equal(a, b)  # the picture is copied, not re-encoded
+    sound = load_audio(tmp_path / "b.mp4").numpy()
+    assert abs(len(sound) - 16000) <= 1  # trimmed to the picture's second
+    assert np.abs(sound[:7000]).max() < 1e-2 and np.abs(sound[9000:]).max() > 0.2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "b.mp4"]  # no temporary left behind
+
+
 def test_odd_size_is_padded_by_one_edge_pixel(tmp_path):
     frames = numbered_frames(5, h=33, w=47)
     V.write_video(tmp_path / "odd.mp4", frames, 25.0)

@@ -1,6 +1,6 @@
 """Is a talking clip's sound in step with its picture? A model-free estimate of a recording's audio-video offset.
 
-    python -m lipsync.tools.avsync talk.mp4 [more.mp4 ...] [--max-lag 6] [--json sync.json]
+    python -m lipsync.tools.avsync talk.mp4 [more.mp4 ...] [--max-lag 6] [--json sync.json] [--resync DIR]
 
 Training clips and evaluation clips are only as good as their sync: a clip whose sound runs 100 ms ahead of its
 mouth teaches (or grades) a mouth that moves 100 ms late. Per frame f: the inner-lip gap over face height from
@@ -14,14 +14,19 @@ k frames re-syncs the clip (`python -m lipsync.training.prepare --audio-delay`, 
 little in real speech: in-sync GRID clips peak at k = 0 or -1. `verdict` calls a clip out of sync only where the
 peak is clear: at least MIN_PEAK itself, MIN_GAIN above r(0), PROMINENCE above the curve's median (a flat curve's
 noise wins by a little somewhere), and not at the edge of the lags (a curve still rising there has no peak in view). Loudness and opening are loosely related (a closed-mouth /m/ is loud), so
-short or quiet clips give flat curves: "unclear" is then the honest answer.
+short or quiet clips give flat curves: "unclear" is then the honest answer. --resync DIR writes each clip found
+out of sync to DIR/<name>.mp4 with its picture copied as it is and its sound delayed by the estimate (a clip to
+evaluate with, `python -m lipsync.tools.eval`; for training clips prepare's --audio-delay does the same).
 """
 
 import argparse
 import json
 import math
+from pathlib import Path
 
 import numpy as np
+
+from .. import checks
 
 MAX_LAG = 6  # frames either way
 MIN_GAIN = 0.1  # r(peak) - r(0) for a clear offset
@@ -59,8 +64,9 @@ def verdict(curve: dict, fps: float) -> dict:
             "r_zero": float(r0)}
 
 
-def measure(path, max_lag: int = MAX_LAG) -> dict:
-    """A talking clip with its own audio -> verdict's fields, fps, frames and the curve."""
+def measure(path, max_lag: int = MAX_LAG, resync_dir=None) -> dict:
+    """A talking clip with its own audio -> verdict's fields, fps, frames and the curve; with resync_dir, a clip out
+    of sync is also written there re-synced ("resynced": its path)."""
     from ..audio import load_audio
     from ..video import read_video, video_info
     from .metrics import lip_opening_468
@@ -71,9 +77,16 @@ def measure(path, max_lag: int = MAX_LAG) -> dict:
     opening = lip_opening_468(mesh_points(frames))
     if np.isfinite(opening).sum() < 3:
         raise ValueError(f"{path}: a face was found in {int(np.isfinite(opening).sum())} frames: nothing to measure")
-    curve = delay_curve(opening, loudness_db(load_audio(path).numpy(), len(frames), fps), max_lag)
-    return {"video": str(path), "fps": fps, "frames": len(frames), **verdict(curve, fps),
-            "curve": {int(k): None if not math.isfinite(r) else round(float(r), 4) for k, r in curve.items()}}
+    wave = load_audio(path)
+    curve = delay_curve(opening, loudness_db(wave.numpy(), len(frames), fps), max_lag)
+    res = {"video": str(path), "fps": fps, "frames": len(frames), **verdict(curve, fps),
+           "curve": {int(k): None if not math.isfinite(r) else round(float(r), 4) for k, r in curve.items()}}
+    if resync_dir is not None and res["status"] == "out of sync":
+        from ..audio import delay
+        from ..video import replace_audio
+        res["resynced"] = str(Path(resync_dir) / f"{Path(path).stem}.mp4")
+        replace_audio(path, delay(wave, res["delay_ms"] / 1000), res["resynced"], len(frames) / fps)
+    return res
 
 
 def describe(res: dict) -> str:
@@ -83,8 +96,10 @@ def describe(res: dict) -> str:
         return f"{head} (no clear peak; best r {res['r_peak']:+.2f} at {k:+d} frames, {res['r_zero']:+.2f} at 0)"
     where = "with" if k == 0 else f"{abs(k)} frame(s) ({abs(ms):.0f} ms) {'after' if k > 0 else 'before'}"
     line = f"{head}: the mouth moves {where} its sound (r {res['r_peak']:+.2f}, {res['r_zero']:+.2f} at 0)"
-    if res["status"] == "out of sync":
-        line += f"; re-sync with prepare --audio-delay {ms:.0f}"
+    if "resynced" in res:
+        line += f"; re-synced -> {res['resynced']}"
+    elif res["status"] == "out of sync":
+        line += f"; re-sync it with --resync DIR (or prepare --audio-delay {ms:.0f})"
     return line
 
 
@@ -93,13 +108,17 @@ def main(argv=None):
     p.add_argument("videos", nargs="+", metavar="VIDEO", help="talking clips with their own speech")
     p.add_argument("--max-lag", type=int, default=MAX_LAG, help="frames either way to look for the peak")
     p.add_argument("--json", help="write every clip's measurements (with its curve) here")
+    p.add_argument("--resync", metavar="DIR", help="write each clip found out of sync here, its sound delayed by the "
+                   "estimate and its picture copied as it is")
     args = p.parse_args(argv)
     if args.max_lag < 2:
         p.error("--max-lag must be at least 2 frames (a peak needs room either side of the ordinary lead)")
     out = []
     for video in args.videos:
+        if args.resync and checks.same_file(Path(args.resync), Path(video).parent):
+            raise SystemExit(f"avsync: --resync {args.resync} is the folder of {video}; it would be replaced")
         try:
-            out.append(measure(video, args.max_lag))
+            out.append(measure(video, args.max_lag, args.resync))
         except (OSError, ValueError, RuntimeError, ImportError) as err:
             raise SystemExit(f"avsync: {err}") from None
         print(describe(out[-1]), flush=True)

@@ -26,6 +26,9 @@ Measures (`pair_metrics`), each r a Pearson r over the frames where both series 
   at least MIN_SILENCE = 0.3 s; speech = frames at or above the threshold (shorter dips count as neither). Padded
   silence counts as silence. original_silent, original_speech: the same means of the original opening, what copying
   the video's own mouth would score.
+- speech_sync: whether the speech clip's own sound is in step with its own mouth (`avsync.verdict` on B's real
+  openings and loudness): the speaker's mouth is the answer key, and a recording whose sound runs ahead of its
+  picture shifts that key; print_table names such clips.
 - detail_lips, detail_rest: sharpness of the dubbed video against its own source video A, frame by frame
   (`metrics.detail_ratios`, as in `--reenact`): per frame, the variance of the Laplacian of the grey image (luma
   0.299 R + 0.587 G + 0.114 B, kernel [[0, 1, 0], [1, -4, 1], [0, 1, 0]], valid region) on regions of A's mesh: the
@@ -51,6 +54,7 @@ from ..pipeline import avatar_frames, prepare_avatar
 from ..track import box_options, track_frames
 from ..tracking import MeshTracker
 from ..video import SAMPLE_RATE, fit_length
+from .avsync import delay_curve, loudness_db, verdict
 from .metrics import detail_ratios, lagged_r, lip_opening_468, silence_masks
 from .reenact import lower_face_rects, mesh_points, mouth_squares, square_tiles
 
@@ -157,7 +161,8 @@ def dub_clip(model, frames, fps, wave, track, reference=None, batch_size=8) -> n
 class Clips:
     """The clips of a cycle: `get` reads a clip's frames (N, H, W, 3) anew each time (every clip's frames at once can
     take gigabytes) and, measured once per clip, its fps, own speech (S,), real openings (N,), mouth squares and
-    lower-face rectangles (N, 4), and which frames have a face (N,)."""
+    lower-face rectangles (N, 4), which frames have a face (N,), and whether its own sound is in step with its mouth
+    (lipsync.tools.avsync's verdict)."""
 
     def __init__(self):
         self.info = {}
@@ -169,8 +174,10 @@ class Clips:
         if str(path) not in self.info:
             if not video_info(path).has_audio:
                 raise ValueError(f"{path} has no audio track: a cross-dub clip must be a talking clip with its speech")
-            mesh = mesh_points(frames)
-            self.info[str(path)] = {"fps": fps, "wave": load_audio(path), "opening": lip_opening_468(mesh),
+            mesh, wave = mesh_points(frames), load_audio(path)
+            opening = lip_opening_468(mesh)
+            sync = verdict(delay_curve(opening, loudness_db(wave.numpy(), len(frames), fps)), fps)
+            self.info[str(path)] = {"fps": fps, "wave": wave, "opening": opening, "sync": sync,
                                     "squares": mouth_squares(np.nan_to_num(mesh), frames.shape[1:3]),
                                     "rects": lower_face_rects(np.nan_to_num(mesh), frames.shape[1:3]),
                                     "face": ~np.isnan(mesh).any((1, 2))}
@@ -241,7 +248,7 @@ def crossdub(model, videos, out_dir=None, reference=None, batch_size=8, silence_
         speaker = resample_series(b["opening"], b["fps"], n, fps)
         silent, speech = silences(wave.numpy(), n, fps, silence_db)
         pairs.append({"video": str(video), "speech": str(speech_clip), "frames": n, "fps": fps, "speech_fps": b["fps"],
-                      "speaker_measured": int(np.isfinite(speaker).sum()),
+                      "speaker_measured": int(np.isfinite(speaker).sum()), "speech_sync": b["sync"],
                       **pair_metrics(opening, a["opening"], speaker, silent, speech),
                       **detail_ratios(dubbed, frames, a["squares"], a["rects"], np.flatnonzero(a["face"])),
                       "series": {"dubbed": _rounded(opening), "original": _rounded(a["opening"]),
@@ -296,3 +303,9 @@ def print_table(res: dict) -> None:
         print(f"mean LSE-D {m['lse']['lse_d']:.2f}, LSE-C {m['lse']['lse_c']:.2f}")
     print(f"dubbed mouth more closed in silence than in speech on {m['pairs_closed_in_silence']} of "
           f"{m['pairs_with_silence']} pairs with a silence of {MIN_SILENCE} s or more")
+    for p in res["pairs"]:
+        sync = p.get("speech_sync", {})
+        if sync.get("status") == "out of sync":
+            print(f"note: {p['speech']}'s own mouth moves {sync['delay_frames']:+d} frames ({sync['delay_ms']:+.0f} ms) "
+                  f"from its sound (+ = after; avsync), so r spk on its pair grades a mouth in step with the speech "
+                  f"against a shifted answer; python -m lipsync.tools.avsync --resync DIR writes it in sync")
