@@ -122,7 +122,8 @@ class TrainConfig:
     personalize: str = flag("", "a video or photo of one person: fine-tune --init (default the bundled model) on "
                                 "puppets of that face with synthesised speech, in about 15 minutes on a CPU; writes "
                                 "OUT/lipsync.pt. Trains with --init's reference rule when that is closed_pose or audio "
-                                "(with a whisper head of its own) and --reference is left unset")
+                                "(with a whisper head of its own) and --reference is left unset; with audio (the bundled "
+                                "model's) it tunes the VAE decoder alone, so the mouth still follows the speech")
     # stages: steps, batch, learning rate
     vae: StageConfig = flag(StageConfig(320, 8, 1e-3), dict(
         steps="optimizer steps of the vae stage (our own small AutoencoderKL)",
@@ -505,6 +506,7 @@ def main(argv=None):
     try:
         if cfg.personalize:
             cfg = personalize_run(cfg, stages, BUNDLED)  # its puppet clips first, then the stages below
+            stages = parse_stages(cfg.stage)  # the decoder alone for an audio-rule model
         check_config(cfg, stages)
         run_stages(cfg, stages)
     except (OSError, ValueError, pickle.UnpicklingError) as err:  # bad inputs: missing or unreadable files

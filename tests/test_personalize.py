@@ -99,3 +99,6 @@ def test_personalize_run_hands_the_fine_tune_the_rule_it_chose(tmp_path, monkeyp
     cfg = train.TrainConfig(personalize=str(tmp_path / "me.jpg"), init=str(tmp_path / "init.pt"), out=str(tmp_path))
     run = personalize.personalize_run(cfg, ("decoder", "stage1"), "unused.pt")
     assert run.reference == "audio" and run.data == str(tmp_path / "clips")
+    assert run.stage == "decoder"  # an audio-rule model keeps its UNet: stage 1 on puppets brought the copying back
+    monkeypatch.setattr(personalize, "read_checkpoint", lambda path: ckpt("self"))
+    assert personalize.personalize_run(cfg, ("decoder", "stage1"), "unused.pt").stage == "decoder,stage1"
