@@ -213,7 +213,8 @@ def test_crossdub_cli_dubs_a_cycle_and_writes_json_and_montages(tmp_path):
     for p in res["pairs"]:  # the dubbed video against its own source frames
         assert 0 < p["detail_lips"] < 10 and 0 < p["detail_rest"] < 10
     saved = json.loads((tmp_path / "out" / "crossdub.json").read_text())
-    assert saved["guidance"] == 1.5 and saved["reference"] == "self"  # how it was dubbed: the flag reached the model
+    assert saved["guidance"] == 1.5 and saved["reference"] == "audio"  # how it was dubbed: the flag reached the model,
+    # and the bundled model's own rule (the speech picks the reference)
     assert saved["mean"]["r_original"] == pytest.approx(np.mean([p["r_original"] for p in res["pairs"]]))
     assert all(p["speech_sync"]["status"] in ("in sync", "out of sync", "unclear") for p in saved["pairs"])
     assert saved["mean"]["detail_lips"] == pytest.approx(np.mean([p["detail_lips"] for p in res["pairs"]]))

@@ -78,7 +78,7 @@ def test_reenact_cli_scores_every_row_and_writes_a_montage(tmp_path):
     res = evaluate.main(["--ckpt", str(ROOT / "assets" / "demo.pt"), "--reenact", str(clip), "--out",
                          str(tmp_path / "out"), "--device", "cpu"])
     rows = res[str(clip)]
-    assert set(rows) == {"model, own frame as reference", "model, far reference",
+    assert set(rows) == {"model, infer.py's reference (audio)", "model, own frame as reference", "model, far reference",
                          "ceiling: VAE round trip of the real crop", "baseline: first frame's mouth on every frame"}
     for v in rows.values():
         assert 10 < v["psnr"] < 60 and 0 < v["ssim"] <= 1 and v["colour"] >= 0 and v["frames"] == 20
@@ -88,7 +88,7 @@ def test_reenact_cli_scores_every_row_and_writes_a_montage(tmp_path):
     assert saved["mean"]["model, far reference"]["detail_lips"] == pytest.approx(
         rows["model, far reference"]["detail_lips"])
     import imageio.v3 as iio
-    assert iio.imread(tmp_path / "out" / "talk_mouths.png").shape == (5 * 96, 8 * 96, 3)
+    assert iio.imread(tmp_path / "out" / "talk_mouths.png").shape == (6 * 96, 8 * 96, 3)  # the real mouth + 5 rows
 
 
 @pytest.mark.usefixtures("one_thread")
