@@ -47,7 +47,7 @@ from .references import RULES as REFERENCE_RULES
 from .tracking import GEOMETRIES
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, FaceVAE, VAEConfig
-from .windows import PositionalEncoding, frame_windows
+from .windows import PositionalEncoding, frame_windows, steady_windows
 
 
 def check_guidance(g: float, error=ValueError, flag: str = "--audio-guidance") -> float:
@@ -124,13 +124,12 @@ class LipSync(nn.Module):
 
     @torch.no_grad()
     def opening_windows(self, wave: torch.Tensor, n_frames: int, fps: float) -> torch.Tensor:
-        """The windows (n_frames, n L, D) the opening head reads: from its own encoder (on the CPU) when it has one,
-        else the generator's (audio_windows)."""
+        """The windows (n_frames, 10 L, D) the opening head reads, the 25 fps layout at any frame rate
+        (windows.steady_windows): from its own encoder (on the CPU) when it has one, else the generator's."""
         self.require_opening()
         enc = self.opening.encoder
-        if enc is None:
-            return self.audio_windows(wave, n_frames, fps)
-        return frame_windows(enc.encode(wave.float().cpu()), n_frames, fps, self.left, self.right)
+        feats = self.audio.encode(wave) if enc is None else enc.encode(wave.float().cpu())
+        return steady_windows(feats, n_frames, fps, self.left, self.right)  # the head's 10 steps at any fps
 
     def openings(self, wave: torch.Tensor, n_frames: int, fps: float):
         """The "audio" reference rule's input: the lip gap the speech asks for at each output frame -> (n_frames,)

@@ -25,7 +25,8 @@ import torch.nn as nn
 from .audio import SAMPLE_RATE
 from .melspec import HOP
 
-__all__ = ["window_layout", "window_start", "gather_windows", "frame_windows", "span_windows", "PositionalEncoding"]
+__all__ = ["window_layout", "window_start", "gather_windows", "gather_steps", "frame_windows", "steady_windows",
+           "span_windows", "PositionalEncoding"]
 
 STEPS_PER_SECOND = SAMPLE_RATE // (2 * HOP)  # 50
 
@@ -46,15 +47,30 @@ def window_start(frames, fps, left=2) -> torch.Tensor:
 def gather_windows(features, first, frames, fps, left, right, total):
     """Windows (F, n * L, D) of `frames` from features (L, S, D) holding steps [first, first + S); zero outside
     [0, total)."""
-    n = window_layout(fps, left, right)[0]
+    return gather_steps(features, first, window_start(frames, fps, left), window_layout(fps, left, right)[0], total)
+
+
+def gather_steps(features, first, starts, n, total):
+    """Windows (F, n * L, D) of the n steps from each of `starts` (F,) out of features (L, S, D) holding steps
+    [first, first + S); zero outside [0, total)."""
     L, S, D = features.shape
-    starts = window_start(frames, fps, left)
     idx = (starts[:, None] + torch.arange(n)).to(features.device)  # (F, n) absolute steps
     if S == 0:
-        return features.new_zeros(len(frames), n * L, D)
+        return features.new_zeros(len(starts), n * L, D)
     rows = features[:, (idx - first).clamp(0, S - 1)]  # (L, F, n, D)
     rows = rows.masked_fill(~((idx >= 0) & (idx < total))[..., None], 0)
-    return rows.permute(1, 2, 0, 3).reshape(len(frames), n * L, D)  # row = L * t + layer
+    return rows.permute(1, 2, 0, 3).reshape(len(starts), n * L, D)  # row = L * t + layer
+
+
+def steady_windows(features, n_frames, fps, left=2, right=2):
+    """The 25 fps window layout at any frame rate: features (L, T, D) or (1, L, T, D) -> (n_frames, 10 L, D), frame f
+    taking the 10 steps from floor(f * 50 / fps) - 4. Equal to frame_windows at 25 fps (and wherever ceil(50 / fps)
+    is 2, e.g. 30 fps); below 25 fps frame_windows' windows grow (15 steps at 20 fps, 25 at 10), so a read-out fitted
+    on 25 fps windows (the opening head, lipsync.opening) reads these instead."""
+    feats = features[0] if features.ndim == 4 else features
+    n, lead = window_layout(25, left, right)
+    starts = torch.floor(torch.arange(n_frames, dtype=torch.float64) * STEPS_PER_SECOND / fps).long() - lead
+    return gather_steps(feats, 0, starts, n, feats.shape[1])
 
 
 def frame_windows(features, n_frames, fps=25, left=2, right=2):

@@ -18,7 +18,7 @@ from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
 from lipsync.melspec import log_mel, mel_filters
 from lipsync.streaming import WindowStream
 from lipsync.whisper import WhisperEncoder, load_whisper_encoder
-from lipsync.windows import PositionalEncoding, frame_windows, span_windows
+from lipsync.windows import PositionalEncoding, frame_windows, span_windows, steady_windows
 from media import SPEECH, SPEECH_48K, VIDEO
 
 
@@ -242,6 +242,17 @@ def test_frame_windows_index_by_time_at_other_frame_rates():
     win12 = frame_windows(feats, 12, fps=12.5)  # 4 steps per frame: 20-step windows from 4f - 8
     assert win12.shape == (12, 100, 3)
     assert torch.equal(win12[3, :, 0], expected_window(4, 20))
+
+
+def test_steady_windows_keep_the_25_fps_layout_at_any_frame_rate():
+    feats = step_features()
+    assert torch.equal(steady_windows(feats, 25, 25.0), frame_windows(feats, 25))
+    assert torch.equal(steady_windows(feats, 30, 30.0), frame_windows(feats, 30, fps=30))
+    win10 = steady_windows(feats[None], 10, 10.0)  # frame_windows: 25 steps from 5f - 10
+    assert win10.shape == (10, 50, 3)
+    for f in (0, 3, 9):
+        assert torch.equal(win10[f, :, 0], expected_window(5 * f - 4, 10))  # the 10 steps from 5f - 4
+    assert torch.equal(win10, frame_windows(feats, 10, fps=10)[:, 6 * 5:16 * 5])  # the middle of the long window
 
 
 def test_positional_encoding_adds_musetalk_sinusoids_without_parameters():

@@ -319,6 +319,8 @@ def test_openings_are_minus_infinity_exactly_in_the_speechs_pauses():
     got = model.openings(wave, 50, 25.0)
     quiet = quiet_frames(wave.numpy(), 50, 25.0)
     assert 20 <= quiet.sum() <= 26 and np.isneginf(got[quiet]).all() and np.isfinite(got[~quiet]).all()
+    slow = model.openings(wave, 20, 10.0)  # 10 fps: longer UNet windows, the head still reads its 10 steps
+    assert slow.shape == (20,) and np.isfinite(slow[~quiet_frames(wave.numpy(), 20, 10.0)]).all()
 
 
 def test_a_track_is_shut_when_its_gaps_span_less_than_shut_range_between_5th_and_95th_percentiles():
