@@ -46,6 +46,9 @@ def test_a_peak_barely_above_a_flat_curve_is_not_called_out_of_sync():
     assert A.verdict(curve, 25.0)["status"] == "unclear"
     curve[4] = 0.31
     assert A.verdict(curve, 25.0)["status"] == "out of sync"
+    weak = {k: -0.2 for k in range(-6, 7)}
+    weak[0] = 0.05  # a peak in the ordinary place, but mouth and sound barely related
+    assert A.verdict(weak, 25.0)["status"] == "unclear"
 
 
 def test_delay_puts_silence_in_front_or_drops_the_start():

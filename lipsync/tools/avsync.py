@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import checks
+from ..audio import frame_envelope
+from .metrics import lagged_r
 
 MAX_LAG = 6  # frames either way
 MIN_GAIN = 0.1  # r(peak) - r(0) for a clear offset
@@ -37,20 +39,19 @@ IN_SYNC = (-1, 0)  # peaks that are ordinary speech: the lips lead their sound b
 
 def loudness_db(wave, n_frames: int, fps: float) -> np.ndarray:
     """16 kHz speech (S,) -> (n_frames,) RMS in dB at each frame's time, floored 80 dB under its loudest frame."""
-    from ..audio import frame_envelope
     env = frame_envelope(np.asarray(wave, np.float32), n_frames, fps).astype(np.float64)
     return 20 * np.log10(np.maximum(env, 1e-4 * max(float(env.max()), 1e-12)))
 
 
 def delay_curve(opening, loudness, max_lag: int = MAX_LAG) -> dict:
     """opening, loudness (N,) (NaN = unmeasured) -> {k: r(opening[f], loudness[f - k])} for k in -max_lag..max_lag."""
-    from .metrics import lagged_r
     return {k: lagged_r(opening, loudness, -k) for k in range(-max_lag, max_lag + 1)}
 
 
 def verdict(curve: dict, fps: float) -> dict:
     """A delay curve -> its peak k, delay_ms (k / fps in ms: how much later the audio should play), r at the peak and
-    at 0, and status: "in sync" (a peak at IN_SYNC), "out of sync" (a clear peak elsewhere) or "unclear"."""
+    at 0, and status: "in sync" (a peak of at least MIN_PEAK at IN_SYNC), "out of sync" (a clear peak elsewhere) or
+    "unclear" (a weak or flat curve: mouth and loudness too loosely tied to tell)."""
     finite = {k: r for k, r in curve.items() if math.isfinite(r)}
     if not finite:
         return {"status": "unclear", "delay_frames": 0, "delay_ms": 0.0, "r_peak": math.nan, "r_zero": math.nan}
@@ -59,7 +60,10 @@ def verdict(curve: dict, fps: float) -> dict:
     edge = abs(k) == max(abs(j) for j in curve)
     clear = (finite[k] >= MIN_PEAK and not edge and finite[k] - np.median(list(finite.values())) >= PROMINENCE
              and (not math.isfinite(r0) or finite[k] - r0 >= MIN_GAIN))
-    status = "in sync" if k in IN_SYNC else ("out of sync" if clear else "unclear")
+    if finite[k] < MIN_PEAK:
+        status = "unclear"
+    else:
+        status = "in sync" if k in IN_SYNC else ("out of sync" if clear else "unclear")
     return {"status": status, "delay_frames": int(k), "delay_ms": 1000.0 * k / fps, "r_peak": float(finite[k]),
             "r_zero": float(r0)}
 
