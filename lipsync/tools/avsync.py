@@ -58,14 +58,22 @@ def verdict(curve: dict, fps: float) -> dict:
     k = max(finite, key=finite.get)
     r0 = curve.get(0, math.nan)
     edge = abs(k) == max(abs(j) for j in curve)
-    clear = (finite[k] >= MIN_PEAK and not edge and finite[k] - np.median(list(finite.values())) >= PROMINENCE
+    clear = (not edge and finite[k] - np.median(list(finite.values())) >= PROMINENCE
              and (not math.isfinite(r0) or finite[k] - r0 >= MIN_GAIN))
     if finite[k] < MIN_PEAK:
         status = "unclear"
+    elif k in IN_SYNC:
+        status = "in sync"
     else:
-        status = "in sync" if k in IN_SYNC else ("out of sync" if clear else "unclear")
+        status = "out of sync" if clear else "unclear"
     return {"status": status, "delay_frames": int(k), "delay_ms": 1000.0 * k / fps, "r_peak": float(finite[k]),
             "r_zero": float(r0)}
+
+
+def clip_sync(opening, wave, fps: float, max_lag: int = MAX_LAG) -> tuple[dict, dict]:
+    """A clip's own openings (N,) and 16 kHz speech (S,) -> (its delay curve, the curve's verdict)."""
+    curve = delay_curve(opening, loudness_db(np.asarray(wave), len(opening), fps), max_lag)
+    return curve, verdict(curve, fps)
 
 
 def measure(path, max_lag: int = MAX_LAG, resync_dir=None) -> dict:
@@ -82,8 +90,8 @@ def measure(path, max_lag: int = MAX_LAG, resync_dir=None) -> dict:
     if np.isfinite(opening).sum() < 3:
         raise ValueError(f"{path}: a face was found in {int(np.isfinite(opening).sum())} frames: nothing to measure")
     wave = load_audio(path)
-    curve = delay_curve(opening, loudness_db(wave.numpy(), len(frames), fps), max_lag)
-    res = {"video": str(path), "fps": fps, "frames": len(frames), **verdict(curve, fps),
+    curve, found = clip_sync(opening, wave.numpy(), fps, max_lag)
+    res = {"video": str(path), "fps": fps, "frames": len(frames), **found,
            "curve": {int(k): None if not math.isfinite(r) else round(float(r), 4) for k, r in curve.items()}}
     if resync_dir is not None and res["status"] == "out of sync":
         from ..audio import delay

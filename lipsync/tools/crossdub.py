@@ -54,7 +54,7 @@ from ..pipeline import avatar_frames, prepare_avatar
 from ..track import box_options, track_frames
 from ..tracking import MeshTracker
 from ..video import SAMPLE_RATE, fit_length
-from .avsync import delay_curve, loudness_db, verdict
+from .avsync import clip_sync
 from .metrics import detail_ratios, lagged_r, lip_opening_468, silence_masks
 from .reenact import lower_face_rects, mesh_points, mouth_squares, square_tiles
 
@@ -176,8 +176,8 @@ class Clips:
                 raise ValueError(f"{path} has no audio track: a cross-dub clip must be a talking clip with its speech")
             mesh, wave = mesh_points(frames), load_audio(path)
             opening = lip_opening_468(mesh)
-            sync = verdict(delay_curve(opening, loudness_db(wave.numpy(), len(frames), fps)), fps)
-            self.info[str(path)] = {"fps": fps, "wave": wave, "opening": opening, "sync": sync,
+            self.info[str(path)] = {"fps": fps, "wave": wave, "opening": opening,
+                                    "sync": clip_sync(opening, wave.numpy(), fps)[1],
                                     "squares": mouth_squares(np.nan_to_num(mesh), frames.shape[1:3]),
                                     "rects": lower_face_rects(np.nan_to_num(mesh), frames.shape[1:3]),
                                     "face": ~np.isnan(mesh).any((1, 2))}
