@@ -4,18 +4,21 @@ The generator draws the face at S px and the paste scales it 2-4x, so the mouth 
 edges and the skin's grain are finer than S px can hold (blend.py keeps the source's own detail outside the mouth;
 inside, the source shows the original mouth, which must not come back). But the video holds the same person's mouth,
 sharp, in many shapes. Example-based super-resolution (Freeman, Jones and Pasztor, "Example-Based Super-Resolution",
-IEEE CG&A 2002) borrows it: cut the mouth area into overlapping patches; for each patch of the generated face, find
-the frame whose coarse picture of that patch (at S px) looks most like it, also a few pixels off its place, and add
-that frame's fine detail there (its crop at F px minus what the crop holds at S px). The coarse picture decides, so
-the detail follows the generated mouth's shape; and frames near the one being drawn are never used (EXCLUDE), so the
-original mouth's own lines cannot come back through it.
+IEEE CG&A 2002) borrows it: find the frame whose coarse picture of the mouth area (at S px) looks most like the
+generated face's, also a few pixels off its place, and add that frame's fine detail there (its crop at F px minus
+what the crop holds at S px). The coarse picture decides, so the detail follows the generated mouth's shape; and
+frames near the one being drawn are never used (EXCLUDE), so the original mouth's own lines cannot come back through
+it. One frame lends the whole area: its lip lines and teeth edges stay continuous. Lent patch by patch from
+different frames, the overlapping patches averaged each other's lines away (a quarter to three fifths of the
+borrowed detail was left on held-out people, docs/results.md).
 
     bank = texture_bank(frames, track, S)  # per avatar: coarse keys + fine detail of up to MAX_FRAMES frames
     detail = bank.detail(faces, shown)               # generated faces (B, 3, S, S) for source frames shown (B,)
                                                      # -> (B, F, F, 3) detail, 0 outside the mouth area
     paste(frame, crop, blend, texture=detail[k])     # added where the source's own detail is not (blend.keep_weight)
 
-The keys are compared as zero-mean luma patches, so the VAE's colour drift does not matter.
+The keys are compared as zero-mean 8 x 8 luma patches, summed over the area, so the VAE's colour drift and a slow
+change of light do not count.
 """
 
 from dataclasses import dataclass, field
@@ -28,8 +31,8 @@ from .blend import round_trip
 from .restore import MIN_UPSCALE
 from .tracking import crop_faces, pixel_box, to_crop_coords
 
-PATCH = 8  # patch side, S px
-STRIDE = 4  # patch step, S px (half a patch: the Hann windows of neighbours sum to 1)
+PATCH = 8  # key patch side, S px
+STRIDE = 4  # key patch step, S px; also the width, at S px, of the fade at the lent area's edges
 SHIFT = 1  # S px: each patch is also looked up this far off its place, in each direction (the same mouth, moved)
 EXCLUDE = 12  # frames within this many of the drawn one are never a source of detail (half a second at 25 fps)
 MAX_FRAMES = 256  # frames in a bank, spread evenly over the video
@@ -41,9 +44,10 @@ def luma(x: torch.Tensor) -> torch.Tensor:
     return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
 
 
-def hann(n: int) -> torch.Tensor:
-    """Periodic Hann window (n,): added to itself shifted by n / 2 it gives 1."""
-    return torch.sin(torch.pi * (torch.arange(n) + 0.5) / n) ** 2
+def fade(n: int, edge: int) -> torch.Tensor:
+    """(n,) weights: 1 inside, rising from 0 over `edge` samples at each end (the lent detail's border)."""
+    i = torch.arange(n) + 0.5
+    return torch.minimum(i, n - i).div(edge).clamp(max=1)
 
 
 @dataclass
@@ -51,7 +55,7 @@ class TextureBank:
     frames: np.ndarray  # (N,) int64: the source frame of each entry
     coarse: torch.Tensor  # (N, S, S) float16 luma of each entry's crop
     fine: torch.Tensor  # (N, h, w, 3) float16 fine detail of the area plus a SHIFT-px margin, at F px
-    area: tuple  # (top, left, gh, gw): the patch grid's corner in S px and its size in patches (P = gh gw)
+    area: tuple  # (top, left, gh, gw): the key patches' grid, its corner in S px and its size in patches
     scale: int  # F / S
     shift: int = SHIFT
     _keys: torch.Tensor | None = field(default=None, repr=False)
@@ -69,49 +73,42 @@ class TextureBank:
         return [(dy, dx) for dy in r for dx in r]
 
     def keys(self) -> tuple:
-        """Every entry's patches at every move, made on first use (not stored on disk): (P, M N, PATCH^2) float16
-        and their squared norms (P, M N) float32."""
+        """Every entry's area at every move, as patches, made on first use (not stored on disk): (M N, P PATCH^2)
+        float16, row m N + n for move m of entry n, and their squared norms (M N,) float32."""
         if self._keys is None:
-            keys = torch.cat([self.patches(self.coarse, dy, dx) for dy, dx in self.moves()]).transpose(0, 1)
+            keys = torch.cat([self.patches(self.coarse, dy, dx).flatten(1) for dy, dx in self.moves()])
             self._keys = keys.half().contiguous(), (keys * keys).sum(-1)
         return self._keys
 
     def choose(self, faces: torch.Tensor, shown, exclude: int = EXCLUDE) -> torch.Tensor:
-        """Faces (B, 3, S, S) in [0, 255] drawn for source frames shown (B,) -> (B, P): per patch, the nearest key
-        as move m * N + entry n, among entries more than `exclude` frames away from the shown one (all entries when
-        none is that far)."""
-        q = self.patches(luma(faces.float())).transpose(0, 1)  # (P, B, D)
+        """Faces (B, 3, S, S) in [0, 255] drawn for source frames shown (B,) -> (B,): the nearest entry and move,
+        as m * N + n, among entries more than `exclude` frames away from the shown one (all entries when none is
+        that far)."""
+        q = self.patches(luma(faces.float())).flatten(1)  # (B, P PATCH^2)
         keys, norms = self.keys()
-        n = len(self.frames)
-        d = torch.cat([norms[:, None, k: k + n] - 2 * q @ keys[:, k: k + n].float().transpose(1, 2)
-                       for k in range(0, keys.shape[1], n)], -1)  # (P, B, M N): |key - q|^2 - |q|^2, a move a time
+        d = norms - 2 * q @ keys.float().T  # (B, M N): |key - q|^2 - |q|^2
         near = np.abs(self.frames[None, :] - np.asarray(shown)[:, None]) <= exclude  # (B, N)
         near[near.all(1)] = False
         near = torch.from_numpy(np.tile(near, len(self.moves())))  # (B, M N)
-        return d.transpose(0, 1).masked_fill(near[:, None, :], float("inf")).argmin(-1)  # (B, P)
+        return d.masked_fill(near, float("inf")).argmin(-1)
 
     def detail(self, faces: torch.Tensor, shown, exclude: int = EXCLUDE) -> torch.Tensor:
-        """Faces (B, 3, S, S) in [0, 255] for source frames shown (B,) -> (B, F, F, 3) float: the chosen entries'
-        fine patches (moved as matched), Hann-windowed and overlap-added; 0 outside the area."""
-        top, left, gh, gw = self.area
-        s, m, pf = self.scale, self.shift, PATCH * self.scale
-        pick = self.choose(faces, shown, exclude)  # (B, P)
+        """Faces (B, 3, S, S) in [0, 255] for source frames shown (B,) -> (B, F, F, 3) float: the chosen entry's
+        fine detail over the area, moved as matched and faded out over its last STRIDE S px; 0 outside."""
+        top, left = self.area[:2]
+        s, m = self.scale, self.shift
+        pick = self.choose(faces, shown, exclude)  # (B,)
         n, hm, wm, _ = self.fine.shape
         h, w = hm - 2 * m * s, wm - 2 * m * s  # the area at F px, without the margin
-        move = torch.tensor([(m + dy) * s * wm + (m + dx) * s for dy, dx in self.moves()])  # (M,) pixel offsets
-        step = torch.arange(pf)
-        corner = (torch.arange(gh) * STRIDE * s)[:, None] * wm + torch.arange(gw) * STRIDE * s  # (gh, gw)
-        inside = corner.reshape(-1, 1) + (step[:, None] * wm + step).reshape(1, -1)  # (P, pf^2)
-        at = ((pick % n) * (hm * wm) + move[pick // n])[..., None] + inside  # (B, P, pf^2) into (N hm wm, 3)
-        win = torch.outer(hann(pf), hann(pf)).reshape(-1, 1)  # (pf^2, 1)
-        chosen = self.fine.reshape(-1, 3)[at].float() * win  # (B, P, pf^2, 3)
-        cols = chosen.permute(0, 3, 2, 1).reshape(len(pick), 3 * pf * pf, -1)  # (B, 3 pf^2, P), F.fold's order
-        out = F.fold(cols, (h, w), pf, stride=STRIDE * s)  # (B, 3, h, w)
-        norm = F.fold(win.reshape(1, -1, 1).expand(1, -1, gh * gw), (h, w), pf, stride=STRIDE * s)  # (1, 1, h, w)
+        edge = STRIDE * s
+        weight = torch.outer(fade(h, edge), fade(w, edge))[..., None]  # (h, w, 1)
         size = self.coarse.shape[-1] * s
-        full = out.new_zeros(len(pick), 3, size, size)
-        full[:, :, top * s: top * s + h, left * s: left * s + w] = out / norm.clamp_min(1e-2)
-        return full.permute(0, 2, 3, 1)
+        moves, full = self.moves(), torch.zeros(len(pick), size, size, 3)
+        for b, k in enumerate(pick.tolist()):
+            dy, dx = moves[k // n]
+            y, x = (m + dy) * s, (m + dx) * s  # the move, at F px, within the stored margin
+            full[b, top * s: top * s + h, left * s: left * s + w] = self.fine[k % n, y: y + h, x: x + w] * weight
+        return full
 
 
 def texture_bank(frames, track, size: int, max_frames: int = MAX_FRAMES) -> TextureBank | None:

@@ -1,6 +1,7 @@
 """The mouth texture (lipsync.texture): a generated face that matches a frame gets that frame's own fine detail, also
-when moved; frames near the drawn one are never used; small faces get no bank; the paste adds the texture only around
-the mouth; avatars keep the bank on disk and infer.py's frames use it."""
+when moved; one frame lends the whole area, faded in at its border; frames near the drawn one are never used; small
+faces get no bank; the paste adds the texture only around the mouth; avatars keep the bank on disk and infer.py's
+frames use it."""
 
 import numpy as np
 import pytest
@@ -54,8 +55,7 @@ def area_mask(bank, inset=0):
 
 
 def interior(bank):
-    """The area less half a patch at each edge: there the Hann windows of the overlapping patches sum to 1 (at the
-    area's edge a single patch, windowed, fades the detail out)."""
+    """The area less its faded border (STRIDE S px at each edge): there the lent detail is at full strength."""
     return area_mask(bank, texture.STRIDE * bank.scale)
 
 
@@ -71,6 +71,8 @@ def test_a_face_that_is_a_frames_crop_gets_that_frames_own_fine_detail_and_none_
     assert (got[inside] - want[inside]).abs().max() < 0.5  # the fine band is stored in float16
     assert want[inside].abs().mean() > 20
     assert got[~area_mask(bank)].abs().max() == 0
+    rim = area_mask(bank) & ~area_mask(bank, 1)  # the area's outermost pixels: the detail fades in from 0 there
+    assert got[rim].abs().mean() < 0.2 * want[rim].abs().mean()
 
 
 def test_a_moved_face_gets_the_detail_moved_with_it():
@@ -86,6 +88,22 @@ def test_a_moved_face_gets_the_detail_moved_with_it():
     assert (got[inside] - want[inside]).abs().max() < 0.5
     unmoved = high_band(big)[0].permute(1, 2, 0)
     assert (got[inside] - unmoved[inside]).abs().mean() > 10
+
+
+def test_one_frame_lends_the_whole_area():
+    """A face whose left part is frame 20's crop and right part frame 25's: the detail is one of the two frames'
+    fine band over the whole area (its lines stay continuous), not a patchwork of both."""
+    frames, track = noise_video()
+    bank = texture_bank(frames, track, S)
+    (big20, small20), (big25, small25) = (crops_of(bank, frames, track, j) for j in (20, 25))
+    top, left, gh, gw = bank.area
+    cut = left + ((gw - 1) * texture.STRIDE + texture.PATCH) * 2 // 5  # frame 20 holds less than half the area
+    face = small25.clone()
+    face[..., :cut] = small20[..., :cut]
+    got = bank.detail(face, [0])[0]
+    inside = interior(bank)
+    want = high_band(big25)[0].permute(1, 2, 0)
+    assert (got[inside] - want[inside]).abs().max() < 0.5
 
 
 def test_the_nearest_patch_lends_not_the_one_most_alike_in_direction():
@@ -104,11 +122,11 @@ def test_frames_near_the_drawn_one_never_lend_their_detail():
     bank = texture_bank(frames, track, S)
     _, small = crops_of(bank, frames, track, 20)
     n = len(bank.frames)
-    lender = bank.frames[bank.choose(small, [20]) % n]  # (1, P)
+    lender = bank.frames[bank.choose(small, [20]) % n]  # (1,)
     assert np.abs(lender - 20).min() > EXCLUDE
     assert (bank.frames[bank.choose(small, [20], exclude=-1) % n] == 20).all()  # without the rule: its own detail
     few = texture_bank(frames[:10], Track(track.landmarks[:10], track.face[:10], track.boxes[:10], "test"), S)
-    assert few.choose(small, [5]).shape == (1, len(lender[0]))  # all within EXCLUDE: every frame may lend
+    assert few.choose(small, [5]).shape == (1,)  # all within EXCLUDE: every frame may lend
 
 
 def test_faces_pasted_at_most_1_25x_the_crop_get_no_bank():
