@@ -86,7 +86,9 @@ class TextureBank:
         that far)."""
         q = self.patches(luma(faces.float())).flatten(1)  # (B, P PATCH^2)
         keys, norms = self.keys()
-        d = norms - 2 * q @ keys.float().T  # (B, M N): |key - q|^2 - |q|^2
+        n = len(self.frames)
+        d = torch.cat([norms[k: k + n] - 2 * q @ keys[k: k + n].float().T
+                       for k in range(0, len(keys), n)], -1)  # (B, M N): |key - q|^2 - |q|^2, a move at a time
         near = np.abs(self.frames[None, :] - np.asarray(shown)[:, None]) <= exclude  # (B, N)
         near[near.all(1)] = False
         near = torch.from_numpy(np.tile(near, len(self.moves())))  # (B, M N)
