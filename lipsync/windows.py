@@ -37,10 +37,11 @@ def window_layout(fps, left=2, right=2):
     return k * (left + right + 1), k * left
 
 
-def window_start(frames, fps, left=2) -> torch.Tensor:
+def window_start(frames, fps, left=2, layout_fps=None) -> torch.Tensor:
     """Video frame index/indices -> the first 50 Hz step of each one's window (LongTensor, negative near the start):
-    floor(f * 50 / fps) - ceil(50 / fps) * left, i.e. 2f - 4 at 25 fps."""
-    lead = window_layout(fps, left)[1]
+    floor(f * 50 / fps) - ceil(50 / layout_fps) * left, i.e. 2f - 4 at 25 fps. layout_fps: the rate whose window
+    layout is used (default fps; steady_windows uses 25's at any rate)."""
+    lead = window_layout(fps if layout_fps is None else layout_fps, left)[1]
     return torch.floor(torch.as_tensor(frames, dtype=torch.float64) * STEPS_PER_SECOND / fps).long() - lead
 
 
@@ -68,9 +69,8 @@ def steady_windows(features, n_frames, fps, left=2, right=2):
     is 2, e.g. 30 fps); below 25 fps frame_windows' windows grow (15 steps at 20 fps, 25 at 10), so a read-out fitted
     on 25 fps windows (the opening head, lipsync.opening) reads these instead."""
     feats = features[0] if features.ndim == 4 else features
-    n, lead = window_layout(25, left, right)
-    starts = torch.floor(torch.arange(n_frames, dtype=torch.float64) * STEPS_PER_SECOND / fps).long() - lead
-    return gather_steps(feats, 0, starts, n, feats.shape[1])
+    starts = window_start(torch.arange(n_frames), fps, left, layout_fps=25)
+    return gather_steps(feats, 0, starts, window_layout(25, left, right)[0], feats.shape[1])
 
 
 def frame_windows(features, n_frames, fps=25, left=2, right=2):
