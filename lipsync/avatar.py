@@ -22,7 +22,7 @@ from .blend import Blend
 from .texture import TextureBank
 from .track import Track
 
-AVATAR_VERSION = 2  # 2: texture.npz
+AVATAR_VERSION = 3  # 2: texture.npz; 3: its detail in frame pixels
 
 
 @dataclass
@@ -92,7 +92,7 @@ def save_avatar(avatar: Avatar, folder) -> Path:
     if avatar.texture is not None:
         b = avatar.texture
         np.savez(partial / "texture.npz", frames=b.frames, coarse=b.coarse.numpy(), fine=b.fine.numpy(),
-                 area=np.array(b.area, np.int64), scale=b.scale, shift=b.shift)
+                 area=np.array(b.area, np.int64), margin=b.margin, shift=b.shift)
     info = {"version": AVATAR_VERSION, "fps": avatar.fps, "frames": len(avatar), "size": list(avatar.frames.shape[1:3]),
             "crop_size": avatar.crop_size, "fingerprint": avatar.fingerprint, "source": avatar.source,
             "tracker": t.tracker, "geometry": avatar.geometry, "reference": avatar.reference}
@@ -132,6 +132,6 @@ def load_avatar(folder, model) -> Avatar:
     if (folder / "texture.npz").is_file():
         with np.load(folder / "texture.npz") as z:
             texture = TextureBank(z["frames"], torch.from_numpy(z["coarse"]), torch.from_numpy(z["fine"]),
-                                  tuple(map(int, z["area"])), int(z["scale"]), int(z["shift"]))
+                                  tuple(map(int, z["area"])), int(z["margin"]), int(z["shift"]))
     return Avatar(frames, info["fps"], track, latents, blends, info["crop_size"], info["fingerprint"],
                   info.get("source", ""), info.get("geometry", "square"), info.get("reference", "self"), texture)

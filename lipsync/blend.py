@@ -12,8 +12,9 @@ crop went through; high = patch - low, what the crop could never hold -- and add
 face everywhere except around the mouth (Blend.mouth, feathered): cheeks, skin texture and the jaw line keep the
 source's sharpness, while the mouth, whose original shape must not come back, is the generated one alone. There, a
 model with a restorer (lipsync.restore) supplies a face generated at S px and restored to 2S (`fine`), and an avatar
-with a texture bank (lipsync.texture) adds fine detail borrowed from other frames whose mouth looks like the
-generated one (`texture`).
+with a texture bank (lipsync.texture) adds fine detail borrowed from another frame whose mouth looks like the
+generated one (`texture`, in frame pixels: never resampled). With a texture, the restored face gives only what the
+crop can hold (its contrast); the detail finer than that is the video's own.
 """
 
 from dataclasses import dataclass
@@ -175,6 +176,15 @@ def low_band(patch: torch.Tensor, scale_h: float, scale_w: float) -> torch.Tenso
     return low[0].permute(1, 2, 0)
 
 
+def place(dst: torch.Tensor, src: torch.Tensor, top: int, left: int) -> torch.Tensor:
+    """Copy src (h, w, ...) into dst (H, W, ...) with its corner at (top, left) of dst, clipped to dst; returns dst."""
+    h, w = src.shape[:2]
+    y1, x1, y2, x2 = max(top, 0), max(left, 0), min(top + h, dst.shape[0]), min(left + w, dst.shape[1])
+    if y2 > y1 and x2 > x1:
+        dst[y1:y2, x1:x2] = src[y1 - top: y2 - top, x1 - left: x2 - left]
+    return dst
+
+
 def keep_weight(shape, mouth, radius: int) -> torch.Tensor:
     """(h, w) weight of the source's fine detail: 1, falling to 0 over `radius` pixels into the mouth box. A box is
     separable, so its feathered mask (as `feather` would blur it) is the outer product of two feathered 1-D
@@ -190,12 +200,13 @@ def keep_weight(shape, mouth, radius: int) -> torch.Tensor:
 
 
 def paste(frame: np.ndarray, crop: np.ndarray, blend: Blend, colour: bool = True, detail: bool = True,
-          fine: np.ndarray | None = None, texture: torch.Tensor | None = None) -> np.ndarray:
+          fine: np.ndarray | None = None, texture: tuple | None = None) -> np.ndarray:
     """Source frame (H, W, 3) uint8 + generated crop (S, S, 3) uint8 -> new frame; pixels where the mask is 0 are
     the source's exactly. detail: add the source's own detail finer than the crop's resolution outside the mouth
     (module doc). fine: the same face restored to more pixels (lipsync.restore), used around the mouth only, fading
-    to the crop where the source's detail takes over. texture: float (F, F, 3) detail in crop coordinates
-    (lipsync.texture), added where the source's detail is not: around the mouth only."""
+    to the crop where the source's detail takes over. texture: (top, left, float (h, w, 3)) detail in frame pixels
+    with its corner at frame pixel (top, left) (lipsync.texture), added where the source's detail is not: around the
+    mouth only."""
     out = np.array(frame)  # a copy, also of a read-only memmap
     t, left, b, right = blend.rect
     if b <= t:
@@ -207,6 +218,8 @@ def paste(frame: np.ndarray, crop: np.ndarray, blend: Blend, colour: bool = True
     keep = (keep_weight(m.shape, blend.mouth, feather_radius(h))[..., None]
             if detail or fine is not None or texture is not None else None)
     if fine is not None:
+        if texture is not None:  # the texture lends detail finer than the crop, the video's own: of the restored
+            fine = resize_crop(fine, *crop.shape[:2]).numpy()  # face keep what the crop can hold (its contrast)
         fine = resize_crop(fine, h, w)[t - y0: b - y0, left - x0: right - x0].float()
     low = low_band(src, crop.shape[0] / h, crop.shape[1] / w) if detail else src  # what the crop could hold
     if colour:
@@ -221,9 +234,8 @@ def paste(frame: np.ndarray, crop: np.ndarray, blend: Blend, colour: bool = True
     if fine is not None:
         gen = gen + (1 - keep) * (fine - gen)
     if texture is not None:
-        x = F.interpolate(texture.permute(2, 0, 1)[None].float(), size=(h, w), mode="bilinear", antialias=True,
-                          align_corners=False)[0].permute(1, 2, 0)
-        gen = gen + (1 - keep) * x[t - y0: b - y0, left - x0: right - x0]
+        ty, tx, lent = texture
+        gen = gen + (1 - keep) * place(torch.zeros_like(gen), lent.float(), ty - t, tx - left)
     if detail:
         gen = gen + keep * (src - low)
     mixed = src + m[..., None] * (gen - src)

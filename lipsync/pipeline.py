@@ -148,8 +148,8 @@ def render(model, avatar: Avatar, windows: torch.Tensor, first: int, colour: boo
         pixels = to_pixels(faces)  # (b', 3, S, S) float in [0, 255]
         crops = iter(to_uint8_pixels(pixels))  # (b', S, S, 3)
         fines = iter(restored(model, faces, [avatar.blends[i] for i in src[sel]]))
-        textures = iter(avatar.texture.detail(pixels, src[sel]) if avatar.texture is not None and texture
-                        else [None] * len(sel))  # (b', F, F, 3) each
+        textures = iter(avatar.texture.detail(pixels, src[sel], t.boxes[src[sel]])
+                        if avatar.texture is not None and texture else [None] * len(sel))  # (top, left, detail) each
     for j, i in enumerate(src):
         yield (paste(avatar.frames[i], next(crops), avatar.blends[i], colour, detail, next(fines), next(textures))
                if has[j]

@@ -9,7 +9,8 @@ and Video Super-Resolution Using an Efficient Sub-Pixel Convolutional Neural Net
 It is trained self-supervised (`train.py --stage restorer`, lipsync.training.restorer): real face crops at 2S px are
 the targets, and the input is the face the generator itself draws for that frame at S px (or the real crop through
 its VAE). The last convolution starts at zero, so an untrained restorer is exactly the bilinear upscale. blend.paste uses the restored face only around the mouth; everywhere else the source frame's
-own detail is kept.
+own detail is kept. Where the video lends its own mouth texture (lipsync.texture), the paste takes from the restored
+face only what the crop can hold.
 """
 
 from dataclasses import dataclass

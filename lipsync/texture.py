@@ -5,17 +5,20 @@ edges and the skin's grain are finer than S px can hold (blend.py keeps the sour
 inside, the source shows the original mouth, which must not come back). But the video holds the same person's mouth,
 sharp, in many shapes. Example-based super-resolution (Freeman, Jones and Pasztor, "Example-Based Super-Resolution",
 IEEE CG&A 2002) borrows it: find the frame whose coarse picture of the mouth area (at S px) looks most like the
-generated face's, also a few pixels off its place, and add that frame's fine detail there (its crop at F px minus
-what the crop holds at S px). The coarse picture decides, so the detail follows the generated mouth's shape; and
-frames near the one being drawn are never used (EXCLUDE), so the original mouth's own lines cannot come back through
-it. One frame lends the whole area: its lip lines and teeth edges stay continuous. Lent patch by patch from
-different frames, the overlapping patches averaged each other's lines away (a quarter to three fifths of the
-borrowed detail was left on held-out people, docs/results.md).
+generated face's, also a few pixels off its place, and add that frame's fine detail there: its own pixels minus what
+its crop holds at S px, in frame pixels, moved by whole pixels and never resampled (a trip through a crop of
+ceil(face / S) x S px and back keeps under half of the lips' Laplacian energy on held-out 480-512 px videos:
+docs/results.md). The coarse picture decides, so the detail follows the generated mouth's shape; and frames near the
+one being drawn are never used (EXCLUDE), so the original mouth's own lines cannot come back through it. One frame
+lends the whole area: its lip lines and teeth edges stay continuous. Lent patch by patch from different frames, the
+overlapping patches averaged each other's lines away (a quarter to three fifths of the borrowed detail was left on
+held-out people, docs/results.md). Where the checkpoint has a restorer (lipsync.restore), the paste then takes from
+the restored face only what the crop can hold: the detail finer than that is the video's own.
 
     bank = texture_bank(frames, track, S)  # per avatar: coarse keys + fine detail of up to MAX_FRAMES frames
-    detail = bank.detail(faces, shown)               # generated faces (B, 3, S, S) for source frames shown (B,)
-                                                     # -> (B, F, F, 3) detail, 0 outside the mouth area
-    paste(frame, crop, blend, texture=detail[k])     # added where the source's own detail is not (blend.keep_weight)
+    lent = bank.detail(faces, shown, boxes)          # generated faces (B, 3, S, S) for source frames shown (B,) with
+                                                     # crop boxes (B, 4) -> B x (top, left, (h, w, 3) frame px detail)
+    paste(frame, crop, blend, texture=lent[k])       # added where the source's own detail is not (blend.keep_weight)
 
 The keys are compared as zero-mean 8 x 8 luma patches, summed over the area, so the VAE's colour drift and a slow
 change of light do not count.
@@ -27,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .blend import round_trip
+from .blend import place, round_trip
 from .restore import MIN_UPSCALE
-from .tracking import crop_faces, pixel_box, to_crop_coords
+from .tracking import box_patch, pixel_box, to_crop_coords
 
 PATCH = 8  # key patch side, S px
 STRIDE = 4  # key patch step, S px; also the width, at S px, of the fade at the lent area's edges
@@ -54,9 +57,9 @@ def fade(n: int, edge: int) -> torch.Tensor:
 class TextureBank:
     frames: np.ndarray  # (N,) int64: the source frame of each entry
     coarse: torch.Tensor  # (N, S, S) float16 luma of each entry's crop
-    fine: torch.Tensor  # (N, h, w, 3) float16 fine detail of the area plus a SHIFT-px margin, at F px
+    fine: torch.Tensor  # (N, h, w, 3) float16 fine detail in frame px: a window centred on the entry's area
     area: tuple  # (top, left, gh, gw): the key patches' grid, its corner in S px and its size in patches
-    scale: int  # F / S
+    margin: int  # frame px in `fine` beyond the largest face's area on each side, room for the moves
     shift: int = SHIFT
     _keys: torch.Tensor | None = field(default=None, repr=False)
 
@@ -94,33 +97,42 @@ class TextureBank:
         near = torch.from_numpy(np.tile(near, len(self.moves())))  # (B, M N)
         return d.masked_fill(near, float("inf")).argmin(-1)
 
-    def detail(self, faces: torch.Tensor, shown, exclude: int = EXCLUDE) -> torch.Tensor:
-        """Faces (B, 3, S, S) in [0, 255] for source frames shown (B,) -> (B, F, F, 3) float: the chosen entry's
-        fine detail over the area, moved as matched and faded out over its last STRIDE S px; 0 outside."""
-        top, left = self.area[:2]
-        s, m = self.scale, self.shift
+    def detail(self, faces: torch.Tensor, shown, boxes, exclude: int = EXCLUDE) -> list:
+        """Faces (B, 3, S, S) in [0, 255] for source frames shown (B,) with crop boxes (B, 4) -> for each,
+        (top, left, float (h, w, 3)): the chosen entry's fine detail over the face's area in frame pixels, moved as
+        matched (to the nearest pixel) and faded out over its last STRIDE S px, with its corner at frame pixel
+        (top, left)."""
         pick = self.choose(faces, shown, exclude)  # (B,)
-        n, hm, wm, _ = self.fine.shape
-        h, w = hm - 2 * m * s, wm - 2 * m * s  # the area at F px, without the margin
-        edge = STRIDE * s
-        weight = torch.outer(fade(h, edge), fade(w, edge))[..., None]  # (h, w, 1)
-        size = self.coarse.shape[-1] * s
-        moves, full = self.moves(), torch.zeros(len(pick), size, size, 3)
-        for b, k in enumerate(pick.tolist()):
+        n, hs, ws, _ = self.fine.shape
+        size, m, moves, out = self.coarse.shape[-1], self.margin, self.moves(), []
+        for k, box in zip(pick.tolist(), boxes):
+            (cy, cx), (h, w) = area_window(self.area, box, size)
+            h, w = min(h, hs - 2 * m), min(w, ws - 2 * m)
+            ky, kx = pixel_box(box)[3] / size, pixel_box(box)[2] / size  # frame px per S px
             dy, dx = moves[k // n]
-            y, x = (m + dy) * s, (m + dx) * s  # the move, at F px, within the stored margin
-            full[b, top * s: top * s + h, left * s: left * s + w] = self.fine[k % n, y: y + h, x: x + w] * weight
-        return full
+            y = hs // 2 - h // 2 + int(np.clip(round(dy * ky), -m, m))  # the move, within the stored margin
+            x = ws // 2 - w // 2 + int(np.clip(round(dx * kx), -m, m))
+            weight = torch.outer(fade(h, STRIDE * ky), fade(w, STRIDE * kx))[..., None]  # (h, w, 1)
+            out.append((round(cy) - h // 2, round(cx) - w // 2, self.fine[k % n, y: y + h, x: x + w].float() * weight))
+        return out
+
+
+def area_window(area, box, size: int) -> tuple:
+    """The key area (top, left, gh, gw) in S px, on a face with crop box `box` -> its centre (y, x) in frame pixels
+    and its size (h, w) in frame pixels, rounded."""
+    top, left, gh, gw = area
+    x0, y0, w, h = pixel_box(box)
+    ah, aw = (gh - 1) * STRIDE + PATCH, (gw - 1) * STRIDE + PATCH  # S px
+    return (y0 + (top + ah / 2) * h / size, x0 + (left + aw / 2) * w / size), (round(ah * h / size), round(aw * w / size))
 
 
 def texture_bank(frames, track, size: int, max_frames: int = MAX_FRAMES) -> TextureBank | None:
     """Source frames (N, H, W, 3) uint8 and their face track -> the avatar's TextureBank for crops of `size` px, or
     None when the faces are pasted at most MIN_UPSCALE times the crop (no detail finer than the crop to borrow)."""
     good = np.flatnonzero(track.face)
-    side = float(np.median([pixel_box(b)[3] for b in track.boxes[good]])) if len(good) else 0.0
-    if side <= MIN_UPSCALE * size:
+    sides = np.array([pixel_box(b)[2:] for b in track.boxes[good]], np.float64).reshape(-1, 2)  # (n, 2) w, h
+    if not len(good) or float(np.median(sides[:, 1])) <= MIN_UPSCALE * size:
         return None
-    scale = int(np.ceil(side / size))  # F = scale * size >= the face's side
     pick = good[np.unique(np.linspace(0, len(good) - 1, min(max_frames, len(good))).round().astype(np.int64))]
 
     # the area: every frame's lips with the margins of blend.make_blend's mouth box and its fade, in crop px, with
@@ -133,13 +145,19 @@ def texture_bank(frames, track, size: int, max_frames: int = MAX_FRAMES) -> Text
     gh = int(np.clip(np.ceil((lips[..., 1].max() + 0.8 * mw - top - PATCH) / STRIDE) + 1, 1, (hi - top) // STRIDE + 1))
     gw = int(np.clip(np.ceil((lips[..., 0].max() + 0.35 * mw - left - PATCH) / STRIDE) + 1, 1,
                      (hi - left) // STRIDE + 1))
-    y, x = (top - SHIFT) * scale, (left - SHIFT) * scale
-    h, w = ((gh - 1) * STRIDE + PATCH + 2 * SHIFT) * scale, ((gw - 1) * STRIDE + PATCH + 2 * SHIFT) * scale
+    area = (top, left, gh, gw)
 
-    coarse, fine = [], []
-    for part in np.array_split(pick, max(1, len(pick) // 16)):
-        big = torch.from_numpy(crop_faces(frames[part], track.boxes[part], size * scale)).permute(0, 3, 1, 2).float()
-        small, low = round_trip(big, size, size)  # the crop at S px, and back up to F px
-        fine.append((big - low)[:, :, y: y + h, x: x + w].permute(0, 2, 3, 1).half())  # (b, h, w, 3)
-        coarse.append(luma(small).half())  # (b, S, S)
-    return TextureBank(pick, torch.cat(coarse), torch.cat(fine), (top, left, gh, gw), scale)
+    # every entry's fine detail in frame px (its pixels minus their trip through the crop, as blend.paste splits the
+    # source), in a window as large as the largest face's area plus the moves, centred on the entry's own area
+    margin = int(np.ceil(SHIFT * sides.max() / size))
+    big = area_window(area, (0, 0, sides[:, 0].max(), sides[:, 1].max()), size)[1]
+    hs, ws = big[0] + 2 * margin + 1, big[1] + 2 * margin + 1
+    coarse, fine = [], torch.zeros(len(pick), hs, ws, 3, dtype=torch.float16)
+    for k, i in enumerate(pick):
+        x = torch.from_numpy(np.ascontiguousarray(box_patch(frames[i], track.boxes[i]))).permute(2, 0, 1)[None].float()
+        small, low = round_trip(x, size, size)  # the crop at S px (1, 3, S, S), and back up (1, 3, h, w)
+        coarse.append(luma(small)[0].half())
+        (cy, cx), _ = area_window(area, track.boxes[i], size)
+        x0, y0 = pixel_box(track.boxes[i])[:2]
+        place(fine[k], (x - low)[0].permute(1, 2, 0).half(), y0 - (round(cy) - hs // 2), x0 - (round(cx) - ws // 2))
+    return TextureBank(pick, torch.stack(coarse), fine, area, margin)

@@ -260,17 +260,22 @@ def pixel_box(box):
     return tuple(int(v) for v in _pixel_boxes(box)[0])
 
 
-def crop_face(frame, box, size, lanczos=False):
-    """(H, W, 3) uint8 + box -> (size, size, 3) uint8; outside the frame the edge pixels are replicated.
-    Resized with antialiased bilinear, or with lanczos=True as MuseTalk does (`resize_lanczos4`)."""
+def box_patch(frame, box) -> np.ndarray:
+    """(H, W, C) + box -> the pixels of its pixel_box (h, w, C), unresized; outside the frame the edge pixels are
+    replicated."""
     h_img, w_img = frame.shape[:2]
     x0, y0, w, h = pixel_box(box)
     if x0 >= 0 and y0 >= 0 and x0 + w <= w_img and y0 + h <= h_img:
-        patch = frame[y0:y0 + h, x0:x0 + w]
-    else:
-        rows = np.clip(np.arange(y0, y0 + h), 0, h_img - 1)
-        cols = np.clip(np.arange(x0, x0 + w), 0, w_img - 1)
-        patch = frame[rows[:, None], cols[None, :]]
+        return frame[y0:y0 + h, x0:x0 + w]
+    rows = np.clip(np.arange(y0, y0 + h), 0, h_img - 1)
+    cols = np.clip(np.arange(x0, x0 + w), 0, w_img - 1)
+    return frame[rows[:, None], cols[None, :]]
+
+
+def crop_face(frame, box, size, lanczos=False):
+    """(H, W, 3) uint8 + box -> (size, size, 3) uint8; outside the frame the edge pixels are replicated.
+    Resized with antialiased bilinear, or with lanczos=True as MuseTalk does (`resize_lanczos4`)."""
+    patch = box_patch(frame, box)
     if lanczos:
         return resize_lanczos4(patch, size, size)
     x = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)[None]  # uint8, channels-last memory

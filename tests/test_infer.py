@@ -503,7 +503,8 @@ def test_every_output_frame_is_the_unet_on_its_source_latents_and_its_own_audio_
         with torch.no_grad():
             faces = vae.decode(out / scale)
             crops = ((faces.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        texture = avatar.texture.detail((faces.clamp(-1, 1) + 1) * 127.5, PING_PONG[5 * k: 5 * k + 5])
+        shown = PING_PONG[5 * k: 5 * k + 5]
+        texture = avatar.texture.detail((faces.clamp(-1, 1) + 1) * 127.5, shown, avatar.track.boxes[shown])
         for b in range(5):
             i = 5 * k + b
             j = PING_PONG[i]

@@ -1,5 +1,5 @@
-"""The mouth texture (lipsync.texture): a generated face that matches a frame gets that frame's own fine detail, also
-when moved; one frame lends the whole area, faded in at its border; frames near the drawn one are never used; small
+"""The mouth texture (lipsync.texture): a generated face that matches a frame gets that frame's own fine detail in
+frame pixels (never resampled), also when moved; one frame lends the whole area, faded in at its border; frames near the drawn one are never used; small
 faces get no bank; the paste adds the texture only around the mouth; avatars keep the bank on disk and infer.py's
 frames use it."""
 
@@ -10,13 +10,13 @@ from scipy import ndimage
 
 from lipsync import texture
 from lipsync.avatar import load_avatar, save_avatar
-from lipsync.blend import keep_weight, make_blend, paste, round_trip
+from lipsync.blend import keep_weight, make_blend, paste, place, resize_crop, round_trip
 from lipsync.mel_encoder import MelEncoder, MelEncoderConfig
 from lipsync.model import LipSync
 from lipsync.pipeline import avatar_frames, prepare_avatar
 from lipsync.texture import EXCLUDE, texture_bank
 from lipsync.track import Track
-from lipsync.tracking import crop_box, crop_face, crop_faces, pixel_box, template_landmarks
+from lipsync.tracking import box_patch, crop_box, crop_face, pixel_box, template_landmarks
 from lipsync.unet import UNet, UNetConfig
 from lipsync.vae import AutoencoderKL, VAEConfig
 
@@ -32,61 +32,56 @@ def noise_video(n=30, seed=0):
     return frames, track
 
 
-def crops_of(bank, frames, track, j):
-    """Frame j's crop at F px and at S px, float (1, 3, ., .)."""
-    big = torch.from_numpy(crop_faces(frames[j:j + 1], track.boxes[j:j + 1], S * bank.scale)).permute(0, 3, 1, 2)
-    big = big.float()
-    return big, round_trip(big, S, S)[0]
+def crops_of(frames, track, j):
+    """Frame j's crop at S px as the bank's keys see it, float (1, 3, S, S)."""
+    x = torch.from_numpy(np.ascontiguousarray(box_patch(frames[j], track.boxes[j]))).permute(2, 0, 1)[None].float()
+    return round_trip(x, S, S)[0]
 
 
-def high_band(big):
-    """Crops (B, 3, F, F) -> what a crop of S px cannot hold (the bank's fine detail)."""
-    return big - round_trip(big, S, S)[1]
+def own_detail(frames, track, j):
+    """Frame j's detail finer than the crop, in frame pixels (H, W, 3): its pixels minus their trip through the crop
+    (what blend.paste keeps of the source outside the mouth), 0 outside its box."""
+    x = torch.from_numpy(np.ascontiguousarray(box_patch(frames[j], track.boxes[j]))).permute(2, 0, 1)[None].float()
+    x0, y0 = pixel_box(track.boxes[j])[:2]
+    return place(torch.zeros(frames.shape[1:]), (x - round_trip(x, S, S)[1])[0].permute(1, 2, 0), y0, x0)
 
 
-def area_mask(bank, inset=0):
-    """(F, F) bool: the bank's area at F px, less `inset` px at each edge."""
-    top, left, gh, gw = bank.area
-    s = bank.scale
-    m = torch.zeros(S * s, S * s, dtype=torch.bool)
-    m[top * s + inset: (top + (gh - 1) * texture.STRIDE + texture.PATCH) * s - inset,
-      left * s + inset: (left + (gw - 1) * texture.STRIDE + texture.PATCH) * s - inset] = True
-    return m
+def lent(bank, face, shown, frames, track):
+    """The detail the bank lends a face (1, 3, S, S) drawn for frame `shown` (all frames share one box), placed in
+    a frame (H, W, 3), and the (H, W) masks of its window and of the window's interior (less the faded border)."""
+    top, left, d = bank.detail(face, [shown], track.boxes[:1])[0]
+    h, w = d.shape[:2]
+    inset = int(np.ceil(texture.STRIDE * pixel_box(track.boxes[0])[3] / S))
+    window, inside = (torch.zeros(frames.shape[1:3], dtype=torch.bool) for _ in range(2))
+    window[top: top + h, left: left + w] = True
+    inside[top + inset: top + h - inset, left + inset: left + w - inset] = True
+    return place(torch.zeros(frames.shape[1:]), d, top, left), window, inside
 
 
-def interior(bank):
-    """The area less its faded border (STRIDE S px at each edge): there the lent detail is at full strength."""
-    return area_mask(bank, texture.STRIDE * bank.scale)
-
-
-def test_a_face_that_is_a_frames_crop_gets_that_frames_own_fine_detail_and_none_outside_the_area():
+def test_a_face_that_is_a_frames_crop_gets_that_frames_own_fine_detail_unresampled_and_none_outside_the_area():
     frames, track = noise_video()
     bank = texture_bank(frames, track, S)
-    assert bank.scale == 3 and len(bank.frames) == 30  # a 184 px face: F = 192 >= its side
-    big, small = crops_of(bank, frames, track, 20)
-    got = bank.detail(small, [0])[0]  # (F, F, 3); frame 0 is drawn, so frame 20 may lend
-    want = high_band(big)[0].permute(1, 2, 0)
-    inside = interior(bank)
-    assert inside.sum() > 2000
-    assert (got[inside] - want[inside]).abs().max() < 0.5  # the fine band is stored in float16
+    assert len(bank.frames) == 30
+    got, window, inside = lent(bank, crops_of(frames, track, 20), 0, frames, track)  # frame 0 drawn: 20 may lend
+    want = own_detail(frames, track, 20)
+    assert inside.sum() > 1500
+    assert (got[inside] - want[inside]).abs().max() < 0.5  # the fine band is stored in float16, pixel for pixel
     assert want[inside].abs().mean() > 20
-    assert got[~area_mask(bank)].abs().max() == 0
-    rim = area_mask(bank) & ~area_mask(bank, 1)  # the area's outermost pixels: the detail fades in from 0 there
+    assert got[~window].abs().max() == 0
+    rim = window & ~torch.from_numpy(ndimage.binary_erosion(window.numpy()))  # the window's outermost pixels: the detail fades in there
     assert got[rim].abs().mean() < 0.2 * want[rim].abs().mean()
 
 
 def test_a_moved_face_gets_the_detail_moved_with_it():
-    """The face drawn 1 px lower and 1 px to the left: the lookup finds it SHIFT px off its place and takes the fine
-    patches from there, so the detail is the frame's, moved by the same amount at F px."""
+    """The face drawn 1 px lower and 1 px to the left: the lookup finds it SHIFT px off its place and lends the
+    frame's detail from there, moved by the same amount in frame pixels (1 S px = 184 / 64 -> 3 frame px)."""
     frames, track = noise_video()
     bank = texture_bank(frames, track, S)
-    big, small = crops_of(bank, frames, track, 20)
-    s = bank.scale
-    got = bank.detail(torch.roll(small, (1, -1), (2, 3)), [0])[0]
-    want = torch.roll(high_band(big)[0].permute(1, 2, 0), (s, -s), (0, 1))
-    inside = interior(bank)
+    got, _, inside = lent(bank, torch.roll(crops_of(frames, track, 20), (1, -1), (2, 3)), 0, frames, track)
+    k = round(pixel_box(track.boxes[0])[3] / S)
+    unmoved = own_detail(frames, track, 20)
+    want = torch.roll(unmoved, (k, -k), (0, 1))
     assert (got[inside] - want[inside]).abs().max() < 0.5
-    unmoved = high_band(big)[0].permute(1, 2, 0)
     assert (got[inside] - unmoved[inside]).abs().mean() > 10
 
 
@@ -95,14 +90,13 @@ def test_one_frame_lends_the_whole_area():
     fine band over the whole area (its lines stay continuous), not a patchwork of both."""
     frames, track = noise_video()
     bank = texture_bank(frames, track, S)
-    (big20, small20), (big25, small25) = (crops_of(bank, frames, track, j) for j in (20, 25))
+    small20, small25 = (crops_of(frames, track, j) for j in (20, 25))
     top, left, gh, gw = bank.area
     cut = left + ((gw - 1) * texture.STRIDE + texture.PATCH) * 2 // 5  # frame 20 holds less than half the area
     face = small25.clone()
     face[..., :cut] = small20[..., :cut]
-    got = bank.detail(face, [0])[0]
-    inside = interior(bank)
-    want = high_band(big25)[0].permute(1, 2, 0)
+    got, _, inside = lent(bank, face, 0, frames, track)
+    want = own_detail(frames, track, 25)
     assert (got[inside] - want[inside]).abs().max() < 0.5
 
 
@@ -113,14 +107,14 @@ def test_the_nearest_patch_lends_not_the_one_most_alike_in_direction():
     frames[20] = frames[20] // 2 + 64
     frames[5] = np.clip(2 * (frames[20].astype(int) - 128) + 128, 0, 255)
     bank = texture_bank(frames, track, S)
-    _, small = crops_of(bank, frames, track, 20)
+    small = crops_of(frames, track, 20)
     assert (bank.frames[bank.choose(small, [0], exclude=-1) % len(bank.frames)] == 20).all()
 
 
 def test_frames_near_the_drawn_one_never_lend_their_detail():
     frames, track = noise_video()
     bank = texture_bank(frames, track, S)
-    _, small = crops_of(bank, frames, track, 20)
+    small = crops_of(frames, track, 20)
     n = len(bank.frames)
     lender = bank.frames[bank.choose(small, [20]) % n]  # (1,)
     assert np.abs(lender - 20).min() > EXCLUDE
@@ -143,7 +137,7 @@ def test_the_paste_adds_the_texture_around_the_mouth_only():
     frame, cbox = frames[0] // 2 + 64, track.boxes[0]  # room for +30 levels
     blend = make_blend(track.landmarks[0], cbox, frame.shape[:2])
     crop = crop_face(frame, cbox, S)
-    tex = torch.full((3 * S, 3 * S, 3), 30.0)
+    tex = (0, 0, torch.full(frame.shape, 30.0))  # detail over the whole frame, in frame pixels
     with_tex, without = paste(frame, crop, blend, texture=tex), paste(frame, crop, blend)
     t, left, b, r = blend.rect
     keep = np.ones(frame.shape[:2], np.float32)
@@ -156,6 +150,19 @@ def test_the_paste_adds_the_texture_around_the_mouth_only():
     assert np.abs(diff[core] - 30).max() <= 1
     assert np.array_equal(with_tex[keep == 1], without[keep == 1])
     assert np.array_equal(with_tex[mask == 0], frame[mask == 0])
+
+
+def test_with_a_texture_the_restored_face_gives_only_what_the_crop_can_hold():
+    """The texture lends the video's own detail finer than the crop, so of a restored face (lipsync.restore) the
+    paste keeps only the face taken down to the crop's size: its contrast, not its invented fine band."""
+    frames, track = noise_video(n=1)
+    frame, cbox = frames[0] // 2 + 64, track.boxes[0]
+    blend = make_blend(track.landmarks[0], cbox, frame.shape[:2])
+    crop = crop_face(frame, cbox, S)
+    fine = crop_face(frames[0], cbox, 2 * S)  # a restored face with detail finer than the crop
+    got = paste(frame, crop, blend, fine=fine, texture=(0, 0, torch.zeros(frame.shape)))
+    assert np.array_equal(got, paste(frame, crop, blend, fine=resize_crop(fine, S, S).numpy()))
+    assert np.abs(got.astype(int) - paste(frame, crop, blend, fine=fine)).max() > 20
 
 
 @pytest.fixture(scope="module")
