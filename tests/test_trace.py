@@ -179,8 +179,9 @@ def test_one_frame_traced_as_the_readme_tells_it(tmp_path):
     # 11. blend.paste -> frame (H, W, 3) uint8, the source's exact pixels where the mask is 0; video.write_video;
     #     with the mouth texture the avatar's bank lends for this face (the demo's 129 px faces are over 1.25 S)
     assert avatar.texture is not None
-    lent = avatar.texture.detail(vae.to_pixels(face), [src])[0]
-    assert lent.shape == (S * avatar.texture.scale, S * avatar.texture.scale, 3)
+    #     (in frame pixels: its corner and the detail over the face's mouth area)
+    lent = avatar.texture.detail(vae.to_pixels(face), [src], track.boxes[src:src + 1])[0]
+    assert lent[2].shape == texture.area_window(avatar.texture.area, track.boxes[src], S)[1] + (3,)
     out = blend.paste(avatar.frames[src], crop, avatar.blends[src], texture=lent)
     assert out.shape == (H, W, 3) and out.dtype == np.uint8
     top, left, bottom, right = avatar.blends[src].rect
