@@ -108,7 +108,8 @@ class TextureBank:
         for k, box in zip(pick.tolist(), boxes):
             (cy, cx), (h, w) = area_window(self.area, box, size)
             h, w = min(h, hs - 2 * m), min(w, ws - 2 * m)
-            ky, kx = pixel_box(box)[3] / size, pixel_box(box)[2] / size  # frame px per S px
+            _, _, bw, bh = pixel_box(box)
+            ky, kx = bh / size, bw / size  # frame px per S px
             dy, dx = moves[k // n]
             y = hs // 2 - h // 2 + int(np.clip(round(dy * ky), -m, m))  # the move, within the stored margin
             x = ws // 2 - w // 2 + int(np.clip(round(dx * kx), -m, m))
@@ -117,13 +118,19 @@ class TextureBank:
         return out
 
 
+def area_size(area) -> tuple:
+    """The key area (top, left, gh, gw) -> its (height, width) in S px."""
+    return (area[2] - 1) * STRIDE + PATCH, (area[3] - 1) * STRIDE + PATCH
+
+
 def area_window(area, box, size: int) -> tuple:
     """The key area (top, left, gh, gw) in S px, on a face with crop box `box` -> its centre (y, x) in frame pixels
     and its size (h, w) in frame pixels, rounded."""
-    top, left, gh, gw = area
+    top, left = area[:2]
     x0, y0, w, h = pixel_box(box)
-    ah, aw = (gh - 1) * STRIDE + PATCH, (gw - 1) * STRIDE + PATCH  # S px
-    return (y0 + (top + ah / 2) * h / size, x0 + (left + aw / 2) * w / size), (round(ah * h / size), round(aw * w / size))
+    ah, aw = area_size(area)
+    centre = y0 + (top + ah / 2) * h / size, x0 + (left + aw / 2) * w / size
+    return centre, (round(ah * h / size), round(aw * w / size))
 
 
 def texture_bank(frames, track, size: int, max_frames: int = MAX_FRAMES) -> TextureBank | None:
@@ -150,8 +157,9 @@ def texture_bank(frames, track, size: int, max_frames: int = MAX_FRAMES) -> Text
     # every entry's fine detail in frame px (its pixels minus their trip through the crop, as blend.paste splits the
     # source), in a window as large as the largest face's area plus the moves, centred on the entry's own area
     margin = int(np.ceil(SHIFT * sides.max() / size))
-    big = area_window(area, (0, 0, sides[:, 0].max(), sides[:, 1].max()), size)[1]
-    hs, ws = big[0] + 2 * margin + 1, big[1] + 2 * margin + 1
+    ah, aw = area_size(area)
+    hs = round(ah * sides[:, 1].max() / size) + 2 * margin + 1
+    ws = round(aw * sides[:, 0].max() / size) + 2 * margin + 1
     coarse, fine = [], torch.zeros(len(pick), hs, ws, 3, dtype=torch.float16)
     for k, i in enumerate(pick):
         x = torch.from_numpy(np.ascontiguousarray(box_patch(frames[i], track.boxes[i]))).permute(2, 0, 1)[None].float()

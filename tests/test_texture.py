@@ -1,7 +1,7 @@
 """The mouth texture (lipsync.texture): a generated face that matches a frame gets that frame's own fine detail in
-frame pixels (never resampled), also when moved; one frame lends the whole area, faded in at its border; frames near the drawn one are never used; small
-faces get no bank; the paste adds the texture only around the mouth; avatars keep the bank on disk and infer.py's
-frames use it."""
+frame pixels (never resampled), also when moved; one frame lends the whole area, faded in at its border; frames near
+the drawn one are never used; small faces get no bank; the paste adds the texture only around the mouth, and with it
+only the restored face's coarse part; avatars keep the bank on disk and infer.py's frames use it."""
 
 import numpy as np
 import pytest
@@ -68,7 +68,7 @@ def test_a_face_that_is_a_frames_crop_gets_that_frames_own_fine_detail_unresampl
     assert (got[inside] - want[inside]).abs().max() < 0.5  # the fine band is stored in float16, pixel for pixel
     assert want[inside].abs().mean() > 20
     assert got[~window].abs().max() == 0
-    rim = window & ~torch.from_numpy(ndimage.binary_erosion(window.numpy()))  # the window's outermost pixels: the detail fades in there
+    rim = window & ~torch.from_numpy(ndimage.binary_erosion(window.numpy()))  # outermost pixels: the detail fades in
     assert got[rim].abs().mean() < 0.2 * want[rim].abs().mean()
 
 
