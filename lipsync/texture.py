@@ -114,7 +114,7 @@ class TextureBank:
             y = hs // 2 - h // 2 + int(np.clip(round(dy * ky), -m, m))  # the move, within the stored margin
             x = ws // 2 - w // 2 + int(np.clip(round(dx * kx), -m, m))
             weight = torch.outer(fade(h, STRIDE * ky), fade(w, STRIDE * kx))[..., None]  # (h, w, 1)
-            out.append((round(cy) - h // 2, round(cx) - w // 2, self.fine[k % n, y: y + h, x: x + w].float() * weight))
+            out.append((*corner((cy, cx), h, w), self.fine[k % n, y: y + h, x: x + w].float() * weight))
         return out
 
 
@@ -131,6 +131,12 @@ def area_window(area, box, size: int) -> tuple:
     ah, aw = area_size(area)
     centre = y0 + (top + ah / 2) * h / size, x0 + (left + aw / 2) * w / size
     return centre, (round(ah * h / size), round(aw * w / size))
+
+
+def corner(centre, h: int, w: int) -> tuple:
+    """The integer corner (top, left) of an (h, w) window centred on `centre` (y, x): the bank's stored windows and
+    the lent ones share it, so a frame's own detail lands on its own pixels."""
+    return round(centre[0]) - h // 2, round(centre[1]) - w // 2
 
 
 def texture_bank(frames, track, size: int, max_frames: int = MAX_FRAMES) -> TextureBank | None:
@@ -165,7 +171,7 @@ def texture_bank(frames, track, size: int, max_frames: int = MAX_FRAMES) -> Text
         x = torch.from_numpy(np.ascontiguousarray(box_patch(frames[i], track.boxes[i]))).permute(2, 0, 1)[None].float()
         small, low = round_trip(x, size, size)  # the crop at S px (1, 3, S, S), and back up (1, 3, h, w)
         coarse.append(luma(small)[0].half())
-        (cy, cx), _ = area_window(area, track.boxes[i], size)
+        top, left = corner(area_window(area, track.boxes[i], size)[0], hs, ws)
         x0, y0 = pixel_box(track.boxes[i])[:2]
-        place(fine[k], (x - low)[0].permute(1, 2, 0).half(), y0 - (round(cy) - hs // 2), x0 - (round(cx) - ws // 2))
+        place(fine[k], (x - low)[0].permute(1, 2, 0).half(), y0 - top, x0 - left)
     return TextureBank(pick, torch.stack(coarse), fine, area, margin)

@@ -32,16 +32,20 @@ def noise_video(n=30, seed=0):
     return frames, track
 
 
+def box_pixels(frames, track, j):
+    """Frame j's pixels in its face box, float (1, 3, h, w)."""
+    return torch.from_numpy(np.ascontiguousarray(box_patch(frames[j], track.boxes[j]))).permute(2, 0, 1)[None].float()
+
+
 def crops_of(frames, track, j):
     """Frame j's crop at S px as the bank's keys see it, float (1, 3, S, S)."""
-    x = torch.from_numpy(np.ascontiguousarray(box_patch(frames[j], track.boxes[j]))).permute(2, 0, 1)[None].float()
-    return round_trip(x, S, S)[0]
+    return round_trip(box_pixels(frames, track, j), S, S)[0]
 
 
 def own_detail(frames, track, j):
     """Frame j's detail finer than the crop, in frame pixels (H, W, 3): its pixels minus their trip through the crop
     (what blend.paste keeps of the source outside the mouth), 0 outside its box."""
-    x = torch.from_numpy(np.ascontiguousarray(box_patch(frames[j], track.boxes[j]))).permute(2, 0, 1)[None].float()
+    x = box_pixels(frames, track, j)
     x0, y0 = pixel_box(track.boxes[j])[:2]
     return place(torch.zeros(frames.shape[1:]), (x - round_trip(x, S, S)[1])[0].permute(1, 2, 0), y0, x0)
 
